@@ -1,0 +1,1 @@
+"""Triton kernels of sbpet, installed as the subpackage sbpet.kernels."""

@@ -1,0 +1,146 @@
+"""The functional API: validate once, pick a backend, compute R (SPEC steps 1-8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .bridges import Bridge, get_bridge
+from .mapping import BridgeMapping
+from .reference import reference_bridge_loss
+from .torch_backend import torch_bridge_loss
+from .validation import validate_inputs
+
+__all__ = ["bridge_loss", "BACKENDS", "resolve_backend"]
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def _triton_module():
+    from . import triton_backend  # imported lazily: it imports triton
+
+    return triton_backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` into the concrete backend for tensors on ``device``.
+
+    ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton can run there, else ``"torch"``.
+    An explicit backend that cannot run on ``device`` raises ValueError (never a silent switch).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            try:
+                usable = _triton_module().triton_is_usable(device)
+            except ImportError:
+                usable = False
+            if usable:
+                return "triton"
+        return "torch"
+    if backend == "triton":
+        try:
+            module = _triton_module()
+        except ImportError as exc:
+            raise ValueError(f"backend='triton' needs the triton package: {exc}") from exc
+        module.check_triton_available(device)
+    return backend
+
+
+def _backend_function(name: str):
+    if name == "reference":
+        return reference_bridge_loss
+    if name == "torch":
+        return torch_bridge_loss
+    return _triton_module().triton_bridge_loss
+
+
+def bridge_loss(
+    hidden_states,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    mapping: BridgeMapping,
+    tail: torch.Tensor,
+    bridge: str | Bridge = "brownian",
+    *,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    full_nll: bool = False,
+    backend: str = "auto",
+    num_layers: int | None = None,
+) -> torch.Tensor:
+    """The stochastic-bridge regulariser R of SPEC.md as a function.
+
+    Args:
+        hidden_states: the Hugging Face tuple/list of L+1 tensors [B, S, H]
+            (``outputs.hidden_states``) or one stacked tensor [L+1, B, S, H]; float16, bfloat16,
+            float32 or float64.
+        labels: [B, S] integer target token ids; ``ignore_index`` marks positions that are not
+            regularised.
+        attention_mask: [B, S], nonzero for real tokens (None: all real).
+        mapping: the mapping g (:class:`BridgeMapping` for hidden size H).
+        tail: [V, D] tail points (e.g. from :func:`tail_from_embeddings`), D = g's latent size.
+        bridge: ``"brownian"``, ``"ou"`` or a :class:`~sbpet.bridges.Bridge`.
+        ignore_index: label value of positions that are not regularised (-100).
+        shift_labels: causal LMs: pair the state at position s with ``labels[:, s + 1]``.
+        full_nll: add the log-variance and 2*pi terms, making R a true negative log-likelihood
+            per (layer, position) pair.
+        backend: ``"auto"`` (triton for CUDA tensors when available, else torch),
+            ``"reference"``, ``"torch"`` or ``"triton"``.
+        num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
+
+    Returns:
+        Scalar tensor R, the mean over the (L+1) * N (layer, regularised position) pairs of
+        ``sum_d (z - mean_l e)^2 / (2 var_l)``; exactly 0 (with zero gradients) when N == 0.
+
+    Example:
+        >>> import torch, sbpet
+        >>> g = sbpet.BridgeMapping(16, dims=(32, 4))
+        >>> tail = sbpet.tail_from_embeddings(torch.randn(50, 16), 4)
+        >>> states = [torch.randn(2, 7, 16, requires_grad=True) for _ in range(3)]
+        >>> labels = torch.full((2, 7), -100); labels[:, 3] = torch.tensor([5, 9])
+        >>> loss = sbpet.bridge_loss(states, labels, torch.ones(2, 7), g, tail, "ou")
+        >>> loss.backward()
+    """
+    if not isinstance(mapping, BridgeMapping):
+        raise TypeError(f"mapping must be a BridgeMapping, got {type(mapping).__name__}")
+    if not isinstance(tail, torch.Tensor) or tail.dim() != 2:
+        raise ValueError(f"tail must be a [V, D] tensor, got {getattr(tail, 'shape', tail)!r}")
+    if tail.shape[1] != mapping.latent_size:
+        raise ValueError(
+            f"tail has {tail.shape[1]} columns but the mapping's latent size is {mapping.latent_size}"
+        )
+    bridge = get_bridge(bridge)
+    inputs = validate_inputs(
+        hidden_states,
+        labels,
+        attention_mask,
+        vocab_size=tail.shape[0],
+        num_layers=num_layers,
+        hidden_size=mapping.hidden_size,
+        ignore_index=ignore_index,
+        shift_labels=shift_labels,
+    )
+    device = inputs.hidden_states[0].device
+    for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden_states are on {device}")
+    name = resolve_backend(backend, device)
+    mean_coef, variance = bridge.marginals(inputs.num_states)
+    loss = _backend_function(name)(
+        inputs.hidden_states,
+        inputs.attention_mask,
+        inputs.batch_index,
+        inputs.seq_index,
+        inputs.targets,
+        mapping,
+        tail,
+        mean_coef,
+        variance,
+    )
+    if full_nll and inputs.targets.numel():
+        log_norm = 0.5 * mapping.latent_size * torch.log(2 * math.pi * variance).mean()
+        loss = loss + float(log_norm)
+    return loss

@@ -1,0 +1,111 @@
+"""The fast pure-PyTorch backend (CPU, and GPUs without Triton).
+
+Same contract as :func:`sbpet.reference.reference_bridge_loss`. What it does differently:
+- works on the per-layer tensors where they lie: no stack of all hidden states and no float32
+  copy of them (a low-precision layer is upcast a bounded chunk at a time);
+- the context is a matmul of each layer with the mask weights, accumulated in float32;
+- the first Linear is split (SPEC step 3): its context half runs once per (layer, sequence) and is
+  added to the token half of each regularised position;
+- the rows of all layers go through the mapping in one batched call;
+- one custom backward writes each layer's gradient in one pass: the context share broadcast to
+  every real token plus the token rows, instead of summing separately built gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .reference import bridge_loss_from_latents, tail_points
+
+__all__ = ["torch_bridge_loss"]
+
+# Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
+_UPCAST_CHUNK_ELEMENTS = 1 << 22
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Tensor:
+    """SPEC step 1 for one layer: [B, S, H] states, [B, S] weights mask/count -> [B, H] float32+."""
+    acc = mask_weights.dtype
+    if states.dtype == acc:
+        return torch.bmm(mask_weights[:, None, :], states).squeeze(1)
+    batch, seq, hidden = states.shape
+    chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, batch * hidden))
+    total = states.new_zeros((batch, 1, hidden), dtype=acc)
+    for start in range(0, seq, chunk):
+        part = states[:, start : start + chunk].to(acc)
+        total.baddbmm_(mask_weights[:, None, start : start + chunk], part)
+    return total.squeeze(1)
+
+
+class _ContextAndTokens(torch.autograd.Function):
+    """SPEC steps 1-2 without materialising [rows, 2H]: contexts [L+1, B, H] and token rows
+    [L+1, N, H] of the regularised positions, with a one-pass-per-layer backward."""
+
+    @staticmethod
+    def forward(ctx, mask_weights, batch_index, seq_index, *hidden_states):
+        contexts = torch.stack([layer_context(h, mask_weights) for h in hidden_states])
+        tokens = torch.stack([h[batch_index, seq_index] for h in hidden_states])
+        ctx.save_for_backward(mask_weights, batch_index, seq_index)
+        ctx.states_dtype = hidden_states[0].dtype
+        return contexts, tokens
+
+    @staticmethod
+    def backward(ctx, grad_contexts, grad_tokens):
+        mask_weights, batch_index, seq_index = ctx.saved_tensors
+        dtype = ctx.states_dtype
+        weights = mask_weights.to(dtype)[:, :, None]
+        grads = []
+        for layer, needed in enumerate(ctx.needs_input_grad[3:]):
+            if not needed:
+                grads.append(None)
+                continue
+            grad = weights * grad_contexts[layer].to(dtype)[:, None, :]
+            grad.index_put_((batch_index, seq_index), grad_tokens[layer].to(dtype), accumulate=True)
+            grads.append(grad)
+        return (None, None, None, *grads)
+
+
+def split_first_layer(mapping, contexts, tokens, batch_index) -> torch.Tensor:
+    """SPEC step 3, first Linear: W1 u = W1[:, :H] c + W1[:, H:] h, context half once per
+    (layer, sequence). Returns pre-activations [L+1, N, d1]."""
+    first = mapping.layers[0]
+    hidden = contexts.shape[-1]
+    weight = first.weight
+    context_half = F.linear(contexts.to(weight.dtype), weight[:, :hidden], first.bias)
+    token_half = F.linear(tokens.to(weight.dtype), weight[:, hidden:])
+    return token_half + context_half[:, batch_index]
+
+
+def remaining_layers(mapping, pre_activations: torch.Tensor) -> torch.Tensor:
+    """SPEC step 3, the rest of g on the rows of all layers at once: [L+1, N, d1] -> [L+1, N, D]."""
+    out = pre_activations
+    for layer in mapping.layers[1:]:
+        out = layer(F.gelu(out))
+    return out
+
+
+def torch_bridge_loss(
+    hidden_states,
+    attention_mask,
+    batch_index,
+    seq_index,
+    targets,
+    mapping,
+    tail,
+    mean_coef,
+    variance,
+):
+    """The bridge regulariser R, fast in PyTorch. Same arguments and result as
+    :func:`sbpet.reference.reference_bridge_loss`."""
+    acc = _accumulation_dtype(hidden_states[0].dtype)
+    mask = attention_mask.to(acc)
+    mask_weights = mask / mask.sum(dim=1, keepdim=True)
+    contexts, tokens = _ContextAndTokens.apply(mask_weights, batch_index, seq_index, *hidden_states)
+    pre_activations = split_first_layer(mapping, contexts, tokens, batch_index)
+    latents = remaining_layers(mapping, pre_activations)
+    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)
