@@ -1,1 +1,49 @@
-"""Triton kernels of sbpet, installed as the subpackage sbpet.kernels."""
+"""Triton kernels of sbpet, installed as the subpackage sbpet.kernels.
+
+- :mod:`.context`: kernel 1, the masked-mean context of every layer (SPEC step 1) and its
+  one-pass backward into every layer's gradient;
+- :mod:`.fused_bridge`: kernel 2, projection + bridge log-density (SPEC steps 2-7), forward and a
+  recomputing backward;
+- :mod:`.compile_check`: compiles every configuration the launchers can choose for sm_80 / sm_90a.
+
+Importing this package never needs triton; the submodules define their kernels only when it is
+installed (``HAS_TRITON``).
+"""
+
+import os
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - machines without triton
+    HAS_TRITON = False
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Let the Triton interpreter run ``range(0, n, BLOCK)`` with a runtime ``n`` under numpy >= 2.4.
+
+    The interpreter holds scalar arguments as 1-element arrays and converts them with ``int(array)``,
+    which numpy 2.4 rejects for arrays with ndim > 0. Only the interpreter's own temporary patch
+    of ``tl.tensor.__index__`` is wrapped; compiled kernels are untouched.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_sbpet_wrapped", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sbpet_wrapped = True
+    interpreter._patch_lang_tensor = patched
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _patch_interpreter_scalar_index()
+
+__all__ = ["HAS_TRITON"]

@@ -1,0 +1,528 @@
+"""Kernel 2: fused projection + bridge log-density (SPEC steps 2-7), forward and backward.
+
+A program owns a tile of BLOCK_M regularised positions of one layer (grid: row tiles x layers).
+It gathers the token states straight from that layer's tensor (see :mod:`.context` for the layer
+table), applies the token half of the first Linear in BLOCK_K x BLOCK_D1 steps, adds the context
+half ``ctx @ W1[:, :H]^T + b1`` (precomputed once per (layer, sequence) by the host: [L+1, B, d1]),
+applies GELU and chains the remaining Linear layers on chip, forms the residual against
+``mean_coef[l] * tail[target]``, scales it by ``1 / (2 var_l)`` and reduces to one partial sum per
+program. Nothing of size [rows, 2H] or [rows, d1] reaches global memory.
+
+On-chip layout of the chain (M = BLOCK_M rows):
+- layer 1 is computed one BLOCK_D1-column chunk at a time (inner loop over H in BLOCK_K steps);
+- layer 2's pre-activation [M, d2] is accumulated in registers over those chunks;
+- layer 3 is computed one BLOCK_N3-column chunk at a time from gelu(layer 2); with 3 layers each
+  chunk is scored at once (the loss is a sum over latent columns), with 4 layers it feeds layer 4's
+  [M, D] accumulator.
+
+The backward recomputes all of this (nothing per row is saved) and walks back down the chain:
+gradients of the latent chunk -> layer 3/4 -> layer 2 (in registers) -> a second pass over the
+layer-1 chunks that recomputes each chunk and produces the gradient of the context half (float32
+atomics into [L+1, B, d1]), the token-state rows (float32 [L+1, N, H], consumed by kernel 1's
+backward), and, when the mapping is trained, the weights (float32 atomics). The tail gradient is a
+float32 atomic scatter by label.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .context import LayerTable, interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+__all__ = ["BridgeConfig", "bridge_config", "bridge_forward", "bridge_backward", "MAX_LINEAR"]
+
+MAX_LINEAR = 4
+
+# fp32 tl.dot: three TF32 passes, about float32 accuracy at a third of TF32 tensor-core speed
+# (plain "tf32" is ~1e-3 relative; "ieee" leaves the tensor cores idle). The interpreter is exact.
+DOT_PRECISION = "tf32x3"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu(x):
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_grad(x):
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+    @triton.jit
+    def _token_rows(layer_offsets_ptr, layer_strides_ptr, layer, batch_index_ptr, seq_index_ptr,
+                    rows, row_ok, ALIGNED: tl.constexpr):
+        """int64 element offset (from the base pointer) of each row's token state, its H stride,
+        and its sequence index b."""
+        offset = tl.load(layer_offsets_ptr + layer)
+        stride_b = tl.load(layer_strides_ptr + 3 * layer)
+        stride_s = tl.load(layer_strides_ptr + 3 * layer + 1)
+        stride_h = tl.load(layer_strides_ptr + 3 * layer + 2)
+        if ALIGNED:
+            offset = tl.multiple_of(offset, 8)
+            stride_b = tl.multiple_of(stride_b, 8)
+            stride_s = tl.multiple_of(stride_s, 8)
+        b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        return offset + b * stride_b + s * stride_s, stride_h, b
+
+    @triton.jit
+    def _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H,
+                     BLOCK_K: tl.constexpr, CONTIGUOUS_H: tl.constexpr):
+        """Token states [M, BLOCK_K] (columns k0..) in float32."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if CONTIGUOUS_H:
+            k_off = ks.to(tl.int64)
+        else:
+            k_off = ks.to(tl.int64) * stride_h
+        ok = row_ok[:, None] & (ks < H)[None, :]
+        return tl.load(states_ptr + row_off[:, None] + k_off[None, :], mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                           w1_ptr, w1_stride, c0, H, D1,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
+                           CONTIGUOUS_H: tl.constexpr, PRECISION: tl.constexpr):
+        """Pre-activation of layer 1, columns c0..c0+BLOCK_D1: tokens @ W1[:, H:]^T + context half."""
+        cols = c0 + tl.arange(0, BLOCK_D1)
+        col_ok = cols < D1
+        acc = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H)
+            ks = k0 + tl.arange(0, BLOCK_K)
+            w_ptr = w1_ptr + cols.to(tl.int64)[None, :] * w1_stride + ks[:, None]
+            w = tl.load(w_ptr, mask=(ks < H)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        ok = row_ok[:, None] & col_ok[None, :]
+        half = tl.load(context_half_ptr + half_off[:, None] + cols[None, :], mask=ok, other=0.0)
+        return acc + half
+
+    @triton.jit
+    def _load_weight_t(w_ptr, out0, in0, D_OUT, D_IN,
+                       BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
+        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN]^T as float32 [BLOCK_IN, BLOCK_OUT]."""
+        i = in0 + tl.arange(0, BLOCK_IN)
+        o = out0 + tl.arange(0, BLOCK_OUT)
+        ok = (i < D_IN)[:, None] & (o < D_OUT)[None, :]
+        return tl.load(w_ptr + o[None, :] * D_IN + i[:, None], mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _load_weight(w_ptr, out0, in0, D_OUT, D_IN,
+                     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN] as float32 [BLOCK_OUT, BLOCK_IN]."""
+        o = out0 + tl.arange(0, BLOCK_OUT)
+        i = in0 + tl.arange(0, BLOCK_IN)
+        ok = (o < D_OUT)[:, None] & (i < D_IN)[None, :]
+        return tl.load(w_ptr + o[:, None] * D_IN + i[None, :], mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _load_bias(b_ptr, out0, D_OUT, BLOCK_OUT: tl.constexpr):
+        o = out0 + tl.arange(0, BLOCK_OUT)
+        return tl.load(b_ptr + o, mask=o < D_OUT, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                      w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
+                      P2: tl.constexpr, CONTIGUOUS_H: tl.constexpr, PRECISION: tl.constexpr):
+        """Pre-activation of layer 2 [M, P2], accumulated over the layer-1 chunks."""
+        a2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
+        for c0 in range(0, D1, BLOCK_D1):
+            a1 = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                                    w1_ptr, w1_stride, c0, H, D1,
+                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, PRECISION)
+            w2 = _load_weight_t(w2_ptr, 0, c0, D2, D1, BLOCK_D1, P2)
+            a2 = tl.dot(_gelu(a1), w2, a2, input_precision=PRECISION)
+        return a2 + _load_bias(b2_ptr, 0, D2, P2)[None, :]
+
+    @triton.jit
+    def _residual(z, c0, D, tail_ptr, targets, mean_coef, row_ok, BLOCK_C: tl.constexpr):
+        """SPEC step 7 residual z - mean_coef * tail[target] on columns c0..; 0 outside the data."""
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < D)[None, :]
+        ends = tl.load(tail_ptr + targets[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        return tl.where(ok, z - mean_coef * ends, 0.0)
+
+    @triton.jit
+    def bridge_forward_kernel(
+        states_ptr, layer_offsets_ptr, layer_strides_ptr,
+        batch_index_ptr, seq_index_ptr, targets_ptr,
+        context_half_ptr,  # float32 [L+1, B, D1]
+        w1_ptr, w1_stride,  # token half W1[:, H:] (row stride 2H)
+        w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+        tail_ptr, mean_coef_ptr, inv_var_ptr,
+        partial_ptr,  # float32 [L+1, num_tiles] (out)
+        N, B, H, D1, D2, D3, D4,
+        NUM_LINEAR: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
+        P2: tl.constexpr, P4: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        layer = tl.program_id(1).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        row_off, stride_h, b = _token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
+                                           batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
+        half_off = (layer * B + b) * D1
+        targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        mean_coef = tl.load(mean_coef_ptr + layer)
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if NUM_LINEAR == 1:
+            for c0 in range(0, D1, BLOCK_D1):
+                z = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                                       w1_ptr, w1_stride, c0, H, D1,
+                                       BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, PRECISION)
+                r = _residual(z, c0, D1, tail_ptr, targets, mean_coef, row_ok, BLOCK_D1)
+                sq += tl.sum(r * r, axis=1)
+        else:
+            a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                               w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, PRECISION)
+            if NUM_LINEAR == 2:
+                r = _residual(a2, 0, D2, tail_ptr, targets, mean_coef, row_ok, P2)
+                sq += tl.sum(r * r, axis=1)
+            else:
+                g2 = _gelu(a2)
+                if NUM_LINEAR == 3:
+                    for c0 in range(0, D3, BLOCK_N3):
+                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
+                        z = tl.dot(g2, w3, input_precision=PRECISION)
+                        z += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                        r = _residual(z, c0, D3, tail_ptr, targets, mean_coef, row_ok, BLOCK_N3)
+                        sq += tl.sum(r * r, axis=1)
+                else:
+                    a4 = tl.zeros([BLOCK_M, P4], dtype=tl.float32)
+                    for c0 in range(0, D3, BLOCK_N3):
+                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
+                        a3 = tl.dot(g2, w3, input_precision=PRECISION)
+                        a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                        w4 = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4)
+                        a4 = tl.dot(_gelu(a3), w4, a4, input_precision=PRECISION)
+                    a4 += _load_bias(b4_ptr, 0, D4, P4)[None, :]
+                    r = _residual(a4, 0, D4, tail_ptr, targets, mean_coef, row_ok, P4)
+                    sq += tl.sum(r * r, axis=1)
+        half_inv_var = 0.5 * tl.load(inv_var_ptr + layer)
+        tl.store(partial_ptr + layer * tl.num_programs(0) + pid, tl.sum(sq, axis=0) * half_inv_var)
+
+    @triton.jit
+    def _latent_grad(z, c0, D, tail_ptr, grad_tail_ptr, targets, mean_coef, scale, row_ok,
+                     BLOCK_C: tl.constexpr, TRAIN_TAIL: tl.constexpr):
+        """d loss / d z on columns c0.. (r / var_l scaled), and the tail's share scattered by label."""
+        dz = _residual(z, c0, D, tail_ptr, targets, mean_coef, row_ok, BLOCK_C) * scale
+        if TRAIN_TAIL:
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < D)[None, :]
+            tl.atomic_add(grad_tail_ptr + targets[:, None] * D + cols[None, :], -mean_coef * dz, mask=ok)
+        return dz
+
+    @triton.jit
+    def _accumulate(ptr, out0, in0, D_OUT, D_IN, value,
+                    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+        """float32 atomic add of a [BLOCK_OUT, BLOCK_IN] weight-gradient tile."""
+        o = out0 + tl.arange(0, BLOCK_OUT)
+        i = in0 + tl.arange(0, BLOCK_IN)
+        ok = (o < D_OUT)[:, None] & (i < D_IN)[None, :]
+        tl.atomic_add(ptr + o.to(tl.int64)[:, None] * D_IN + i[None, :], value, mask=ok)
+
+    @triton.jit
+    def _accumulate_bias(ptr, out0, D_OUT, value, BLOCK_OUT: tl.constexpr):
+        o = out0 + tl.arange(0, BLOCK_OUT)
+        tl.atomic_add(ptr + o, value, mask=o < D_OUT)
+
+    @triton.jit
+    def bridge_backward_kernel(
+        states_ptr, layer_offsets_ptr, layer_strides_ptr,
+        batch_index_ptr, seq_index_ptr, targets_ptr,
+        context_half_ptr,
+        w1_ptr, w1_stride,
+        w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
+        tail_ptr, mean_coef_ptr, inv_var_ptr,
+        grad_loss_ptr, inv_pairs,
+        grad_tokens_ptr,  # float32 [L+1, N, H], zeroed (out)
+        grad_context_half_ptr,  # float32 [L+1, B, D1], zeroed (out)
+        grad_w1_ptr,  # float32 [D1, H] token half, zeroed (out, TRAIN_MAPPING)
+        grad_w2_ptr, grad_b2_ptr, grad_w3_ptr, grad_b3_ptr, grad_w4_ptr, grad_b4_ptr,
+        grad_tail_ptr,  # float32 [V, D], zeroed (out, TRAIN_TAIL)
+        N, B, H, D1, D2, D3, D4,
+        NUM_LINEAR: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
+        P2: tl.constexpr, P4: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+        TRAIN_MAPPING: tl.constexpr, TRAIN_TAIL: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        layer = tl.program_id(1).to(tl.int64)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        row_off, stride_h, b = _token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
+                                           batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
+        half_off = (layer * B + b) * D1
+        targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        mean_coef = tl.load(mean_coef_ptr + layer)
+        # d R / d z = (z - mean) / var_l * grad / pairs
+        scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(inv_var_ptr + layer) * inv_pairs
+
+        # Walk down to the gradient of layer 2's pre-activation (da2, kept on chip).
+        if NUM_LINEAR == 2:
+            a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                               w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, PRECISION)
+            da2 = _latent_grad(a2, 0, D2, tail_ptr, grad_tail_ptr, targets, mean_coef, scale, row_ok,
+                               P2, TRAIN_TAIL)
+        if NUM_LINEAR >= 3:
+            a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                               w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, PRECISION)
+            g2 = _gelu(a2)
+            dg2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
+            if NUM_LINEAR == 3:
+                for c0 in range(0, D3, BLOCK_N3):
+                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
+                    z = tl.dot(g2, w3t, input_precision=PRECISION)
+                    z += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                    dz = _latent_grad(z, c0, D3, tail_ptr, grad_tail_ptr, targets, mean_coef, scale,
+                                      row_ok, BLOCK_N3, TRAIN_TAIL)
+                    if TRAIN_MAPPING:
+                        _accumulate(grad_w3_ptr, c0, 0, D3, D2,
+                                    tl.dot(tl.trans(dz), g2, input_precision=PRECISION), BLOCK_N3, P2)
+                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(dz, axis=0), BLOCK_N3)
+                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2)
+                    dg2 = tl.dot(dz, w3, dg2, input_precision=PRECISION)
+            else:
+                # Layer 4 needs all of layer 3: one pass for the latent point, one for the grads.
+                a4 = tl.zeros([BLOCK_M, P4], dtype=tl.float32)
+                for c0 in range(0, D3, BLOCK_N3):
+                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
+                    a3 = tl.dot(g2, w3t, input_precision=PRECISION)
+                    a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                    w4t = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4)
+                    a4 = tl.dot(_gelu(a3), w4t, a4, input_precision=PRECISION)
+                a4 += _load_bias(b4_ptr, 0, D4, P4)[None, :]
+                dz = _latent_grad(a4, 0, D4, tail_ptr, grad_tail_ptr, targets, mean_coef, scale, row_ok,
+                                  P4, TRAIN_TAIL)
+                if TRAIN_MAPPING:
+                    _accumulate_bias(grad_b4_ptr, 0, D4, tl.sum(dz, axis=0), P4)
+                for c0 in range(0, D3, BLOCK_N3):
+                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
+                    a3 = tl.dot(g2, w3t, input_precision=PRECISION)
+                    a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                    w4 = _load_weight(w4_ptr, 0, c0, D4, D3, P4, BLOCK_N3)
+                    da3 = tl.dot(dz, w4, input_precision=PRECISION) * _gelu_grad(a3)
+                    if TRAIN_MAPPING:
+                        _accumulate(grad_w4_ptr, 0, c0, D4, D3,
+                                    tl.dot(tl.trans(dz), _gelu(a3), input_precision=PRECISION), P4, BLOCK_N3)
+                        _accumulate(grad_w3_ptr, c0, 0, D3, D2,
+                                    tl.dot(tl.trans(da3), g2, input_precision=PRECISION), BLOCK_N3, P2)
+                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(da3, axis=0), BLOCK_N3)
+                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2)
+                    dg2 = tl.dot(da3, w3, dg2, input_precision=PRECISION)
+            da2 = dg2 * _gelu_grad(a2)
+        if NUM_LINEAR >= 2:
+            if TRAIN_MAPPING:
+                _accumulate_bias(grad_b2_ptr, 0, D2, tl.sum(da2, axis=0), P2)
+
+        # Layer 1, chunk by chunk: recompute, take the gradient of the chunk's pre-activation and
+        # push it to the context half, the token rows and W1's token half.
+        for c0 in range(0, D1, BLOCK_D1):
+            a1 = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                                    w1_ptr, w1_stride, c0, H, D1,
+                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, PRECISION)
+            if NUM_LINEAR == 1:
+                da1 = _latent_grad(a1, c0, D1, tail_ptr, grad_tail_ptr, targets, mean_coef, scale,
+                                   row_ok, BLOCK_D1, TRAIN_TAIL)
+            else:
+                if TRAIN_MAPPING:
+                    _accumulate(grad_w2_ptr, 0, c0, D2, D1,
+                                tl.dot(tl.trans(da2), _gelu(a1), input_precision=PRECISION), P2, BLOCK_D1)
+                w2 = _load_weight(w2_ptr, 0, c0, D2, D1, P2, BLOCK_D1)
+                da1 = tl.dot(da2, w2, input_precision=PRECISION) * _gelu_grad(a1)
+            cols = c0 + tl.arange(0, BLOCK_D1)
+            ok = row_ok[:, None] & (cols < D1)[None, :]
+            da1 = tl.where(ok, da1, 0.0)
+            tl.atomic_add(grad_context_half_ptr + half_off[:, None] + cols[None, :], da1, mask=ok)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                w1 = tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
+                             mask=(cols < D1)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                dx = tl.dot(da1, w1, input_precision=PRECISION)
+                token_ptr = grad_tokens_ptr + (layer * N + rows.to(tl.int64))[:, None] * H + ks[None, :]
+                tok_ok = row_ok[:, None] & k_ok[None, :]
+                # Only this program touches these rows; atomics keep the chunk sums coherent.
+                tl.atomic_add(token_ptr, dx, mask=tok_ok)
+                if TRAIN_MAPPING:
+                    x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H)
+                    _accumulate(grad_w1_ptr, c0, k0, D1, H,
+                                tl.dot(tl.trans(da1), x, input_precision=PRECISION), BLOCK_D1, BLOCK_K)
+
+
+class BridgeConfig(dict):
+    """Launch parameters of kernel 2 (a dict of constexprs plus num_warps / num_stages)."""
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mapping: bool = False) -> BridgeConfig:
+    """Block sizes of kernel 2, keyed on H and the mapping dims.
+
+    On chip a program holds layer 2's [BLOCK_M, P2] pre-activation (twice in the backward: value
+    and gradient) and, with 4 layers, layer 4's [BLOCK_M, P4]. BLOCK_M is chosen so that these
+    stay within ~8K float32 values per accumulator (64 rows for widths <= 128, 32 for 256, 16
+    beyond). BLOCK_D1 and BLOCK_N3 shrink as P2 grows to bound the weight tiles ([BLOCK_D1, P2],
+    [BLOCK_N3, P2]) staged through shared memory. BLOCK_K = 64 (H step). Under the interpreter
+    every block is 16 so that odd test sizes run several chunks of every loop.
+    """
+    dims = tuple(int(d) for d in dims)
+    num_linear = len(dims)
+    if not 1 <= num_linear <= MAX_LINEAR:
+        raise ValueError(f"the triton backend supports 1 to {MAX_LINEAR} Linear layers, got {num_linear}")
+    padded = dims + (1,) * (MAX_LINEAR - num_linear)
+    p2 = _pow2(padded[1]) if num_linear >= 2 else 16
+    p4 = _pow2(padded[3]) if num_linear == 4 else 16
+    interpret = interpreting() if interpret is None else interpret
+    if interpret:
+        return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=16, BLOCK_K=16, BLOCK_D1=16, BLOCK_N3=16,
+                            P2=p2, P4=p4, num_warps=1, num_stages=1)
+    widest = max(p2, p4)
+    block_m = 64 if widest <= 128 else 32 if widest <= 256 else 16
+    if num_linear == 1:
+        block_d1 = min(64, _pow2(dims[0]))
+    else:
+        block_d1 = 64 if p2 <= 64 else 32 if p2 <= 256 else 16
+    block_n3 = 32 if p2 <= 256 else 16
+    block_k = min(64, _pow2(hidden))
+    # The weight-gradient tiles of a trained mapping take shared memory for their layout changes:
+    # no software pipelining then (2 stages need > 163 KB on sm_80 for d2 = 256).
+    num_stages = 1 if train_mapping else 2
+    return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D1=block_d1,
+                        BLOCK_N3=block_n3, P2=p2, P4=p4, num_warps=8, num_stages=num_stages)
+
+
+def _layer_args(weights, biases):
+    """Pointers for W2..W4 / b2..b4 (layer 1's token half is passed apart); absent ones repeat
+    layer 1's tensors and are never read (NUM_LINEAR is a constexpr)."""
+    args = []
+    for i in range(1, MAX_LINEAR):
+        if i < len(weights):
+            args += [weights[i], biases[i]]
+        else:
+            args += [weights[0], biases[0]]
+    return args
+
+
+def _dims(weights, hidden):
+    dims = [w.shape[0] for w in weights] + [1] * (MAX_LINEAR - len(weights))
+    return dims
+
+
+def bridge_forward(
+    table: LayerTable,
+    num_states: int,
+    batch_index: torch.Tensor,
+    seq_index: torch.Tensor,
+    targets: torch.Tensor,
+    context_half: torch.Tensor,
+    weights,
+    biases,
+    tail: torch.Tensor,
+    mean_coef: torch.Tensor,
+    inv_var: torch.Tensor,
+) -> torch.Tensor:
+    """SPEC steps 2-7: the sum over (layer, row) of ``|z - mean_coef_l e|^2 / (2 var_l)``
+    (float32 scalar, not yet divided by the number of pairs). N must be > 0.
+
+    weights/biases: the mapping's contiguous Linear parameters; ``context_half`` float32
+    [L+1, B, d1] = ``context @ W1[:, :H]^T + b1``; mean_coef, inv_var float32 [L+1] on the device.
+    """
+    batch, _, hidden = table.base.shape
+    num_rows = batch_index.shape[0]
+    dims = _dims(weights, hidden)
+    cfg = bridge_config(hidden, [w.shape[0] for w in weights])
+    launch = dict(cfg)
+    num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
+    num_tiles = triton.cdiv(num_rows, cfg["BLOCK_M"])
+    partial = torch.empty((num_states, num_tiles), dtype=torch.float32, device=tail.device)
+    w1_token = weights[0][:, hidden:]
+    bridge_forward_kernel[(num_tiles, num_states)](
+        table.base, table.offsets, table.strides,
+        batch_index, seq_index, targets, context_half,
+        w1_token, w1_token.stride(0), *_layer_args(weights, biases),
+        tail, mean_coef, inv_var, partial,
+        num_rows, batch, hidden, *dims,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, PRECISION=DOT_PRECISION,
+        num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return partial.sum()
+
+
+def bridge_backward(
+    grad_loss: torch.Tensor,
+    inv_pairs: float,
+    table: LayerTable,
+    num_states: int,
+    batch_index: torch.Tensor,
+    seq_index: torch.Tensor,
+    targets: torch.Tensor,
+    context_half: torch.Tensor,
+    weights,
+    biases,
+    tail: torch.Tensor,
+    mean_coef: torch.Tensor,
+    inv_var: torch.Tensor,
+    train_mapping: bool,
+    train_tail: bool,
+):
+    """Gradients of ``grad_loss * inv_pairs * bridge_forward(...)``.
+
+    Returns float32 (grad_tokens [L+1, N, H], grad_context_half [L+1, B, d1],
+    grad_w1_token [d1, H] or None, [grad W2..Wk], [grad b2..bk], grad_tail [V, D] or None).
+    """
+    batch, _, hidden = table.base.shape
+    num_rows = batch_index.shape[0]
+    device = tail.device
+    dims = _dims(weights, hidden)
+    cfg = bridge_config(hidden, [w.shape[0] for w in weights], train_mapping=train_mapping)
+    launch = dict(cfg)
+    num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
+    f32 = dict(dtype=torch.float32, device=device)
+    grad_tokens = torch.zeros((num_states, num_rows, hidden), **f32)
+    grad_context_half = torch.zeros((num_states, batch, dims[0]), **f32)
+    grad_w1 = torch.zeros((dims[0], hidden), **f32) if train_mapping else grad_tokens
+    grad_ws = [torch.zeros(w.shape, **f32) if train_mapping else grad_tokens for w in weights[1:]]
+    grad_bs = [torch.zeros(b.shape, **f32) if train_mapping else grad_tokens for b in biases[1:]]
+    grad_layer_args = []
+    for i in range(MAX_LINEAR - 1):
+        grad_layer_args += [grad_ws[i], grad_bs[i]] if i < len(grad_ws) else [grad_tokens, grad_tokens]
+    grad_tail = torch.zeros(tail.shape, **f32) if train_tail else grad_tokens
+    w1_token = weights[0][:, hidden:]
+    num_tiles = triton.cdiv(num_rows, cfg["BLOCK_M"])
+    bridge_backward_kernel[(num_tiles, num_states)](
+        table.base, table.offsets, table.strides,
+        batch_index, seq_index, targets, context_half,
+        w1_token, w1_token.stride(0), *_layer_args(weights, biases),
+        tail, mean_coef, inv_var,
+        grad_loss, float(inv_pairs),
+        grad_tokens, grad_context_half, grad_w1, *grad_layer_args, grad_tail,
+        num_rows, batch, hidden, *dims,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, PRECISION=DOT_PRECISION,
+        TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail),
+        num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return (
+        grad_tokens,
+        grad_context_half,
+        grad_w1 if train_mapping else None,
+        grad_ws if train_mapping else [],
+        grad_bs if train_mapping else [],
+        grad_tail if train_tail else None,
+    )
