@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from .reference import bridge_loss_from_latents, tail_points
 
-__all__ = ["torch_bridge_loss"]
+__all__ = ["torch_bridge_loss", "bridge_loss_from_parts"]
 
 # Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
 _UPCAST_CHUNK_ELEMENTS = 1 << 22
@@ -102,10 +102,68 @@ def torch_bridge_loss(
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
     :func:`sbpet.reference.reference_bridge_loss`."""
+    contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index)
+    return bridge_loss_from_parts(
+        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance
+    )
+
+
+def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index):
+    """SPEC steps 1-2 for a list of layers: contexts [len, B, H] (float32 or float64) and the
+    token rows [len, N, H] (input dtype) of the regularised positions, differentiable.
+
+    Called on all L+1 layers at once by :func:`torch_bridge_loss`, or on one layer at a time by
+    the forward hooks of :class:`sbpet.hf.BridgeCapture` (so only these small tensors are kept).
+    """
     acc = _accumulation_dtype(hidden_states[0].dtype)
     mask = attention_mask.to(acc)
     mask_weights = mask / mask.sum(dim=1, keepdim=True)
-    contexts, tokens = _ContextAndTokens.apply(mask_weights, batch_index, seq_index, *hidden_states)
+    return _ContextAndTokens.apply(mask_weights, batch_index, seq_index, *hidden_states)
+
+
+def bridge_loss_from_parts(
+    contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance
+):
+    """R from precomputed contexts and token rows (SPEC steps 3-7), same result as
+    :func:`torch_bridge_loss` on the hidden states they came from.
+
+    Args:
+        contexts: [L+1, B, H] masked-mean contexts (float32 or float64; SPEC step 1).
+        tokens: [L+1, N, H] hidden-state rows of the N regularised positions (any float dtype).
+        batch_index: int64 [N], the sequence of each regularised position.
+        targets: int64 [N] label ids in [0, V).
+        mapping: :class:`~sbpet.BridgeMapping` g; tail: [V, D] tail points.
+        mean_coef, variance: [L+1] bridge marginals (``bridge.marginals(L + 1)``).
+
+    Returns:
+        Scalar R; exactly 0 (zero gradients) when N == 0. Gradients flow to ``contexts``,
+        ``tokens``, g and the tail.
+
+    Example:
+        >>> import torch, sbpet
+        >>> from sbpet.torch_backend import bridge_loss_from_parts
+        >>> g = sbpet.BridgeMapping(16, dims=(8, 4))
+        >>> tail = sbpet.tail_from_embeddings(torch.randn(30, 16), 4)
+        >>> contexts, tokens = torch.randn(3, 2, 16), torch.randn(3, 5, 16)
+        >>> b, t = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 2, 3, 4, 5])
+        >>> mean_coef, variance = sbpet.get_bridge("ou").marginals(3)
+        >>> bridge_loss_from_parts(contexts, tokens, b, t, g, tail, mean_coef, variance).shape
+        torch.Size([])
+    """
+    if contexts.dim() != 3 or tokens.dim() != 3:
+        raise ValueError(
+            f"contexts must be [L+1, B, H] and tokens [L+1, N, H], got {tuple(contexts.shape)} "
+            f"and {tuple(tokens.shape)}"
+        )
+    if contexts.shape[0] != tokens.shape[0] or contexts.shape[2] != tokens.shape[2]:
+        raise ValueError(
+            f"contexts {tuple(contexts.shape)} and tokens {tuple(tokens.shape)} disagree on L+1 or H"
+        )
+    if batch_index.shape != (tokens.shape[1],) or targets.shape != (tokens.shape[1],):
+        raise ValueError(
+            f"batch_index and targets must be [N] = [{tokens.shape[1]}], got "
+            f"{tuple(batch_index.shape)} and {tuple(targets.shape)}"
+        )
     pre_activations = split_first_layer(mapping, contexts, tokens, batch_index)
     latents = remaining_layers(mapping, pre_activations)
     return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)
