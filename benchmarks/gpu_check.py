@@ -1,0 +1,212 @@
+"""One command that validates and times sbpet on a CUDA machine (GPU.md), offline, in < 10 minutes.
+
+    python -m benchmarks.gpu_check benchmarks/results
+
+1. prints the device, driver, torch and triton versions;
+2. measures the two ceilings once: device-to-device copy bandwidth (bytes read + written) and a
+   bf16 8192^3 matmul's rate (``triton.testing.do_bench`` medians);
+3. runs the test suite on CUDA tensors in a subprocess (``pytest tests -q -x``, junit XML and log
+   into OUTDIR; the tests pick CUDA when it is available);
+4. runs the benchmark suite: eager reference, torch.compile of the reference, torch, triton at the
+   four shapes of the benchmarks issue in bf16, forward and forward+backward; every backend is
+   checked against the reference before it is timed; a backend that OOMs or does not fit in the
+   time budget is skipped with the reason recorded (torch.compile runs last, in the time left);
+5. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
+
+``--dry-run`` runs the whole flow on the CPU (tiny shapes, small ceilings, one quick test module)
+in seconds: it is what tests/test_gpu_check.py runs. Optional packages (triton, pytest) may be
+missing: the affected step records why and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _say(*parts):
+    print("[gpu_check]", *parts, flush=True)
+
+
+def slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'."""
+    name = re.sub(r"^(nvidia|amd)\s+", "", name.strip(), flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def run_tests(outdir: str, pytest_args: list[str], timeout_s: float, device) -> dict:
+    """The test suite in a subprocess; a summary parsed from its junit XML."""
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        return {"summary": "not run: pytest is not importable", "returncode": None}
+    junit = os.path.join(outdir, "tests-junit.xml")
+    log = os.path.join(outdir, "tests.log")
+    cmd = [sys.executable, "-m", "pytest", *pytest_args, "-q", "-x", "-p", "no:cacheprovider",
+           f"--junitxml={junit}"]
+    _say("running", " ".join(cmd), f"(timeout {timeout_s:.0f} s)")
+    env = dict(os.environ)
+    if torch.device(device).type == "cuda":
+        env.pop("TRITON_INTERPRET", None)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(timeout_s, 1), env=env)
+        output, returncode, timed_out = proc.stdout + proc.stderr, proc.returncode, False
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        returncode, timed_out = None, True
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(output)
+    result = {"command": " ".join(cmd), "returncode": returncode, "timed_out": timed_out,
+              "seconds": round(time.monotonic() - start, 1), "log": os.path.basename(log)}
+    try:
+        root = ET.parse(junit).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+        result.update(counts)
+        failed = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
+                  if c.find("failure") is not None or c.find("error") is not None]
+        result["failed"] = failed[:20]
+        passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+        result["summary"] = (f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
+                             f"{counts['skipped']} skipped in {result['seconds']} s"
+                             + (" (timed out: stopped early)" if timed_out else "")
+                             + (f"; first failure {failed[0]}" if failed else ""))
+    except (OSError, ET.ParseError):
+        tail = output.strip().splitlines()[-1:] or ["no output"]
+        result["summary"] = ("timed out" if timed_out else f"exit {returncode}") + f": {tail[0][:200]}"
+    return result
+
+
+def run_benchmarks(suite, device, dtype, shapes, deadline, with_compile: bool, ceilings,
+                   quick: bool = False) -> list[dict]:
+    """Phase 1: every shape and pass without torch.compile; phase 2: torch.compile (fwd+bwd first)
+    in the time left. Returns the records of every (shape, pass, backend)."""
+    results: dict = {}
+    phase1 = [b for b in suite.BACKENDS if b != "compile"]
+    plan = [(phase1, pass_) for pass_ in suite.PASSES]
+    if with_compile:
+        plan += [(["compile"], "fwd+bwd"), (["compile"], "fwd")]
+    else:
+        for name in shapes:
+            for pass_ in suite.PASSES:
+                results[(name, pass_, "compile")] = {"shape": name, "pass": pass_, "backend": "compile",
+                                                     "status": "skipped", "reason": "not requested"}
+    for phase, (backends, pass_) in enumerate(plan):
+        for name in shapes:
+            shape = suite.SHAPES[name]
+            if time.monotonic() + 15 > deadline:
+                for b in backends:
+                    results[(name, pass_, b)] = {"shape": name, "pass": pass_, "backend": b,
+                                                 "status": "skipped", "reason": "time budget spent"}
+                continue
+            _say(f"{name} {pass_}: {', '.join(backends)} ({deadline - time.monotonic():.0f} s left)")
+            try:
+                case = suite.make_case(shape, device, dtype)
+            except Exception as exc:
+                for b in backends:
+                    results[(name, pass_, b)] = {"shape": name, "pass": pass_, "backend": b, "status": "skipped",
+                                                 "reason": f"inputs: {type(exc).__name__}: {str(exc)[:200]}"}
+                suite._free_device(torch.device(device))
+                continue
+            records, runners = suite.measure_shape_pass(case, pass_, backends, ceilings=ceilings,
+                                                        deadline=deadline, seconds=0.5 if quick else 2.0,
+                                                        min_rounds=1 if quick else 5,
+                                                        max_rounds=2 if quick else 50,
+                                                        warmup=0 if quick else 2)
+            del runners, case
+            suite._free_device(torch.device(device))
+            for b, r in records.items():
+                results[(name, pass_, b)] = r
+                med = r.get("median_s")
+                _say(f"  {b:9s} {r['status']:7s} " + (f"{med * 1e3:9.3f} ms" if med else r.get("reason", "")[:150]))
+    order = {b: i for i, b in enumerate(suite.BACKENDS)}
+    return [results[k] for k in sorted(results, key=lambda k: (shapes.index(k[0]), k[1] != "fwd", order[k[2]]))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outdir", help="folder for the JSON, the markdown table and the test log")
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the whole flow on tiny shapes with quick ceilings (CPU unless --device)")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="whole run's time budget (s)")
+    parser.add_argument("--test-budget-s", type=float, default=240.0, help="the test suite's share (s)")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--pytest-args", default=None,
+                        help="what pytest runs (default 'tests'; 'tests/test_bridges.py' in a dry run)")
+    parser.add_argument("--shapes", default=None, help="comma list of shapes (see benchmarks/suite.py)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    deadline = start + args.budget_s
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _say("CUDA is not available here; run with --dry-run (CPU) to exercise the flow")
+        return 2
+    if device.type == "cpu" and not args.dry_run:
+        _say("no CUDA device: this command is for GPUs; --dry-run runs its flow on the CPU at tiny shapes")
+        return 2
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before sbpet.kernels is imported
+    sys.path.insert(0, REPO)
+    from benchmarks import report, suite
+
+    os.makedirs(args.outdir, exist_ok=True)
+    env = suite.environment(device)
+    env["dry_run"] = bool(args.dry_run)
+    _say(f"device {env.get('device')}, driver {env.get('driver', '-')}, torch {env['torch']}, "
+         f"triton {env['triton']}, python {env['python']}")
+
+    ceilings = suite.measure_ceilings(device, quick=args.dry_run)
+    _say(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
+         f"matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s ({ceilings['matmul_shape']})")
+
+    if args.skip_tests:
+        tests = {"summary": "not run (--skip-tests)"}
+    else:
+        pytest_args = (args.pytest_args or ("tests/test_bridges.py" if args.dry_run else "tests")).split()
+        budget = min(args.test_budget_s, max(deadline - time.monotonic() - 60, 1))
+        tests = run_tests(args.outdir, pytest_args, budget, device)
+    _say("tests:", tests["summary"])
+
+    if args.shapes:
+        shapes = [s for s in args.shapes.split(",") if s]
+    else:
+        shapes = list(suite.TINY_SHAPES if args.dry_run else suite.GPU_SHAPES)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with_compile = not args.no_compile and not (args.dry_run and device.type == "cpu")
+    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5, with_compile, ceilings,
+                             quick=args.dry_run)
+
+    data = {"environment": env, "ceilings": ceilings, "targets": suite.TARGETS, "tests": tests,
+            "shapes": {s: suite.shape_record(suite.SHAPES[s]) for s in shapes},
+            "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1), "results": results}
+    stem = ("dryrun-" if args.dry_run else "") + f"{slug(env.get('device') or device.type)}-{env['date']}"
+    json_path = os.path.join(args.outdir, stem + ".json")
+    md_path = os.path.join(args.outdir, stem + ".md")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=str)
+    table = report.render(*report.load_records(data))
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(table)
+    _say(f"wrote {json_path} and {md_path} in {data['elapsed_s']} s")
+    print(table, flush=True)
+    bad = [r for r in results if r.get("status") in ("wrong", "error")]
+    tests_failed = tests.get("returncode") not in (None, 0) or tests.get("timed_out")
+    return 1 if bad or tests_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Turn benchmark JSON into a markdown table.
+
+    python -m benchmarks.report RESULTS.json [-o TABLE.md]
+
+RESULTS.json is either pytest-benchmark's ``--benchmark-json`` output of benchmarks/bench_bridge.py
+(the suite's record is in each benchmark's ``extra_info``) or the JSON written by
+``python -m benchmarks.gpu_check`` (records under ``results``). Per shape and pass, one row per
+backend: median and minimum time, speed-up against the eager reference and against torch.compile
+of the reference, peak extra memory beyond the inputs (returned gradients included) and its ratio
+to the reference's, % of the roofline floor. Targets are shown, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+BACKEND_ORDER = ("reference", "compile", "torch", "triton")
+PASS_ORDER = ("fwd", "fwd+bwd")
+MIB = 1 << 20
+
+
+def load_records(data: dict) -> tuple[list[dict], dict]:
+    """(records, meta) from either JSON format; meta holds environment, ceilings and targets."""
+    if "results" in data:
+        meta = {k: data.get(k) for k in ("environment", "ceilings", "targets", "tests")}
+        return list(data["results"]), meta
+    records, meta = [], {"environment": None, "ceilings": None, "targets": None}
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info") or {})
+        if "backend" not in info:
+            continue
+        for key in ("environment", "ceilings", "targets"):
+            value = info.pop(key, None)
+            if value and not meta[key]:
+                meta[key] = value
+        stats = bench.get("stats") or {}
+        info.setdefault("median_s", stats.get("median"))
+        info.setdefault("min_s", stats.get("min"))
+        info.setdefault("status", "ok")
+        records.append(info)
+    if not meta["environment"] and data.get("machine_info"):
+        mi = data["machine_info"]
+        meta["environment"] = {"device": (mi.get("cpu") or {}).get("brand_raw", mi.get("machine")),
+                               "python": mi.get("python_version"), "date": data.get("datetime", "")[:10]}
+    return records, meta
+
+
+def _fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _fmt_ratio(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}x"
+
+
+def _target(targets, key, shape):
+    table = (targets or {}).get(key)
+    if isinstance(table, dict):
+        return table.get(shape, table.get("default"))
+    return table
+
+
+def render(records: list[dict], meta: dict) -> str:
+    env = meta.get("environment") or {}
+    ceilings = meta.get("ceilings") or {}
+    targets = meta.get("targets") or {}
+    lines = [f"### sbpet bridge loss: {env.get('device', '?')}, {env.get('date', '?')}", ""]
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "python", "cuda", "driver") if env.get(k))
+    if env.get("threads"):
+        versions += f", {env['threads']} CPU thread(s)"
+    lines.append((versions or "versions not recorded") + ".  ")
+    if ceilings:
+        lines.append(
+            f"Ceilings measured in the run: copy {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+            f"(read + write), matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s "
+            f"({ceilings.get('matmul_shape', '')})")
+    lines.append("")
+    lines.append("| shape | pass | backend | median ms | min ms | vs eager | vs compile | peak extra MiB | mem vs eager | % of floor | check |")
+    lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["shape"], r["pass"]), {})[r["backend"]] = r
+    shape_order = list(dict.fromkeys(r["shape"] for r in records))
+    skipped = []
+    summary = []
+    for shape in shape_order:
+        for pass_ in PASS_ORDER:
+            group = groups.get((shape, pass_))
+            if not group:
+                continue
+            ref, comp = group.get("reference"), group.get("compile")
+
+            def median(r):
+                return r.get("median_s") if r and r.get("status", "ok") == "ok" else None
+
+            for backend in BACKEND_ORDER + tuple(b for b in group if b not in BACKEND_ORDER):
+                r = group.get(backend)
+                if r is None:
+                    continue
+                if r.get("status", "ok") != "ok":
+                    skipped.append(f"- {shape} {pass_} {backend}: {r.get('status')}: {r.get('reason')}")
+                    continue
+                m = median(r)
+                vs_eager = median(ref) / m if m and median(ref) else None
+                vs_compile = median(comp) / m if m and median(comp) else None
+                temp = r.get("peak_bytes")
+                ref_temp = ref.get("peak_bytes") if ref and ref.get("status", "ok") == "ok" else None
+                mem_ratio = temp / ref_temp if temp is not None and ref_temp else None
+                frac = r.get("floor_s") / m if m and r.get("floor_s") else None
+                err = r.get("check_error")
+                check = "-" if err is None else f"{err:.1e} vs {r.get('checked_against', 'reference')}"
+                if backend == "reference" and err is not None and r.get("checked_against") == "reference":
+                    check = "(yardstick)"
+                lines.append(
+                    f"| {shape} | {pass_} | {backend} | {_fmt_time(m)} | {_fmt_time(r.get('min_s'))} | "
+                    f"{_fmt_ratio(vs_eager)} | {_fmt_ratio(vs_compile)} | "
+                    f"{'n/a' if temp is None else f'{temp / MIB:.1f}'} | {_fmt_ratio(mem_ratio, 3)} | "
+                    f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {check} |")
+                if pass_ == "fwd+bwd":
+                    summary.extend(_targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac))
+    if summary:
+        lines += ["", "Targets (fwd+bwd; shown, never asserted):", ""] + summary
+    if skipped:
+        lines += ["", "Not measured:", ""] + skipped
+    if meta.get("tests"):
+        t = meta["tests"]
+        lines += ["", f"Test suite on this device: {t.get('summary', t)}"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac):
+    def mark(value, target, higher=True):
+        if value is None or target is None:
+            return "not measured"
+        ok = value >= target if higher else value <= target
+        return "met" if ok else "missed"
+
+    out = []
+    cpu_target = _target(targets, "cpu_torch_vs_eager", shape) if shape in (targets.get("cpu_torch_vs_eager") or {}) else None
+    if backend == "torch" and cpu_target:
+        out.append(f"- {shape}: torch vs eager >= {cpu_target}x: {_fmt_ratio(vs_eager)} ({mark(vs_eager, cpu_target)})")
+    if backend == "triton" and r.get("device") == "cuda":
+        te, tc = _target(targets, "speedup_vs_eager", shape), _target(targets, "speedup_vs_compile", shape)
+        tm, tf = targets.get("memory_vs_eager"), targets.get("floor_fraction")
+        out.append(
+            f"- {shape}: triton vs eager >= {te}x: {_fmt_ratio(vs_eager)} ({mark(vs_eager, te)}); "
+            f"vs compile >= {tc}x: {_fmt_ratio(vs_compile)} ({mark(vs_compile, tc)}); "
+            f"peak extra memory <= {tm:.0%} of eager's: {_fmt_ratio(mem_ratio, 3)} ({mark(mem_ratio, tm, higher=False)}); "
+            f">= {tf:.0%} of floor: {'-' if frac is None else f'{frac:.0%}'} ({mark(frac, tf)})")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="pytest-benchmark JSON or gpu_check JSON")
+    parser.add_argument("-o", "--output", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    with open(args.results, encoding="utf-8") as f:
+        data = json.load(f)
+    records, meta = load_records(data)
+    if not records:
+        print(f"{args.results}: no sbpet benchmark records found", file=sys.stderr)
+        return 1
+    table = render(records, meta)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
