@@ -36,13 +36,28 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["BridgeConfig", "bridge_config", "bridge_forward", "bridge_backward", "MAX_LINEAR"]
+__all__ = ["BridgeConfig", "bridge_config", "bridge_forward", "bridge_backward", "dot_precision", "MAX_LINEAR"]
 
 MAX_LINEAR = 4
 
-# fp32 tl.dot: three TF32 passes, about float32 accuracy at a third of TF32 tensor-core speed
-# (plain "tf32" is ~1e-3 relative; "ieee" leaves the tensor cores idle). The interpreter is exact.
-DOT_PRECISION = "tf32x3"
+# Dot precision (constexpr DOT_PRECISION), keyed on the hidden states' dtype by `dot_precision`:
+# - float16 / bfloat16 states: "fp16" / "bf16": both dot operands in the states' 16-bit dtype (the
+#   mapping's weight tiles and the on-chip activations / gradients are cast to it, the token tile is
+#   read as is), float32 accumulation. Full-rate tensor cores, half the operand registers and shared
+#   memory of a float32 operand; the error (~2^-8 bf16, 2^-11 fp16 relative per product) is that of
+#   the inputs themselves.
+# - float32 states: FP32_DOT_PRECISION, fp32 operands; "tf32x3" (three TF32 passes, about float32
+#   accuracy at a third of TF32 speed; plain "tf32" is ~1e-3 relative; "ieee" leaves the tensor
+#   cores idle). The interpreter computes every mode exactly on the (cast) operands.
+FP32_DOT_PRECISION = "tf32x3"
+_DOT_PRECISIONS = ("fp16", "bf16", "tf32x3", "tf32", "ieee")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """DOT_PRECISION of kernel 2 for hidden states of ``dtype`` (see the comment above)."""
+    if FP32_DOT_PRECISION not in _DOT_PRECISIONS[2:]:
+        raise ValueError(f"FP32_DOT_PRECISION must be one of {_DOT_PRECISIONS[2:]}, got {FP32_DOT_PRECISION!r}")
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, FP32_DOT_PRECISION)
 
 
 if triton is not None:
@@ -55,6 +70,26 @@ if triton is not None:
     def _gelu_grad(x):
         cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
         return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+    @triton.jit
+    def _operand(x, DOT_PRECISION: tl.constexpr):
+        """``x`` in the dtype the dots take: the 16-bit dtype of the states, else float32."""
+        if DOT_PRECISION == "bf16":
+            return x.to(tl.bfloat16)
+        elif DOT_PRECISION == "fp16":
+            return x.to(tl.float16)
+        else:
+            return x.to(tl.float32)
+
+    @triton.jit
+    def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+        """``a @ b (+ acc)`` with float32 accumulation, operands cast by :func:`_operand`."""
+        a = _operand(a, DOT_PRECISION)
+        b = _operand(b, DOT_PRECISION)
+        if DOT_PRECISION == "bf16" or DOT_PRECISION == "fp16":
+            return tl.dot(a, b, acc, out_dtype=tl.float32)
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
     @triton.jit
     def _token_rows(layer_offsets_ptr, layer_strides_ptr, layer, batch_index_ptr, seq_index_ptr,
@@ -75,52 +110,52 @@ if triton is not None:
 
     @triton.jit
     def _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H,
-                     BLOCK_K: tl.constexpr, CONTIGUOUS_H: tl.constexpr):
-        """Token states [M, BLOCK_K] (columns k0..) in float32."""
+                     BLOCK_K: tl.constexpr, CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Token states [M, BLOCK_K] (columns k0..) in the dots' operand dtype."""
         ks = k0 + tl.arange(0, BLOCK_K)
         if CONTIGUOUS_H:
             k_off = ks.to(tl.int64)
         else:
             k_off = ks.to(tl.int64) * stride_h
         ok = row_ok[:, None] & (ks < H)[None, :]
-        return tl.load(states_ptr + row_off[:, None] + k_off[None, :], mask=ok, other=0.0).to(tl.float32)
+        return _operand(tl.load(states_ptr + row_off[:, None] + k_off[None, :], mask=ok, other=0.0), DOT_PRECISION)
 
     @triton.jit
     def _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                            w1_ptr, w1_stride, c0, H, D1,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
-                           CONTIGUOUS_H: tl.constexpr, PRECISION: tl.constexpr):
+                           CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Pre-activation of layer 1, columns c0..c0+BLOCK_D1: tokens @ W1[:, H:]^T + context half."""
         cols = c0 + tl.arange(0, BLOCK_D1)
         col_ok = cols < D1
         acc = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H)
+            x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
             ks = k0 + tl.arange(0, BLOCK_K)
             w_ptr = w1_ptr + cols.to(tl.int64)[None, :] * w1_stride + ks[:, None]
-            w = tl.load(w_ptr, mask=(ks < H)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            w = _operand(tl.load(w_ptr, mask=(ks < H)[:, None] & col_ok[None, :], other=0.0), DOT_PRECISION)
+            acc = _dot(x, w, acc, DOT_PRECISION)
         ok = row_ok[:, None] & col_ok[None, :]
         half = tl.load(context_half_ptr + half_off[:, None] + cols[None, :], mask=ok, other=0.0)
         return acc + half
 
     @triton.jit
     def _load_weight_t(w_ptr, out0, in0, D_OUT, D_IN,
-                       BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr):
-        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN]^T as float32 [BLOCK_IN, BLOCK_OUT]."""
+                       BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN]^T [BLOCK_IN, BLOCK_OUT], as a dot operand."""
         i = in0 + tl.arange(0, BLOCK_IN)
         o = out0 + tl.arange(0, BLOCK_OUT)
         ok = (i < D_IN)[:, None] & (o < D_OUT)[None, :]
-        return tl.load(w_ptr + o[None, :] * D_IN + i[:, None], mask=ok, other=0.0).to(tl.float32)
+        return _operand(tl.load(w_ptr + o[None, :] * D_IN + i[:, None], mask=ok, other=0.0), DOT_PRECISION)
 
     @triton.jit
     def _load_weight(w_ptr, out0, in0, D_OUT, D_IN,
-                     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
-        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN] as float32 [BLOCK_OUT, BLOCK_IN]."""
+                     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN] [BLOCK_OUT, BLOCK_IN], as a dot operand."""
         o = out0 + tl.arange(0, BLOCK_OUT)
         i = in0 + tl.arange(0, BLOCK_IN)
         ok = (o < D_OUT)[:, None] & (i < D_IN)[None, :]
-        return tl.load(w_ptr + o[:, None] * D_IN + i[None, :], mask=ok, other=0.0).to(tl.float32)
+        return _operand(tl.load(w_ptr + o[:, None] * D_IN + i[None, :], mask=ok, other=0.0), DOT_PRECISION)
 
     @triton.jit
     def _load_bias(b_ptr, out0, D_OUT, BLOCK_OUT: tl.constexpr):
@@ -131,15 +166,15 @@ if triton is not None:
     def _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                       w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
-                      P2: tl.constexpr, CONTIGUOUS_H: tl.constexpr, PRECISION: tl.constexpr):
+                      P2: tl.constexpr, CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Pre-activation of layer 2 [M, P2], accumulated over the layer-1 chunks."""
         a2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
         for c0 in range(0, D1, BLOCK_D1):
             a1 = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                     w1_ptr, w1_stride, c0, H, D1,
-                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, PRECISION)
-            w2 = _load_weight_t(w2_ptr, 0, c0, D2, D1, BLOCK_D1, P2)
-            a2 = tl.dot(_gelu(a1), w2, a2, input_precision=PRECISION)
+                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
+            w2 = _load_weight_t(w2_ptr, 0, c0, D2, D1, BLOCK_D1, P2, DOT_PRECISION)
+            a2 = _dot(_gelu(a1), w2, a2, DOT_PRECISION)
         return a2 + _load_bias(b2_ptr, 0, D2, P2)[None, :]
 
     @triton.jit
@@ -163,7 +198,7 @@ if triton is not None:
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
-        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         layer = tl.program_id(1).to(tl.int64)
@@ -179,13 +214,13 @@ if triton is not None:
             for c0 in range(0, D1, BLOCK_D1):
                 z = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                        w1_ptr, w1_stride, c0, H, D1,
-                                       BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, PRECISION)
+                                       BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
                 r = _residual(z, c0, D1, tail_ptr, targets, mean_coef, row_ok, BLOCK_D1)
                 sq += tl.sum(r * r, axis=1)
         else:
             a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, PRECISION)
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
             if NUM_LINEAR == 2:
                 r = _residual(a2, 0, D2, tail_ptr, targets, mean_coef, row_ok, P2)
                 sq += tl.sum(r * r, axis=1)
@@ -193,19 +228,19 @@ if triton is not None:
                 g2 = _gelu(a2)
                 if NUM_LINEAR == 3:
                     for c0 in range(0, D3, BLOCK_N3):
-                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
-                        z = tl.dot(g2, w3, input_precision=PRECISION)
+                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                        z = _dot(g2, w3, None, DOT_PRECISION)
                         z += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
                         r = _residual(z, c0, D3, tail_ptr, targets, mean_coef, row_ok, BLOCK_N3)
                         sq += tl.sum(r * r, axis=1)
                 else:
                     a4 = tl.zeros([BLOCK_M, P4], dtype=tl.float32)
                     for c0 in range(0, D3, BLOCK_N3):
-                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
-                        a3 = tl.dot(g2, w3, input_precision=PRECISION)
+                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                        a3 = _dot(g2, w3, None, DOT_PRECISION)
                         a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                        w4 = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4)
-                        a4 = tl.dot(_gelu(a3), w4, a4, input_precision=PRECISION)
+                        w4 = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4, DOT_PRECISION)
+                        a4 = _dot(_gelu(a3), w4, a4, DOT_PRECISION)
                     a4 += _load_bias(b4_ptr, 0, D4, P4)[None, :]
                     r = _residual(a4, 0, D4, tail_ptr, targets, mean_coef, row_ok, P4)
                     sq += tl.sum(r * r, axis=1)
@@ -213,29 +248,31 @@ if triton is not None:
         tl.store(partial_ptr + layer * tl.num_programs(0) + pid, tl.sum(sq, axis=0) * half_inv_var)
 
     @triton.jit
-    def _latent_grad(z, c0, D, tail_ptr, grad_tail_ptr, targets, mean_coef, scale, row_ok,
+    def _latent_grad(z, c0, D, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
                      BLOCK_C: tl.constexpr, TRAIN_TAIL: tl.constexpr):
-        """d loss / d z on columns c0.. (r / var_l scaled), and the tail's share scattered by label."""
-        dz = _residual(z, c0, D, tail_ptr, targets, mean_coef, row_ok, BLOCK_C) * scale
+        """Unscaled d loss / d z = r / var_l on columns c0.., and the tail's share (times out_scale)
+        scattered by label."""
+        dz = _residual(z, c0, D, tail_ptr, targets, mean_coef, row_ok, BLOCK_C) * inv_var
         if TRAIN_TAIL:
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < D)[None, :]
-            tl.atomic_add(grad_tail_ptr + targets[:, None] * D + cols[None, :], -mean_coef * dz, mask=ok)
+            tl.atomic_add(grad_tail_ptr + targets[:, None] * D + cols[None, :], (-mean_coef * out_scale) * dz,
+                          mask=ok)
         return dz
 
     @triton.jit
-    def _accumulate(ptr, out0, in0, D_OUT, D_IN, value,
+    def _accumulate(ptr, out0, in0, D_OUT, D_IN, value, out_scale,
                     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
-        """float32 atomic add of a [BLOCK_OUT, BLOCK_IN] weight-gradient tile."""
+        """float32 atomic add of a [BLOCK_OUT, BLOCK_IN] weight-gradient tile times out_scale."""
         o = out0 + tl.arange(0, BLOCK_OUT)
         i = in0 + tl.arange(0, BLOCK_IN)
         ok = (o < D_OUT)[:, None] & (i < D_IN)[None, :]
-        tl.atomic_add(ptr + o.to(tl.int64)[:, None] * D_IN + i[None, :], value, mask=ok)
+        tl.atomic_add(ptr + o.to(tl.int64)[:, None] * D_IN + i[None, :], value * out_scale, mask=ok)
 
     @triton.jit
-    def _accumulate_bias(ptr, out0, D_OUT, value, BLOCK_OUT: tl.constexpr):
+    def _accumulate_bias(ptr, out0, D_OUT, value, out_scale, BLOCK_OUT: tl.constexpr):
         o = out0 + tl.arange(0, BLOCK_OUT)
-        tl.atomic_add(ptr + o, value, mask=o < D_OUT)
+        tl.atomic_add(ptr + o, value * out_scale, mask=o < D_OUT)
 
     @triton.jit
     def bridge_backward_kernel(
@@ -255,7 +292,7 @@ if triton is not None:
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
-        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
         TRAIN_MAPPING: tl.constexpr, TRAIN_TAIL: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -267,101 +304,105 @@ if triton is not None:
         half_off = (layer * B + b) * D1
         targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         mean_coef = tl.load(mean_coef_ptr + layer)
-        # d R / d z = (z - mean) / var_l * grad / pairs
-        scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(inv_var_ptr + layer) * inv_pairs
+        # d R / d z = (z - mean) / var_l * grad / pairs. The chain carries the unscaled r / var_l
+        # (order 1-100) and every output is multiplied by out_scale = grad / pairs when it is
+        # written: with 16-bit dot operands a pre-scaled gradient (pairs ~1e7 for a Llama batch)
+        # would underflow float16.
+        inv_var = tl.load(inv_var_ptr + layer)
+        out_scale = tl.load(grad_loss_ptr).to(tl.float32) * inv_pairs
 
         # Walk down to the gradient of layer 2's pre-activation (da2, kept on chip).
         if NUM_LINEAR == 2:
             a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, PRECISION)
-            da2 = _latent_grad(a2, 0, D2, tail_ptr, grad_tail_ptr, targets, mean_coef, scale, row_ok,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
+            da2 = _latent_grad(a2, 0, D2, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
                                P2, TRAIN_TAIL)
         if NUM_LINEAR >= 3:
             a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, PRECISION)
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
             g2 = _gelu(a2)
             dg2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
             if NUM_LINEAR == 3:
                 for c0 in range(0, D3, BLOCK_N3):
-                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
-                    z = tl.dot(g2, w3t, input_precision=PRECISION)
+                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                    z = _dot(g2, w3t, None, DOT_PRECISION)
                     z += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                    dz = _latent_grad(z, c0, D3, tail_ptr, grad_tail_ptr, targets, mean_coef, scale,
+                    dz = _latent_grad(z, c0, D3, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
                                       row_ok, BLOCK_N3, TRAIN_TAIL)
                     if TRAIN_MAPPING:
                         _accumulate(grad_w3_ptr, c0, 0, D3, D2,
-                                    tl.dot(tl.trans(dz), g2, input_precision=PRECISION), BLOCK_N3, P2)
-                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(dz, axis=0), BLOCK_N3)
-                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2)
-                    dg2 = tl.dot(dz, w3, dg2, input_precision=PRECISION)
+                                    _dot(tl.trans(dz), g2, None, DOT_PRECISION), out_scale, BLOCK_N3, P2)
+                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(dz, axis=0), out_scale, BLOCK_N3)
+                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2, DOT_PRECISION)
+                    dg2 = _dot(dz, w3, dg2, DOT_PRECISION)
             else:
                 # Layer 4 needs all of layer 3: one pass for the latent point, one for the grads.
                 a4 = tl.zeros([BLOCK_M, P4], dtype=tl.float32)
                 for c0 in range(0, D3, BLOCK_N3):
-                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
-                    a3 = tl.dot(g2, w3t, input_precision=PRECISION)
+                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                    a3 = _dot(g2, w3t, None, DOT_PRECISION)
                     a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                    w4t = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4)
-                    a4 = tl.dot(_gelu(a3), w4t, a4, input_precision=PRECISION)
+                    w4t = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4, DOT_PRECISION)
+                    a4 = _dot(_gelu(a3), w4t, a4, DOT_PRECISION)
                 a4 += _load_bias(b4_ptr, 0, D4, P4)[None, :]
-                dz = _latent_grad(a4, 0, D4, tail_ptr, grad_tail_ptr, targets, mean_coef, scale, row_ok,
+                dz = _latent_grad(a4, 0, D4, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
                                   P4, TRAIN_TAIL)
                 if TRAIN_MAPPING:
-                    _accumulate_bias(grad_b4_ptr, 0, D4, tl.sum(dz, axis=0), P4)
+                    _accumulate_bias(grad_b4_ptr, 0, D4, tl.sum(dz, axis=0), out_scale, P4)
                 for c0 in range(0, D3, BLOCK_N3):
-                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3)
-                    a3 = tl.dot(g2, w3t, input_precision=PRECISION)
+                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                    a3 = _dot(g2, w3t, None, DOT_PRECISION)
                     a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                    w4 = _load_weight(w4_ptr, 0, c0, D4, D3, P4, BLOCK_N3)
-                    da3 = tl.dot(dz, w4, input_precision=PRECISION) * _gelu_grad(a3)
+                    w4 = _load_weight(w4_ptr, 0, c0, D4, D3, P4, BLOCK_N3, DOT_PRECISION)
+                    da3 = _dot(dz, w4, None, DOT_PRECISION) * _gelu_grad(a3)
                     if TRAIN_MAPPING:
                         _accumulate(grad_w4_ptr, 0, c0, D4, D3,
-                                    tl.dot(tl.trans(dz), _gelu(a3), input_precision=PRECISION), P4, BLOCK_N3)
+                                    _dot(tl.trans(dz), _gelu(a3), None, DOT_PRECISION), out_scale, P4, BLOCK_N3)
                         _accumulate(grad_w3_ptr, c0, 0, D3, D2,
-                                    tl.dot(tl.trans(da3), g2, input_precision=PRECISION), BLOCK_N3, P2)
-                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(da3, axis=0), BLOCK_N3)
-                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2)
-                    dg2 = tl.dot(da3, w3, dg2, input_precision=PRECISION)
+                                    _dot(tl.trans(da3), g2, None, DOT_PRECISION), out_scale, BLOCK_N3, P2)
+                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(da3, axis=0), out_scale, BLOCK_N3)
+                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2, DOT_PRECISION)
+                    dg2 = _dot(da3, w3, dg2, DOT_PRECISION)
             da2 = dg2 * _gelu_grad(a2)
         if NUM_LINEAR >= 2:
             if TRAIN_MAPPING:
-                _accumulate_bias(grad_b2_ptr, 0, D2, tl.sum(da2, axis=0), P2)
+                _accumulate_bias(grad_b2_ptr, 0, D2, tl.sum(da2, axis=0), out_scale, P2)
 
         # Layer 1, chunk by chunk: recompute, take the gradient of the chunk's pre-activation and
         # push it to the context half, the token rows and W1's token half.
         for c0 in range(0, D1, BLOCK_D1):
             a1 = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                     w1_ptr, w1_stride, c0, H, D1,
-                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, PRECISION)
+                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
             if NUM_LINEAR == 1:
-                da1 = _latent_grad(a1, c0, D1, tail_ptr, grad_tail_ptr, targets, mean_coef, scale,
+                da1 = _latent_grad(a1, c0, D1, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
                                    row_ok, BLOCK_D1, TRAIN_TAIL)
             else:
                 if TRAIN_MAPPING:
                     _accumulate(grad_w2_ptr, 0, c0, D2, D1,
-                                tl.dot(tl.trans(da2), _gelu(a1), input_precision=PRECISION), P2, BLOCK_D1)
-                w2 = _load_weight(w2_ptr, 0, c0, D2, D1, P2, BLOCK_D1)
-                da1 = tl.dot(da2, w2, input_precision=PRECISION) * _gelu_grad(a1)
+                                _dot(tl.trans(da2), _gelu(a1), None, DOT_PRECISION), out_scale, P2, BLOCK_D1)
+                w2 = _load_weight(w2_ptr, 0, c0, D2, D1, P2, BLOCK_D1, DOT_PRECISION)
+                da1 = _dot(da2, w2, None, DOT_PRECISION) * _gelu_grad(a1)
             cols = c0 + tl.arange(0, BLOCK_D1)
             ok = row_ok[:, None] & (cols < D1)[None, :]
             da1 = tl.where(ok, da1, 0.0)
-            tl.atomic_add(grad_context_half_ptr + half_off[:, None] + cols[None, :], da1, mask=ok)
+            tl.atomic_add(grad_context_half_ptr + half_off[:, None] + cols[None, :], da1 * out_scale, mask=ok)
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
-                w1 = tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
-                             mask=(cols < D1)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                dx = tl.dot(da1, w1, input_precision=PRECISION)
+                w1 = _operand(tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
+                                      mask=(cols < D1)[:, None] & k_ok[None, :], other=0.0), DOT_PRECISION)
+                dx = _dot(da1, w1, None, DOT_PRECISION)
                 token_ptr = grad_tokens_ptr + (layer * N + rows.to(tl.int64))[:, None] * H + ks[None, :]
                 tok_ok = row_ok[:, None] & k_ok[None, :]
                 # Only this program touches these rows; atomics keep the chunk sums coherent.
-                tl.atomic_add(token_ptr, dx, mask=tok_ok)
+                tl.atomic_add(token_ptr, dx * out_scale, mask=tok_ok)
                 if TRAIN_MAPPING:
-                    x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H)
+                    x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
                     _accumulate(grad_w1_ptr, c0, k0, D1, H,
-                                tl.dot(tl.trans(da1), x, input_precision=PRECISION), BLOCK_D1, BLOCK_K)
+                                _dot(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
 
 
 class BridgeConfig(dict):
@@ -372,15 +413,24 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mapping: bool = False) -> BridgeConfig:
-    """Block sizes of kernel 2, keyed on H and the mapping dims.
+def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mapping: bool = False,
+                  dtype: torch.dtype = torch.float32, backward: bool | None = None) -> BridgeConfig:
+    """Block sizes of kernel 2, keyed on H, the mapping dims, the states' dtype and the pass.
 
     On chip a program holds layer 2's [BLOCK_M, P2] pre-activation (twice in the backward: value
-    and gradient) and, with 4 layers, layer 4's [BLOCK_M, P4]. BLOCK_M is chosen so that these
-    stay within ~8K float32 values per accumulator (64 rows for widths <= 128, 32 for 256, 16
-    beyond). BLOCK_D1 and BLOCK_N3 shrink as P2 grows to bound the weight tiles ([BLOCK_D1, P2],
-    [BLOCK_N3, P2]) staged through shared memory. BLOCK_K = 64 (H step). Under the interpreter
-    every block is 16 so that odd test sizes run several chunks of every loop.
+    and gradient, plus gelu(a2)) and, with 4 layers, layer 4's [BLOCK_M, P4]. BLOCK_M bounds these
+    to ~8K float32 values per accumulator (64 rows for widths <= 128, 32 for 256, 16 beyond).
+    BLOCK_D1 / BLOCK_N3 (the layer-1 and layer-3 column chunks) bound the per-chunk tiles and the
+    [BLOCK_D1, P2] / [BLOCK_N3, P2] weight tiles in shared memory: 64 / 32 for P2 <= 64, 32 / 32 up
+    to 256, 16 / 16 beyond. The backward halves both (min 16): it keeps three [M, P2] tensors live
+    across the chunk loops, and with the forward's chunks ptxas spills 0.4-2 KB per thread at the
+    register cap (255 at 8 warps). float32 states run tf32x3 dots (each operand split in two, so
+    twice the operand registers): they take the backward's chunks in the forward too and half the
+    rows. BLOCK_K = 64 (H step), 8 warps; 2 stages, 1 when the mapping is trained (the
+    weight-gradient tiles need shared memory for their layout changes). Register and spill counts
+    of every choice: ``python -m sbpet.kernels.compile_check`` (table in kernels/README.md).
+    Under the interpreter every block is 16 so that odd test sizes run several chunks of every loop.
+    ``backward`` defaults to ``train_mapping`` for callers that only distinguish the two.
     """
     dims = tuple(int(d) for d in dims)
     num_linear = len(dims)
@@ -393,6 +443,8 @@ def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mappin
     if interpret:
         return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=16, BLOCK_K=16, BLOCK_D1=16, BLOCK_N3=16,
                             P2=p2, P4=p4, num_warps=1, num_stages=1)
+    backward = train_mapping if backward is None else backward
+    wide_operands = dot_precision(dtype) not in ("fp16", "bf16")
     widest = max(p2, p4)
     block_m = 64 if widest <= 128 else 32 if widest <= 256 else 16
     if num_linear == 1:
@@ -400,9 +452,11 @@ def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mappin
     else:
         block_d1 = 64 if p2 <= 64 else 32 if p2 <= 256 else 16
     block_n3 = 32 if p2 <= 256 else 16
+    if backward or wide_operands:
+        block_d1, block_n3 = max(16, block_d1 // 2), max(16, block_n3 // 2)
+    if wide_operands:
+        block_m = max(16, block_m // 2)
     block_k = min(64, _pow2(hidden))
-    # The weight-gradient tiles of a trained mapping take shared memory for their layout changes:
-    # no software pipelining then (2 stages need > 163 KB on sm_80 for d2 = 256).
     num_stages = 1 if train_mapping else 2
     return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D1=block_d1,
                         BLOCK_N3=block_n3, P2=p2, P4=p4, num_warps=8, num_stages=num_stages)
@@ -447,7 +501,7 @@ def bridge_forward(
     batch, _, hidden = table.base.shape
     num_rows = batch_index.shape[0]
     dims = _dims(weights, hidden)
-    cfg = bridge_config(hidden, [w.shape[0] for w in weights])
+    cfg = bridge_config(hidden, [w.shape[0] for w in weights], dtype=table.base.dtype)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     num_tiles = triton.cdiv(num_rows, cfg["BLOCK_M"])
@@ -459,7 +513,7 @@ def bridge_forward(
         w1_token, w1_token.stride(0), *_layer_args(weights, biases),
         tail, mean_coef, inv_var, partial,
         num_rows, batch, hidden, *dims,
-        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, PRECISION=DOT_PRECISION,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot_precision(table.base.dtype),
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return partial.sum()
@@ -491,7 +545,8 @@ def bridge_backward(
     num_rows = batch_index.shape[0]
     device = tail.device
     dims = _dims(weights, hidden)
-    cfg = bridge_config(hidden, [w.shape[0] for w in weights], train_mapping=train_mapping)
+    cfg = bridge_config(hidden, [w.shape[0] for w in weights], train_mapping=train_mapping,
+                        dtype=table.base.dtype, backward=True)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     f32 = dict(dtype=torch.float32, device=device)
@@ -514,7 +569,7 @@ def bridge_backward(
         grad_loss, float(inv_pairs),
         grad_tokens, grad_context_half, grad_w1, *grad_layer_args, grad_tail,
         num_rows, batch, hidden, *dims,
-        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, PRECISION=DOT_PRECISION,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot_precision(table.base.dtype),
         TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail),
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
