@@ -202,7 +202,9 @@ def fit_mapping(
     rows = _tokenise(tokenizer, texts, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     causal = regularizer.shift_labels
-    capture = BridgeCapture(backbone, regularizer)
+    # The PDF regulariser needs only each layer's context and regularised rows (hooks); the SDE
+    # regulariser reads whole token paths, so it takes the model's hidden states.
+    capture = BridgeCapture(backbone, regularizer) if regularizer.config.get("kind", "pdf") == "pdf" else None
     bar = tqdm(total=steps, initial=start, desc="fitting g", disable=not progress, dynamic_ncols=True)
     try:
         for step in range(start, steps):
@@ -213,9 +215,16 @@ def fit_mapping(
                 corrupt_inputs, causal, regularizer.ignore_index, gen,
             )
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            with torch.no_grad(), capture.armed(labels.to(device), attention_mask):
-                backbone(input_ids=input_ids, attention_mask=attention_mask)
-            loss = capture.loss()
+            if capture is not None:
+                with torch.no_grad(), capture.armed(labels.to(device), attention_mask):
+                    backbone(input_ids=input_ids, attention_mask=attention_mask)
+                loss = capture.loss()
+            else:
+                with torch.no_grad():
+                    outputs = backbone(
+                        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+                    )
+                loss = regularizer(outputs.hidden_states, labels.to(device), attention_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm and max_grad_norm > 0:
@@ -233,7 +242,8 @@ def fit_mapping(
                 _save_checkpoint(checkpoint_dir, regularizer, optimizer, scheduler, done, history, signature)
     finally:
         bar.close()
-        capture.remove()
+        if capture is not None:
+            capture.remove()
         regularizer.requires_grad_(False)
         regularizer.eval()
         for p, flag in grad_flags:

@@ -20,9 +20,10 @@ class BridgeTrainer(Trainer):
             to the training device, frozen (``requires_grad_(False)``, eval mode) and never
             handed to the optimizer: only the PET parameters train.
         bridge_weight: alpha.
-        capture: ``"hooks"`` (default: :class:`~sbpet.hf.BridgeCapture`, only the contexts and
-            the regularised rows are kept) or ``"hidden_states"`` (``output_hidden_states=True``;
-            needed for regularisers other than the PDF one).
+        capture: ``"hooks"`` (:class:`~sbpet.hf.BridgeCapture`, only the contexts and the
+            regularised rows are kept) or ``"hidden_states"`` (``output_hidden_states=True``;
+            needed for regularisers other than the PDF one). Default: hooks for the PDF
+            regulariser, hidden_states for the SDE one.
         *args, **kwargs: as ``transformers.Trainer``.
 
     Regularised positions: each batch may carry ``bridge_labels`` [B, S] (built with
@@ -44,8 +45,11 @@ class BridgeTrainer(Trainer):
         >>> trainer.train()
     """
 
-    def __init__(self, *args, bridge=None, bridge_weight: float = 0.1, capture: str = "hooks", **kwargs):
+    def __init__(self, *args, bridge=None, bridge_weight: float = 0.1, capture: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if capture is None:
+            # Hooks capture what the PDF regulariser needs; the SDE one needs the whole states.
+            capture = "hooks" if getattr(bridge, "config", {}).get("kind", "pdf") == "pdf" else "hidden_states"
         if capture not in ("hooks", "hidden_states"):
             raise ValueError(f"capture must be 'hooks' or 'hidden_states', got {capture!r}")
         if float(bridge_weight) < 0:

@@ -572,7 +572,8 @@ def test_bridge_trainer_with_sde_regulariser(tmp_path):
         report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
     trainer = BridgeTrainer(model=model, args=args, train_dataset=data, data_collator=collate, bridge=reg,
-                            bridge_weight=0.5, capture="hidden_states")
+                            bridge_weight=0.5)
+    assert trainer.capture_mode == "hidden_states"  # chosen for the SDE kind
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "bridge_loss" in entry]
     assert len(logs) == 2 and all(entry["bridge_loss"] > 0 for entry in logs)
@@ -580,3 +581,21 @@ def test_bridge_trainer_with_sde_regulariser(tmp_path):
         assert entry["loss"] == pytest.approx(entry["task_loss"] + 0.5 * entry["bridge_loss"], rel=1e-3, abs=1e-4)
     for k, v in reg.state_dict().items():
         assert torch.equal(v, before[k]), f"the SDE regulariser changed: {k}"
+
+
+def test_fit_mapping_fits_the_sde_drift_network(tmp_path):
+    from hf_helpers import tiny_bert_config, tiny_texts, tiny_tokenizer
+    from transformers import BertForMaskedLM
+
+    from sbpet.fitting import fit_mapping
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config())
+    cfg = model.config
+    reg = SDEBridgeRegularizer(cfg.hidden_size, cfg.num_hidden_layers, latent_size=6, width=16, seed=0,
+                               word_embeddings=model.get_input_embeddings().weight)
+    before = {k: v.clone() for k, v in reg.drift_net.state_dict().items()}
+    history = fit_mapping(model, tiny_tokenizer(tmp_path), tiny_texts(), reg, steps=6, batch_size=4,
+                          learning_rate=1e-2, progress=False)
+    assert len(history["loss"]) == 6 and all(math.isfinite(v) for v in history["loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in reg.drift_net.state_dict().items())
