@@ -3,8 +3,9 @@ PET parameters equal one process on the whole batch (one regularised [MASK] per 
 every rank has the same number of regularised positions)."""
 
 import os
-import socket
 import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -14,12 +15,6 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 
 pytest.importorskip("peft")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build():
@@ -53,10 +48,14 @@ def _grads(model, reg, ids, mask, labels):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "classifier" not in n}
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, store, out):
+    # Loopback only, a file rendezvous (no port to race for) and a timeout, so a broken run fails
+    # instead of hanging CI.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     try:
         model, reg, ids, mask, labels = _build()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -64,6 +63,7 @@ def _worker(rank, world, port, out):
         grads = _grads(ddp, reg, ids[part], mask[part], labels[part])
         if rank == 0:
             torch.save({n.removeprefix("module."): g for n, g in grads.items()}, out)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -71,7 +71,13 @@ def _worker(rank, world, port, out):
 @pytest.mark.slow
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = str(tmp_path / "ddp_grads.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    context = mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-process DDP run did not finish in 180 s")
     distributed = torch.load(out)
     model, reg, ids, mask, labels = _build()
     single = _grads(model, reg, ids, mask, labels)
