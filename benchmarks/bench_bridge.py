@@ -29,14 +29,7 @@ import torch
 
 from benchmarks import suite
 
-DEVICE = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-if os.environ.get("SBPET_BENCH_SHAPES"):
-    SHAPE_NAMES = tuple(s for s in os.environ["SBPET_BENCH_SHAPES"].split(",") if s)
-elif DEVICE.type == "cuda":
-    SHAPE_NAMES = suite.GPU_SHAPES
-else:
-    SHAPE_NAMES = suite.CPU_SHAPES + suite.TINY_SHAPES
+DEVICE, DTYPE, SHAPE_NAMES = suite.bench_target()
 
 _cases: dict = {}
 _measured: dict = {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import pytest
 import torch
@@ -25,14 +24,7 @@ import sbpet
 from benchmarks import suite
 from sbpet.sde import DriftNetwork, sde_bridge_loss
 
-DEVICE = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-if os.environ.get("SBPET_BENCH_SHAPES"):
-    SHAPE_NAMES = tuple(s for s in os.environ["SBPET_BENCH_SHAPES"].split(",") if s)
-elif DEVICE.type == "cuda":
-    SHAPE_NAMES = suite.GPU_SHAPES
-else:
-    SHAPE_NAMES = suite.CPU_SHAPES + suite.TINY_SHAPES
+DEVICE, DTYPE, SHAPE_NAMES = suite.bench_target()
 REGULARISERS = ("pdf", "sde-euler", "sde-heun")
 SEED = 0
 

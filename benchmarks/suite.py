@@ -91,6 +91,23 @@ TINY_SHAPES = ("tiny-glue", "tiny-fit")
 # Normwise relative error allowed against the reference (max |a - e| / max |e|), by input dtype.
 # The reference computes in float32 whatever the input dtype, so these only cover summation order
 # and the final cast of the gradients; they are tight enough to catch a wrong element.
+
+
+def bench_target() -> tuple[torch.device, torch.dtype, tuple[str, ...]]:
+    """Device, hidden-state dtype and shape names of a benchmark session: ``SBPET_BENCH_DEVICE``
+    (default cuda when available), bf16 on CUDA / float32 on CPU, ``SBPET_BENCH_SHAPES`` (comma
+    separated) or the GPU shapes on CUDA and the CPU + tiny shapes on CPU."""
+    device = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if os.environ.get("SBPET_BENCH_SHAPES"):
+        names = tuple(s for s in os.environ["SBPET_BENCH_SHAPES"].split(",") if s)
+    elif device.type == "cuda":
+        names = GPU_SHAPES
+    else:
+        names = CPU_SHAPES + TINY_SHAPES
+    return device, dtype, names
+
+
 CHECK_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 

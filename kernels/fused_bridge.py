@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import LayerTable, interpreting
+from .context import LayerTable, _layer_origin, interpreting
 
 try:
     import triton
@@ -96,14 +96,7 @@ if triton is not None:
                     rows, row_ok, ALIGNED: tl.constexpr):
         """int64 element offset (from the base pointer) of each row's token state, its H stride,
         and its sequence index b."""
-        offset = tl.load(layer_offsets_ptr + layer)
-        stride_b = tl.load(layer_strides_ptr + 3 * layer)
-        stride_s = tl.load(layer_strides_ptr + 3 * layer + 1)
-        stride_h = tl.load(layer_strides_ptr + 3 * layer + 2)
-        if ALIGNED:
-            offset = tl.multiple_of(offset, 8)
-            stride_b = tl.multiple_of(stride_b, 8)
-            stride_s = tl.multiple_of(stride_s, 8)
+        offset, stride_b, stride_s, stride_h = _layer_origin(layer_offsets_ptr, layer_strides_ptr, layer, ALIGNED)
         b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         return offset + b * stride_b + s * stride_s, stride_h, b
@@ -474,7 +467,7 @@ def _layer_args(weights, biases):
     return args
 
 
-def _dims(weights, hidden):
+def _dims(weights):
     dims = [w.shape[0] for w in weights] + [1] * (MAX_LINEAR - len(weights))
     return dims
 
@@ -500,7 +493,7 @@ def bridge_forward(
     """
     batch, _, hidden = table.base.shape
     num_rows = batch_index.shape[0]
-    dims = _dims(weights, hidden)
+    dims = _dims(weights)
     cfg = bridge_config(hidden, [w.shape[0] for w in weights], dtype=table.base.dtype)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
@@ -544,7 +537,7 @@ def bridge_backward(
     batch, _, hidden = table.base.shape
     num_rows = batch_index.shape[0]
     device = tail.device
-    dims = _dims(weights, hidden)
+    dims = _dims(weights)
     cfg = bridge_config(hidden, [w.shape[0] for w in weights], train_mapping=train_mapping,
                         dtype=table.base.dtype, backward=True)
     launch = dict(cfg)
