@@ -26,7 +26,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["LayerTable", "layer_table", "context_forward", "context_backward", "interpreting"]
+__all__ = [
+    "LayerTable", "layer_table", "rows_table", "row_lookup", "context_forward", "context_backward", "interpreting",
+]
 
 # Element alignment (in elements) that lets the kernels promise vectorisable addresses.
 _ALIGN = 8
@@ -87,6 +89,25 @@ def layer_table(hidden_states) -> LayerTable:
     )
 
 
+def rows_table(token_rows) -> LayerTable:
+    """A :class:`LayerTable` over captured token rows: a list of L+1 [N, H] tensors (one per
+    layer, same dtype and device), seen as [1, N, H] layers. Row ``n`` lies at (b=any, s=n): the b
+    stride is 0, so kernel 2 gathers with ``seq_index = arange(N)`` while ``batch_index`` still
+    names each row's sequence for the context half."""
+    table = layer_table([t.unsqueeze(0) for t in token_rows])
+    strides = table.strides.reshape(-1, 3).clone()
+    strides[:, 0] = 0
+    table.strides = strides.reshape(-1)
+    return table
+
+
+def row_lookup(batch: int, seq: int, batch_index: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
+    """int32 [B, S]: the row in [0, N) of each regularised position (b, s), -1 elsewhere."""
+    row_of = torch.full((batch, seq), -1, dtype=torch.int32, device=batch_index.device)
+    row_of[batch_index, seq_index] = torch.arange(batch_index.shape[0], dtype=torch.int32, device=batch_index.device)
+    return row_of
+
+
 if triton is not None:
 
     @triton.jit
@@ -108,11 +129,14 @@ if triton is not None:
         mask_ptr,  # float32 [B, S]
         inv_count_ptr,  # float32 [B]
         context_ptr,  # float32 [L+1, B, H] (out)
-        B, S, H,
+        row_of_ptr,  # int32 [B, S]: row in [0, N) of a regularised position, or -1 (GATHER_ROWS)
+        tokens_ptr,  # [L+1, N, H] in the states' dtype (out, GATHER_ROWS)
+        B, S, H, N,
         BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, GATHER_ROWS: tl.constexpr,
     ):
-        """One program: one (layer, sequence, H-block); loops over S in BLOCK_S chunks."""
+        """One program: one (layer, sequence, H-block); loops over S in BLOCK_S chunks. With
+        GATHER_ROWS it also copies the regularised rows out of the same read (SPEC step 2)."""
         pid_h = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         layer = tl.program_id(2).to(tl.int64)
@@ -130,10 +154,17 @@ if triton is not None:
         for s0 in range(0, S, BLOCK_S):
             seq = s0 + tl.arange(0, BLOCK_S)
             weight = tl.load(mask_ptr + b * S + seq, mask=seq < S, other=0.0)
-            # Padding tokens are never read: saves bandwidth on padded batches.
-            take = (weight != 0.0)[:, None] & col_ok[None, :]
+            # Padding tokens are never read (saves bandwidth on padded batches), unless regularised.
+            take = weight != 0.0
+            if GATHER_ROWS:
+                row = tl.load(row_of_ptr + b * S + seq, mask=seq < S, other=-1).to(tl.int64)
+                take = take | (row >= 0)
+            take = take[:, None] & col_ok[None, :]
             x = tl.load(row_base + seq.to(tl.int64)[:, None] * stride_s + col_off[None, :], mask=take, other=0.0)
             acc += tl.sum(x.to(tl.float32) * weight[:, None], axis=0)
+            if GATHER_ROWS:
+                out = tokens_ptr + (layer * N + row)[:, None] * H + cols[None, :]
+                tl.store(out, x, mask=(row >= 0)[:, None] & col_ok[None, :])
         acc = acc * tl.load(inv_count_ptr + b)
         tl.store(context_ptr + (layer * B + b) * H + cols, acc, mask=col_ok)
 
@@ -186,21 +217,28 @@ def mask_weights(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def context_forward(
-    table: LayerTable, num_states: int, mask: torch.Tensor, inv_count: torch.Tensor, out: torch.Tensor | None = None
+    table: LayerTable, num_states: int, mask: torch.Tensor, inv_count: torch.Tensor, out: torch.Tensor | None = None,
+    row_of: torch.Tensor | None = None, tokens_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SPEC step 1 for all layers: float32 contexts [L+1, B, H] (into ``out`` when given: tests
-    pass a NaN-filled one to catch unwritten elements)."""
+    pass a NaN-filled one to catch unwritten elements).
+
+    With ``row_of`` (:func:`row_lookup`) and ``tokens_out`` ([L+1, N, H], the states' dtype) the
+    same read also copies the regularised rows into ``tokens_out`` (SPEC step 2)."""
     batch, seq, hidden = table.base.shape
     context = out
     if context is None:
         context = torch.empty((num_states, batch, hidden), dtype=torch.float32, device=table.base.device)
+    gather = row_of is not None
+    num_rows = tokens_out.shape[1] if gather else 0
     cfg = context_config(hidden)
     grid = (triton.cdiv(hidden, cfg["BLOCK_H"]), batch, num_states)
     context_forward_kernel[grid](
         table.base, table.offsets, table.strides, mask, inv_count, context,
-        batch, seq, hidden,
+        row_of if gather else mask, tokens_out if gather else context,
+        batch, seq, hidden, num_rows,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
-        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, GATHER_ROWS=gather,
         num_warps=cfg["num_warps"],
     )
     return context
@@ -222,8 +260,7 @@ def context_backward(
     seq = mask.shape[1]
     num_rows = batch_index.shape[0]
     device = grad_context.device
-    row_of = torch.full((batch, seq), -1, dtype=torch.int32, device=device)
-    row_of[batch_index, seq_index] = torch.arange(num_rows, dtype=torch.int32, device=device)
+    row_of = row_lookup(batch, seq, batch_index, seq_index)
     grad_states = out
     if grad_states is None:
         grad_states = torch.empty((num_states, batch, seq, hidden), dtype=dtype, device=device)

@@ -36,28 +36,44 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["BridgeConfig", "bridge_config", "bridge_forward", "bridge_backward", "dot_precision", "MAX_LINEAR"]
+__all__ = [
+    "BridgeConfig", "bridge_config", "bridge_forward", "bridge_backward", "dot_precision", "MAX_LINEAR", "PRECISIONS",
+]
 
 MAX_LINEAR = 4
 
-# Dot precision (constexpr DOT_PRECISION), keyed on the hidden states' dtype by `dot_precision`:
-# - float16 / bfloat16 states: "fp16" / "bf16": both dot operands in the states' 16-bit dtype (the
-#   mapping's weight tiles and the on-chip activations / gradients are cast to it, the token tile is
-#   read as is), float32 accumulation. Full-rate tensor cores, half the operand registers and shared
-#   memory of a float32 operand; the error (~2^-8 bf16, 2^-11 fp16 relative per product) is that of
-#   the inputs themselves.
-# - float32 states: FP32_DOT_PRECISION, fp32 operands; "tf32x3" (three TF32 passes, about float32
-#   accuracy at a third of TF32 speed; plain "tf32" is ~1e-3 relative; "ieee" leaves the tensor
-#   cores idle). The interpreter computes every mode exactly on the (cast) operands.
-FP32_DOT_PRECISION = "tf32x3"
+# Dot precision (constexpr DOT_PRECISION) comes from the user's ``precision`` (see
+# :data:`PRECISIONS`), never silently from the states' dtype:
+# - "fp32": float32 operands, "tf32x3" dots (each operand split into a TF32 head and tail, three
+#   tensor-core passes: float32-class accuracy, measured ~1e-7 relative on R; "ieee" would leave the
+#   tensor cores idle). A 16-bit token tile is read as is and widened on chip (exact).
+# - "tf32": float32 operands rounded to TF32 (10-bit mantissa) by the tensor cores, ~1e-3 relative.
+# - "bf16": bfloat16 operands (the mapping's weight tiles, the token tile and the on-chip
+#   activations / gradients are rounded to bf16, 2^-8 relative), float32 accumulation.
+# "fp16" (float16 operands) remains a kernel mode for compile checks of float16 states; the public
+# precisions are the three above. Under the interpreter "bf16" / "tf32" become "*_emulated": float32
+# operands rounded in-kernel to 8 / 10 mantissa bits (round to nearest even), exact products.
+PRECISIONS = ("fp32", "tf32", "bf16")
+_DOT_OF_PRECISION = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "bf16", "fp16": "fp16"}
 _DOT_PRECISIONS = ("fp16", "bf16", "tf32x3", "tf32", "ieee")
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """DOT_PRECISION of kernel 2 for hidden states of ``dtype`` (see the comment above)."""
-    if FP32_DOT_PRECISION not in _DOT_PRECISIONS[2:]:
-        raise ValueError(f"FP32_DOT_PRECISION must be one of {_DOT_PRECISIONS[2:]}, got {FP32_DOT_PRECISION!r}")
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, FP32_DOT_PRECISION)
+def dot_precision(dtype: torch.dtype = torch.float32, precision: str | None = None) -> str:
+    """DOT_PRECISION of kernel 2 for ``precision`` ("fp32", "tf32", "bf16").
+
+    ``precision=None`` keeps the states-dtype rule that compile checks of 16-bit kernels use
+    (float16 / bfloat16 states: 16-bit operands of that dtype; float32: "fp32")."""
+    if precision is None:
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    try:
+        dot = _DOT_OF_PRECISION[precision]
+    except KeyError:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}") from None
+    if interpreting() and dot in ("bf16", "tf32"):
+        # The interpreter computes bf16 casts wrongly (numpy has no bfloat16) and TF32 dots exactly:
+        # round the float32 operands in-kernel instead, so the tests see the real rounding.
+        dot += "_emulated"
+    return dot
 
 
 if triton is not None:
@@ -72,12 +88,25 @@ if triton is not None:
         return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
     @triton.jit
+    def _round_mantissa(x, DROP: tl.constexpr):
+        """float32 ``x`` rounded to nearest-even with the low DROP mantissa bits cleared (the
+        interpreter's emulation of bf16 (DROP=16) and TF32 (DROP=13) operands)."""
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        half = (1 << (DROP - 1)) - 1
+        bits = (bits + half + ((bits >> DROP) & 1)) & ~((1 << DROP) - 1)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _operand(x, DOT_PRECISION: tl.constexpr):
         """``x`` in the dtype the dots take: the 16-bit dtype of the states, else float32."""
         if DOT_PRECISION == "bf16":
             return x.to(tl.bfloat16)
         elif DOT_PRECISION == "fp16":
             return x.to(tl.float16)
+        elif DOT_PRECISION == "bf16_emulated":
+            return _round_mantissa(x, 16)
+        elif DOT_PRECISION == "tf32_emulated":
+            return _round_mantissa(x, 13)
         else:
             return x.to(tl.float32)
 
@@ -88,6 +117,8 @@ if triton is not None:
         b = _operand(b, DOT_PRECISION)
         if DOT_PRECISION == "bf16" or DOT_PRECISION == "fp16":
             return tl.dot(a, b, acc, out_dtype=tl.float32)
+        elif DOT_PRECISION == "bf16_emulated" or DOT_PRECISION == "tf32_emulated":
+            return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
         else:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
@@ -407,7 +438,8 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mapping: bool = False,
-                  dtype: torch.dtype = torch.float32, backward: bool | None = None) -> BridgeConfig:
+                  dtype: torch.dtype = torch.float32, backward: bool | None = None,
+                  precision: str | None = None) -> BridgeConfig:
     """Block sizes of kernel 2, keyed on H, the mapping dims, the states' dtype and the pass.
 
     On chip a program holds layer 2's [BLOCK_M, P2] pre-activation (twice in the backward: value
@@ -417,13 +449,14 @@ def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mappin
     [BLOCK_D1, P2] / [BLOCK_N3, P2] weight tiles in shared memory: 64 / 32 for P2 <= 64, 32 / 32 up
     to 256, 16 / 16 beyond. The backward halves both (min 16): it keeps three [M, P2] tensors live
     across the chunk loops, and with the forward's chunks ptxas spills 0.4-2 KB per thread at the
-    register cap (255 at 8 warps). float32 states run tf32x3 dots (each operand split in two, so
-    twice the operand registers): they take the backward's chunks in the forward too and half the
+    register cap (255 at 8 warps). float32 operands ("fp32" / "tf32"; tf32x3 splits each operand in
+    two, so twice the operand registers) take the backward's chunks in the forward too and half the
     rows. BLOCK_K = 64 (H step), 8 warps; 2 stages, 1 when the mapping is trained (the
     weight-gradient tiles need shared memory for their layout changes). Register and spill counts
     of every choice: ``python -m sbpet.kernels.compile_check`` (table in kernels/README.md).
     Under the interpreter every block is 16 so that odd test sizes run several chunks of every loop.
-    ``backward`` defaults to ``train_mapping`` for callers that only distinguish the two.
+    ``backward`` defaults to ``train_mapping`` for callers that only distinguish the two;
+    ``precision`` (see :func:`dot_precision`) decides the operand width.
     """
     dims = tuple(int(d) for d in dims)
     num_linear = len(dims)
@@ -437,7 +470,7 @@ def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mappin
         return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=16, BLOCK_K=16, BLOCK_D1=16, BLOCK_N3=16,
                             P2=p2, P4=p4, num_warps=1, num_stages=1)
     backward = train_mapping if backward is None else backward
-    wide_operands = dot_precision(dtype) not in ("fp16", "bf16")
+    wide_operands = dot_precision(dtype, precision) not in ("fp16", "bf16")
     widest = max(p2, p4)
     block_m = 64 if widest <= 128 else 32 if widest <= 256 else 16
     if num_linear == 1:
@@ -484,17 +517,23 @@ def bridge_forward(
     tail: torch.Tensor,
     mean_coef: torch.Tensor,
     inv_var: torch.Tensor,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """SPEC steps 2-7: the sum over (layer, row) of ``|z - mean_coef_l e|^2 / (2 var_l)``
     (float32 scalar, not yet divided by the number of pairs). N must be > 0.
 
     weights/biases: the mapping's contiguous Linear parameters; ``context_half`` float32
     [L+1, B, d1] = ``context @ W1[:, :H]^T + b1``; mean_coef, inv_var float32 [L+1] on the device.
+    ``table`` locates row ``n`` of layer ``l`` at ``(batch_index[n], seq_index[n])`` of that layer's
+    tensor: the hidden states themselves (:func:`.context.layer_table`) or captured token rows
+    (:func:`.context.rows_table`, with ``seq_index = arange(N)``). ``precision``: see
+    :func:`dot_precision`.
     """
-    batch, _, hidden = table.base.shape
+    batch, hidden = context_half.shape[1], weights[0].shape[1] // 2
     num_rows = batch_index.shape[0]
     dims = _dims(weights)
-    cfg = bridge_config(hidden, [w.shape[0] for w in weights], dtype=table.base.dtype)
+    dot = dot_precision(precision=precision)
+    cfg = bridge_config(hidden, [w.shape[0] for w in weights], precision=precision)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     num_tiles = triton.cdiv(num_rows, cfg["BLOCK_M"])
@@ -506,7 +545,7 @@ def bridge_forward(
         w1_token, w1_token.stride(0), *_layer_args(weights, biases),
         tail, mean_coef, inv_var, partial,
         num_rows, batch, hidden, *dims,
-        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot_precision(table.base.dtype),
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return partial.sum()
@@ -528,18 +567,20 @@ def bridge_backward(
     inv_var: torch.Tensor,
     train_mapping: bool,
     train_tail: bool,
+    precision: str = "fp32",
 ):
     """Gradients of ``grad_loss * inv_pairs * bridge_forward(...)``.
 
     Returns float32 (grad_tokens [L+1, N, H], grad_context_half [L+1, B, d1],
     grad_w1_token [d1, H] or None, [grad W2..Wk], [grad b2..bk], grad_tail [V, D] or None).
     """
-    batch, _, hidden = table.base.shape
+    batch, hidden = context_half.shape[1], weights[0].shape[1] // 2
     num_rows = batch_index.shape[0]
     device = tail.device
     dims = _dims(weights)
+    dot = dot_precision(precision=precision)
     cfg = bridge_config(hidden, [w.shape[0] for w in weights], train_mapping=train_mapping,
-                        dtype=table.base.dtype, backward=True)
+                        backward=True, precision=precision)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     f32 = dict(dtype=torch.float32, device=device)
@@ -562,7 +603,7 @@ def bridge_backward(
         grad_loss, float(inv_pairs),
         grad_tokens, grad_context_half, grad_w1, *grad_layer_args, grad_tail,
         num_rows, batch, hidden, *dims,
-        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot_precision(table.base.dtype),
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot,
         TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail),
         num_warps=num_warps, num_stages=num_stages, **launch,
     )

@@ -17,6 +17,7 @@ from .bridges import BRIDGES, Bridge, BrownianBridge, OUBridge, get_bridge, laye
 from .mapping import BridgeMapping, tail_from_embeddings
 from .regularizer import BridgeRegularizer
 from .sde import DriftNetwork, NaturalCubicSpline, SDEBridgeRegularizer, sde_bridge_loss
+from .precision import PRECISIONS
 from .torch_backend import bridge_loss_from_parts
 
 # name -> module, imported on first attribute access.
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     *_LAZY,
     "BRIDGES",
+    "PRECISIONS",
     "DriftNetwork",
     "NaturalCubicSpline",
     "SDEBridgeRegularizer",

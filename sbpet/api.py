@@ -6,55 +6,47 @@ import math
 
 import torch
 
+from . import dispatch
 from .bridges import Bridge, get_bridge
+from .dispatch import BACKENDS, resolve_backend
 from .mapping import BridgeMapping
-from .reference import reference_bridge_loss
-from .torch_backend import torch_bridge_loss
+from .precision import check_precision
 from .validation import validate_inputs
 
-__all__ = ["bridge_loss", "BACKENDS", "resolve_backend"]
-
-BACKENDS = ("auto", "reference", "torch", "triton")
+__all__ = ["bridge_loss", "BACKENDS", "resolve_backend", "select_loss_backend"]
 
 
-def _triton_module():
-    from . import triton_backend  # imported lazily: it imports triton
-
-    return triton_backend
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``backend`` into the concrete backend for tensors on ``device``.
-
-    ``"auto"`` picks ``"triton"`` for CUDA tensors when Triton can run there, else ``"torch"``.
-    An explicit backend that cannot run on ``device`` raises ValueError (never a silent switch).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda":
-            try:
-                usable = _triton_module().triton_is_usable(device)
-            except ImportError:
-                usable = False
-            if usable:
-                return "triton"
-        return "torch"
-    if backend == "triton":
-        try:
-            module = _triton_module()
-        except ImportError as exc:
-            raise ValueError(f"backend='triton' needs the triton package: {exc}") from exc
-        module.check_triton_available(device)
-    return backend
+def _grad_flags(mapping: BridgeMapping, tail: torch.Tensor, *tensors: torch.Tensor) -> tuple[bool, ...]:
+    return (
+        any(t.requires_grad for t in tensors),
+        any(p.requires_grad for p in mapping.parameters()),
+        bool(tail.requires_grad),
+    )
 
 
-def _backend_function(name: str):
-    if name == "reference":
-        return reference_bridge_loss
-    if name == "torch":
-        return torch_bridge_loss
-    return _triton_module().triton_bridge_loss
+def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision) -> dispatch.Backend:
+    """The backend computing R from validated whole hidden states (``auto`` times candidates once
+    per key; see :mod:`sbpet.dispatch`)."""
+    states = inputs.hidden_states
+    batch, seq, hidden = states[0].shape
+    key = (
+        states[0].dtype, precision, len(states), hidden, tuple(mapping.dims),
+        *dispatch.shape_key(batch, seq, inputs.targets.numel()), _grad_flags(mapping, tail, *states),
+    )
+
+    def runners(names):
+        args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,
+                mean_coef, variance, precision)
+        detached = [h.detach().requires_grad_(h.requires_grad) for h in states]
+        params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
+        return {
+            name: dispatch.fwd_bwd_runner(
+                lambda b=dispatch.get_backend(name): b.loss(detached, *args), detached + params
+            )
+            for name in names
+        }
+
+    return dispatch.select("loss", backend, states[0].device, key, runners)
 
 
 def bridge_loss(
@@ -69,6 +61,7 @@ def bridge_loss(
     shift_labels: bool = False,
     full_nll: bool = False,
     backend: str = "auto",
+    precision: str = "fp32",
     num_layers: int | None = None,
 ) -> torch.Tensor:
     """The stochastic-bridge regulariser R of SPEC.md as a function.
@@ -87,8 +80,12 @@ def bridge_loss(
         shift_labels: causal LMs: pair the state at position s with ``labels[:, s + 1]``.
         full_nll: add the log-variance and 2*pi terms, making R a true negative log-likelihood
             per (layer, position) pair.
-        backend: ``"auto"`` (triton for CUDA tensors when available, else torch),
-            ``"reference"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (on CUDA the fastest of torch and triton, timed once per shape
+            bucket; on CPU torch; see :mod:`sbpet.dispatch`), ``"reference"``, ``"torch"`` or
+            ``"triton"``. ``SBPET_BACKEND`` overrides ``"auto"``.
+        precision: how g's matrix products run, in every backend: ``"fp32"`` (default),
+            ``"tf32"`` or ``"bf16"`` (bf16 operands, float32 accumulation); see
+            :mod:`sbpet.precision`.
         num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
 
     Returns:
@@ -113,6 +110,8 @@ def bridge_loss(
             f"tail has {tail.shape[1]} columns but the mapping's latent size is {mapping.latent_size}"
         )
     bridge = get_bridge(bridge)
+    check_precision(precision)
+    dispatch.check_backend_name(backend)
     inputs = validate_inputs(
         hidden_states,
         labels,
@@ -127,9 +126,9 @@ def bridge_loss(
     for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but hidden_states are on {device}")
-    name = resolve_backend(backend, device)
     mean_coef, variance = bridge.marginals(inputs.num_states)
-    loss = _backend_function(name)(
+    chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
+    loss = chosen.loss(
         inputs.hidden_states,
         inputs.attention_mask,
         inputs.batch_index,
@@ -139,6 +138,7 @@ def bridge_loss(
         tail,
         mean_coef,
         variance,
+        precision,
     )
     if full_nll and inputs.targets.numel():
         log_norm = 0.5 * mapping.latent_size * torch.log(2 * math.pi * variance).mean()

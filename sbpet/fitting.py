@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .dispatch import check_backend_name
 from .hf import BridgeCapture, find_backbone_and_layers
+from .precision import check_precision
 
 __all__ = ["fit_mapping", "CHECKPOINT_NAME", "FIT_STATE_NAME"]
 
@@ -138,6 +140,8 @@ def fit_mapping(
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
+    backend: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Fit the regulariser's mapping g (and a trainable tail) on ``texts`` with the PLM frozen.
 
@@ -158,6 +162,10 @@ def fit_mapping(
             scheduler, step and loss history) is written every ``save_every`` steps and at the end.
             With ``resume`` an existing checkpoint there is loaded and the run continues from
             its step with the same data order; a checkpoint from different settings is an error.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
+            regulariser's ``backend``; see :mod:`sbpet.dispatch`).
+        precision: g's products while fitting; ``"fp32"`` by default whatever the regulariser's
+            own setting, because R of a fitted g is a cancelling difference (README "Precision").
 
     Returns:
         ``{"loss": [R per step], "steps": steps, "resumed_from": step or 0}``.
@@ -171,6 +179,9 @@ def fit_mapping(
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    check_precision(precision)
+    if backend is not None:
+        check_backend_name(backend)
     if not 0 < mask_probability <= 1:
         raise ValueError(f"mask_probability must be in (0, 1], got {mask_probability}")
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -204,7 +215,8 @@ def fit_mapping(
     causal = regularizer.shift_labels
     # The PDF regulariser needs only each layer's context and regularised rows (hooks); the SDE
     # regulariser reads whole token paths, so it takes the model's hidden states.
-    capture = BridgeCapture(backbone, regularizer) if regularizer.config.get("kind", "pdf") == "pdf" else None
+    is_pdf = regularizer.config.get("kind", "pdf") == "pdf"
+    capture = BridgeCapture(backbone, regularizer, backend, precision) if is_pdf else None
     bar = tqdm(total=steps, initial=start, desc="fitting g", disable=not progress, dynamic_ncols=True)
     try:
         for step in range(start, steps):
@@ -224,7 +236,7 @@ def fit_mapping(
                     outputs = backbone(
                         input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
                     )
-                loss = regularizer(outputs.hidden_states, labels.to(device), attention_mask)
+                loss = regularizer(outputs.hidden_states, labels.to(device), attention_mask)  # the SDE one
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm and max_grad_norm > 0:

@@ -6,9 +6,10 @@ Why hooks: ``output_hidden_states=True`` keeps every layer's [B, S, H] state ali
 a tuple of all of them. The regulariser only needs, per layer, the context (a masked mean, SPEC
 step 1) and the rows of the N regularised tokens (SPEC step 2). :class:`BridgeCapture` computes
 exactly these two small tensors inside a forward hook on the embedding output and on each layer,
-with autograd, and then calls the backend on the parts
-(:func:`sbpet.torch_backend.bridge_loss_from_parts`). Same loss and gradients as the
-``output_hidden_states`` path (tested), without keeping or stacking the layers.
+with autograd, and then computes R from the parts. Both steps go through the dispatcher
+(:mod:`sbpet.dispatch`: ``capture_layer`` and ``loss_from_parts`` of the chosen backend, so the
+Triton kernels run here on CUDA). Same loss and gradients as the ``output_hidden_states`` path
+(tested), without keeping or stacking the layers.
 
 Alignment with virtual tokens: prompt tuning / p-tuning prepend P virtual tokens to the input
 embeddings, so every layer sees S + P positions while ``labels`` and ``attention_mask`` cover S.
@@ -26,7 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .torch_backend import bridge_loss_from_parts, context_and_tokens
+from . import dispatch
+from .precision import check_precision
 from .validation import shift_labels_left
 
 __all__ = [
@@ -182,6 +184,10 @@ class BridgeCapture:
         model: a ``PreTrainedModel``, ``PeftModel``, DDP wrapper or a module holding one.
         regularizer: a :class:`~sbpet.BridgeRegularizer` (the PDF regulariser); its
             ``shift_labels`` (causal LMs) and ``ignore_index`` apply.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for the capture and the
+            loss (None: the regulariser's ``backend``); see :mod:`sbpet.dispatch`.
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
+            regulariser's ``precision``).
 
     Example:
         >>> capture = BridgeCapture(model, regularizer)
@@ -191,7 +197,7 @@ class BridgeCapture:
         >>> capture.remove()                                        # when done
     """
 
-    def __init__(self, model: nn.Module, regularizer):
+    def __init__(self, model: nn.Module, regularizer, backend: str | None = None, precision: str | None = None):
         from .regularizer import BridgeRegularizer
 
         if not isinstance(regularizer, BridgeRegularizer) or regularizer.config.get("kind", "pdf") != "pdf":
@@ -200,6 +206,8 @@ class BridgeCapture:
                 "regularisers from output_hidden_states"
             )
         self.regularizer = regularizer
+        self.backend = dispatch.check_backend_name(regularizer.backend if backend is None else backend)
+        self.precision = check_precision(regularizer.precision if precision is None else precision)
         self.backbone, self.layers = find_backbone_and_layers(model)
         self.num_virtual = num_virtual_tokens(model)
         if len(self.layers) != regularizer.num_layers:
@@ -295,10 +303,22 @@ class BridgeCapture:
                 f"{tuple(shape)}: labels/attention_mask must be the batch's, before any virtual tokens"
             )
         device = states.device
-        contexts, tokens = context_and_tokens(
-            [states], mask.to(device), batch_index.to(device), seq_index.to(device)
-        )
-        self._parts[index] = (contexts, tokens)
+        mask, batch_index, seq_index = mask.to(device), batch_index.to(device), seq_index.to(device)
+        batch, seq, hidden = states.shape
+        key = (states.dtype, hidden, *dispatch.shape_key(batch, seq, batch_index.numel()), states.requires_grad)
+
+        def runners(names):
+            detached = states.detach().requires_grad_(states.requires_grad)
+            return {
+                name: dispatch.fwd_bwd_runner(
+                    lambda b=dispatch.get_backend(name): b.capture_layer(detached, mask, batch_index, seq_index),
+                    [detached],
+                )
+                for name in names
+            }
+
+        backend = dispatch.select("capture", self.backend, device, key, runners)
+        self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
 
     def _first_layer_hook(self, module, args, kwargs):
         states = args[0] if args else kwargs.get("hidden_states")
@@ -326,22 +346,36 @@ class BridgeCapture:
             )
         reg = self.regularizer
         _, _, batch_index, _, targets = self._positions
-        contexts = torch.cat([self._parts[i][0] for i in range(num_states)])
-        tokens = torch.cat([self._parts[i][1] for i in range(num_states)])
+        contexts = [self._parts[i][0] for i in range(num_states)]
+        tokens = [self._parts[i][1] for i in range(num_states)]
         self._reset()
-        device = contexts.device
+        device = contexts[0].device
+        batch_index, targets = batch_index.to(device), targets.to(device)
         mean_coef, variance = reg.bridge.marginals(num_states)
+        args = (batch_index, targets, reg.mapping, reg.tail, mean_coef, variance, self.precision)
+        key = (
+            tokens[0].dtype, self.precision, num_states, contexts[0].shape[-1], tuple(reg.mapping.dims),
+            *dispatch.shape_key(contexts[0].shape[0], targets.numel()),
+            any(t.requires_grad for t in (*contexts, *tokens)),
+            any(p.requires_grad for p in reg.mapping.parameters()), bool(reg.tail.requires_grad),
+        )
+
+        def runners(names):
+            parts = [t.detach().requires_grad_(t.requires_grad) for t in (*contexts, *tokens)]
+            params = [p for p in reg.mapping.parameters() if p.requires_grad] + [reg.tail]
+            return {
+                name: dispatch.fwd_bwd_runner(
+                    lambda b=dispatch.get_backend(name): b.loss_from_parts(
+                        parts[:num_states], parts[num_states:], *args
+                    ),
+                    parts + params,
+                )
+                for name in names
+            }
+
         with torch.autocast(device.type, enabled=False):
-            loss = bridge_loss_from_parts(
-                contexts,
-                tokens,
-                batch_index.to(device),
-                targets.to(device),
-                reg.mapping,
-                reg.tail,
-                mean_coef,
-                variance,
-            )
+            backend = dispatch.select("parts", self.backend, device, key, runners)
+            loss = backend.loss_from_parts(contexts, tokens, *args)
         if reg.full_nll and targets.numel():
             import math
 

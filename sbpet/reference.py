@@ -9,10 +9,12 @@ do not optimise it. One function per SPEC.md step.
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from .mapping import BridgeMapping
+from .precision import linear
 
-__all__ = ["reference_bridge_loss"]
+__all__ = ["reference_bridge_loss", "reference_capture_layer", "reference_loss_from_parts"]
 
 
 def context(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,9 +28,12 @@ def mapping_inputs(states, contexts, batch_index, seq_index) -> torch.Tensor:
     return torch.cat([contexts[:, batch_index], states[:, batch_index, seq_index]], dim=-1)
 
 
-def latent_points(mapping: BridgeMapping, inputs: torch.Tensor) -> torch.Tensor:
-    """SPEC step 3: z = g(u) -> [L+1, N, D]."""
-    return mapping(inputs.to(mapping.layers[0].weight.dtype))
+def latent_points(mapping: BridgeMapping, inputs: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """SPEC step 3: z = g(u) -> [L+1, N, D], every Linear's product at ``precision``."""
+    out = inputs.to(mapping.layers[0].weight.dtype)
+    for i, layer in enumerate(mapping.layers):
+        out = linear(F.gelu(out) if i else out, layer.weight, layer.bias, precision)
+    return out
 
 
 def tail_points(tail: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,7 @@ def reference_bridge_loss(
     tail,
     mean_coef,
     variance,
+    precision="fp32",
 ):
     """The bridge regulariser R on validated inputs (the contract every backend honours).
 
@@ -66,6 +72,8 @@ def reference_bridge_loss(
         mapping: :class:`~sbpet.BridgeMapping` g.
         tail: [V, D] tail points.
         mean_coef, variance: [L+1] bridge marginals at the layer times (SPEC step 6).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's products run
+            (:mod:`sbpet.precision`).
 
     Returns:
         Scalar R (float32, or float64 for float64 inputs): the mean over the (L+1) * N pairs of
@@ -75,6 +83,24 @@ def reference_bridge_loss(
     states = torch.stack(list(hidden_states)).to(compute_dtype)
     contexts = context(states, attention_mask)
     inputs = mapping_inputs(states, contexts, batch_index, seq_index)
-    latents = latent_points(mapping, inputs)
+    latents = latent_points(mapping, inputs, precision)
     ends = tail_points(tail, targets)
     return bridge_loss_from_latents(latents, ends, mean_coef, variance)
+
+
+def reference_capture_layer(states, attention_mask, batch_index, seq_index):
+    """The parts interface's per-layer capture, by the reference's steps 1-2: the context [B, H]
+    and the regularised rows [N, H] of one layer [B, S, H], both upcast to float32 (or float64)."""
+    compute_dtype = torch.promote_types(states.dtype, torch.float32)
+    layer = states.to(compute_dtype)[None]
+    return context(layer, attention_mask)[0], layer[0, batch_index, seq_index]
+
+
+def reference_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
+                              precision="fp32"):
+    """R from the parts (lists of L+1 contexts [B, H] and token rows [N, H]) by the reference's
+    steps 2-7: concatenate [context ; token] per row, run the whole mapping, score the bridge."""
+    contexts, tokens = torch.stack(list(contexts)), torch.stack(list(tokens))
+    inputs = torch.cat([contexts[:, batch_index], tokens.to(contexts.dtype)], dim=-1)
+    latents = latent_points(mapping, inputs, precision)
+    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)

@@ -9,9 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .api import BACKENDS, bridge_loss
+from .api import bridge_loss
 from .bridges import get_bridge
+from .dispatch import check_backend_name
 from .mapping import BridgeMapping, tail_from_embeddings
+from .precision import check_precision
 
 __all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -48,11 +50,16 @@ class BridgeRegularizer(nn.Module):
         ignore_index: label value of positions that are not regularised.
         shift_labels: causal LMs: the state at position s is paired with label s+1.
         full_nll: add log-variance and 2*pi terms (a true negative log-likelihood).
-        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (see
+            :mod:`sbpet.dispatch`); used by ``forward`` and by the hooks of BridgeCapture /
+            BridgeTrainer / fit_mapping unless they are given their own.
+        precision: how g's matrix products run: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``
+            (see :mod:`sbpet.precision` and README "Precision").
         name_or_path: the PLM's name or path, recorded in the saved config.
 
     ``forward(hidden_states, labels, attention_mask=None)`` returns the scalar R; hidden_states
     is the Hugging Face tuple of L+1 tensors [B, S, H] or one stacked [L+1, B, S, H] tensor.
+    ``backend`` and ``precision`` are plain attributes: set them to change later calls.
 
     Example:
         >>> reg = BridgeRegularizer(16, num_layers=2, dims=(32, 4), word_embeddings=torch.randn(50, 16))
@@ -76,12 +83,13 @@ class BridgeRegularizer(nn.Module):
         full_nll: bool = False,
         backend: str = "auto",
         name_or_path: str | None = None,
+        precision: str = "fp32",
     ):
         super().__init__()
         if int(num_layers) < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name(backend)
+        check_precision(precision)
         self.bridge = get_bridge(bridge)
         self.mapping = BridgeMapping(hidden_size, dims)
         tail_points = _resolve_tail(tail, word_embeddings, self.mapping.latent_size)
@@ -95,6 +103,7 @@ class BridgeRegularizer(nn.Module):
         self.shift_labels = bool(shift_labels)
         self.full_nll = bool(full_nll)
         self.backend = backend
+        self.precision = precision
         self.config = {
             "kind": "pdf",
             "hidden_size": self.hidden_size,
@@ -107,6 +116,7 @@ class BridgeRegularizer(nn.Module):
             "shift_labels": self.shift_labels,
             "full_nll": self.full_nll,
             "backend": backend,
+            "precision": precision,
             "name_or_path": name_or_path,
         }
 
@@ -114,7 +124,10 @@ class BridgeRegularizer(nn.Module):
     def vocab_size(self) -> int:
         return self.tail.shape[0]
 
-    def forward(self, hidden_states, labels, attention_mask=None) -> torch.Tensor:
+    def forward(self, hidden_states, labels, attention_mask=None, *, backend: str | None = None,
+                precision: str | None = None) -> torch.Tensor:
+        """R of ``hidden_states`` (L+1 tensors [B, S, H] or [L+1, B, S, H]) for ``labels`` [B, S];
+        ``backend`` / ``precision`` override the module's own for this call."""
         return bridge_loss(
             hidden_states,
             labels,
@@ -125,14 +138,15 @@ class BridgeRegularizer(nn.Module):
             ignore_index=self.ignore_index,
             shift_labels=self.shift_labels,
             full_nll=self.full_nll,
-            backend=self.backend,
+            backend=self.backend if backend is None else backend,
+            precision=self.precision if precision is None else precision,
             num_layers=self.num_layers,
         )
 
     def extra_repr(self) -> str:
         return (
             f"bridge={self.bridge.name!r}, num_layers={self.num_layers}, "
-            f"vocab_size={self.vocab_size}, backend={self.backend!r}"
+            f"vocab_size={self.vocab_size}, backend={self.backend!r}, precision={self.precision!r}"
         )
 
     # ----------------------------------------------------------------------------------------

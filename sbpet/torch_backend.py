@@ -6,7 +6,8 @@ Same contract as :func:`sbpet.reference.reference_bridge_loss`. What it does dif
 - the context is a matmul of each layer with the mask weights, accumulated in float32;
 - the first Linear is split (SPEC step 3): its context half runs once per (layer, sequence) and is
   added to the token half of each regularised position;
-- the rows of all layers go through the mapping in one batched call;
+- the rows of all layers go through the mapping in one batched call, with a written-out backward
+  whose products run at the user's ``precision`` like the forward's (:mod:`sbpet.precision`);
 - one custom backward writes each layer's gradient in one pass: the context share broadcast to
   every real token plus the token rows, instead of summing separately built gradients.
 """
@@ -16,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .precision import check_precision, matmul
 from .reference import bridge_loss_from_latents, tail_points
 
-__all__ = ["torch_bridge_loss", "bridge_loss_from_parts"]
+__all__ = ["torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "context_and_tokens", "mapping_from_parts"]
 
 # Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
 _UPCAST_CHUNK_ELEMENTS = 1 << 22
@@ -70,23 +72,76 @@ class _ContextAndTokens(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def split_first_layer(mapping, contexts, tokens, batch_index) -> torch.Tensor:
-    """SPEC step 3, first Linear: W1 u = W1[:, :H] c + W1[:, H:] h, context half once per
-    (layer, sequence). Returns pre-activations [L+1, N, d1]."""
-    first = mapping.layers[0]
-    hidden = contexts.shape[-1]
-    weight = first.weight
-    context_half = F.linear(contexts.to(weight.dtype), weight[:, :hidden], first.bias)
-    token_half = F.linear(tokens.to(weight.dtype), weight[:, hidden:])
-    return token_half + context_half[:, batch_index]
+def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    """d gelu(x) / dx for the exact (erf) GELU."""
+    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+    return cdf + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-def remaining_layers(mapping, pre_activations: torch.Tensor) -> torch.Tensor:
-    """SPEC step 3, the rest of g on the rows of all layers at once: [L+1, N, d1] -> [L+1, N, D]."""
-    out = pre_activations
-    for layer in mapping.layers[1:]:
-        out = layer(F.gelu(out))
-    return out
+class _Mapping(torch.autograd.Function):
+    """SPEC step 3 on the parts, every dot at the user's ``precision`` in both passes.
+
+    The first Linear is split (W1 u = W1[:, :H] c + W1[:, H:] h): its context half runs once per
+    (layer, sequence) and is gathered for the rows. Saves the pre-activations of layers 1..k-1
+    (what autograd would save) and writes its own backward so that the backward's products run at
+    the same precision as the forward's."""
+
+    @staticmethod
+    def forward(ctx, precision, batch_index, contexts, tokens, *params):
+        weights, biases = params[0::2], params[1::2]
+        hidden = contexts.shape[-1]
+        w1 = weights[0]
+        half = matmul(contexts, w1[:, :hidden].T, precision) + biases[0]
+        pre = [matmul(tokens, w1[:, hidden:].T, precision) + half[:, batch_index]]
+        for w, b in zip(weights[1:], biases[1:]):
+            pre.append(matmul(F.gelu(pre[-1]), w.T, precision) + b)
+        ctx.precision = precision
+        ctx.num_linear = len(weights)
+        ctx.save_for_backward(batch_index, contexts, tokens, *params, *pre[:-1])
+        return pre[-1]
+
+    @staticmethod
+    def backward(ctx, grad_latents):
+        precision, k = ctx.precision, ctx.num_linear
+        batch_index, contexts, tokens, *rest = ctx.saved_tensors
+        params, pre = rest[: 2 * k], rest[2 * k :]
+        weights = params[0::2]
+        needs = ctx.needs_input_grad
+        train = any(needs[4:])
+        grads = [None] * (2 * k)
+        grad = grad_latents.to(pre[0].dtype) if pre else grad_latents
+        for i in range(k - 1, 0, -1):
+            act = F.gelu(pre[i - 1])
+            if train:
+                rows = grad.reshape(-1, grad.shape[-1])
+                grads[2 * i] = matmul(rows.T, act.reshape(-1, act.shape[-1]), precision).to(weights[i].dtype)
+                grads[2 * i + 1] = rows.sum(0).to(weights[i].dtype)
+            grad = matmul(grad, weights[i], precision) * _gelu_grad(pre[i - 1])
+        # Layer 1: grad is d R / d a1 [L+1, N, d1]; its context half gets the rows' sum per sequence.
+        hidden = contexts.shape[-1]
+        w1 = weights[0]
+        grad_half = grad.new_zeros((grad.shape[0], contexts.shape[1], grad.shape[-1]))
+        grad_half.index_add_(1, batch_index, grad)
+        grad_contexts = grad_tokens = None
+        if needs[2]:
+            grad_contexts = matmul(grad_half, w1[:, :hidden], precision).to(contexts.dtype)
+        if needs[3]:
+            grad_tokens = matmul(grad, w1[:, hidden:], precision).to(tokens.dtype)
+        if train:
+            rows = grad.reshape(-1, grad.shape[-1])
+            half_rows = grad_half.reshape(-1, grad.shape[-1])
+            grad_w1_context = matmul(half_rows.T, contexts.reshape(-1, hidden), precision)
+            grad_w1_token = matmul(rows.T, tokens.reshape(-1, hidden), precision)
+            grads[0] = torch.cat([grad_w1_context, grad_w1_token], dim=1).to(w1.dtype)
+            grads[1] = half_rows.sum(0).to(w1.dtype)
+        grads = [g if needed else None for g, needed in zip(grads, needs[4:])]
+        return (None, None, grad_contexts, grad_tokens, *grads)
+
+
+def mapping_from_parts(mapping, contexts, tokens, batch_index, precision: str = "fp32") -> torch.Tensor:
+    """SPEC step 3 from the parts: latents [L+1, N, D] (float32, float64 for a float64 mapping)."""
+    params = [t for layer in mapping.layers for t in (layer.weight, layer.bias)]
+    return _Mapping.apply(precision, batch_index, contexts, tokens, *params)
 
 
 def torch_bridge_loss(
@@ -99,13 +154,22 @@ def torch_bridge_loss(
     tail,
     mean_coef,
     variance,
+    precision: str = "fp32",
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
     :func:`sbpet.reference.reference_bridge_loss`."""
     contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index)
     return bridge_loss_from_parts(
-        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance
+        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision
     )
+
+
+def capture_layer(states, attention_mask, batch_index, seq_index):
+    """The parts interface's per-layer capture (SPEC steps 1-2 for one layer [B, S, H]): the
+    context [B, H] (float32, float64 for float64 states) and the regularised rows [N, H] (the
+    states' dtype), differentiable."""
+    contexts, tokens = context_and_tokens([states], attention_mask, batch_index, seq_index)
+    return contexts[0], tokens[0]
 
 
 def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index):
@@ -122,18 +186,21 @@ def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index):
 
 
 def bridge_loss_from_parts(
-    contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance
+    contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision: str = "fp32"
 ):
     """R from precomputed contexts and token rows (SPEC steps 3-7), same result as
     :func:`torch_bridge_loss` on the hidden states they came from.
 
     Args:
-        contexts: [L+1, B, H] masked-mean contexts (float32 or float64; SPEC step 1).
-        tokens: [L+1, N, H] hidden-state rows of the N regularised positions (any float dtype).
+        contexts: [L+1, B, H] masked-mean contexts (float32 or float64; SPEC step 1), or a list
+            of L+1 [B, H] tensors.
+        tokens: [L+1, N, H] hidden-state rows of the N regularised positions (any float dtype), or
+            a list of L+1 [N, H] tensors.
         batch_index: int64 [N], the sequence of each regularised position.
         targets: int64 [N] label ids in [0, V).
         mapping: :class:`~sbpet.BridgeMapping` g; tail: [V, D] tail points.
         mean_coef, variance: [L+1] bridge marginals (``bridge.marginals(L + 1)``).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's dots run (:mod:`sbpet.precision`).
 
     Returns:
         Scalar R; exactly 0 (zero gradients) when N == 0. Gradients flow to ``contexts``,
@@ -150,6 +217,11 @@ def bridge_loss_from_parts(
         >>> bridge_loss_from_parts(contexts, tokens, b, t, g, tail, mean_coef, variance).shape
         torch.Size([])
     """
+    check_precision(precision)
+    if isinstance(contexts, (list, tuple)):
+        contexts = torch.stack(list(contexts))
+    if isinstance(tokens, (list, tuple)):
+        tokens = torch.stack(list(tokens))
     if contexts.dim() != 3 or tokens.dim() != 3:
         raise ValueError(
             f"contexts must be [L+1, B, H] and tokens [L+1, N, H], got {tuple(contexts.shape)} "
@@ -164,6 +236,5 @@ def bridge_loss_from_parts(
             f"batch_index and targets must be [N] = [{tokens.shape[1]}], got "
             f"{tuple(batch_index.shape)} and {tuple(targets.shape)}"
         )
-    pre_activations = split_first_layer(mapping, contexts, tokens, batch_index)
-    latents = remaining_layers(mapping, pre_activations)
+    latents = mapping_from_parts(mapping, contexts, tokens, batch_index, precision)
     return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)

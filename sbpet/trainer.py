@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from .dispatch import check_backend_name
 from .hf import BridgeCapture
+from .precision import check_precision
 
 __all__ = ["BridgeTrainer", "BRIDGE_LABELS_KEY"]
 
@@ -20,6 +22,10 @@ class BridgeTrainer(Trainer):
             to the training device, frozen (``requires_grad_(False)``, eval mode) and never
             handed to the optimizer: only the PET parameters train.
         bridge_weight: alpha.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for R (None: the
+            regulariser's ``backend``; see :mod:`sbpet.dispatch`).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
+            regulariser's ``precision``, "fp32" unless set; README "Precision").
         capture: ``"hooks"`` (:class:`~sbpet.hf.BridgeCapture`, only the contexts and the
             regularised rows are kept) or ``"hidden_states"`` (``output_hidden_states=True``;
             needed for regularisers other than the PDF one). Default: hooks for the PDF
@@ -45,7 +51,8 @@ class BridgeTrainer(Trainer):
         >>> trainer.train()
     """
 
-    def __init__(self, *args, bridge=None, bridge_weight: float = 0.1, capture: str | None = None, **kwargs):
+    def __init__(self, *args, bridge=None, bridge_weight: float = 0.1, capture: str | None = None,
+                 backend: str | None = None, precision: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if capture is None:
             # Hooks capture what the PDF regulariser needs; the SDE one needs the whole states.
@@ -59,6 +66,14 @@ class BridgeTrainer(Trainer):
                 "BridgeTrainer does not support torch.nn.DataParallel (n_gpu > 1): launch with "
                 "torchrun for DistributedDataParallel"
             )
+        is_pdf = getattr(bridge, "config", {}).get("kind", "pdf") == "pdf"
+        if (backend is not None or precision is not None) and not is_pdf:
+            raise ValueError("backend= and precision= apply to the PDF regulariser (BridgeRegularizer) only")
+        if backend is not None:
+            check_backend_name(backend)
+        if precision is not None:
+            check_precision(precision)
+        self._bridge_options = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
         self.bridge = bridge
         self.bridge_weight = float(bridge_weight)
         self.capture_mode = capture
@@ -68,7 +83,7 @@ class BridgeTrainer(Trainer):
             bridge.requires_grad_(False)
             bridge.eval()
             if capture == "hooks":
-                self._bridge_capture = BridgeCapture(self.model, bridge)
+                self._bridge_capture = BridgeCapture(self.model, bridge, backend, precision)
         self._bridge_sums = None
         self._bridge_last_logged = 0
 
@@ -117,7 +132,7 @@ class BridgeTrainer(Trainer):
                 bridge_labels, attention_mask, num_virtual_tokens(model), self.bridge.ignore_index
             )
             with torch.autocast(task_loss.device.type, enabled=False):
-                bridge_loss = self.bridge(outputs.hidden_states, labels, mask)
+                bridge_loss = self.bridge(outputs.hidden_states, labels, mask, **self._bridge_options)
         # The Trainer divides a per-batch-mean loss by the accumulation steps itself; when the task
         # loss is already normalised over the accumulated batch, R (a per-batch mean) is scaled here.
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))

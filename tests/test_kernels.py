@@ -226,8 +226,17 @@ def test_custom_op_schema():
             tail.requires_grad_(True), mean_coef, variance)
     if ON_GPU:
         args = tuple([a.cuda() for a in x] if isinstance(x, list) else x.cuda() for x in args)
-    torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32"), test_utils=checks)
+    # The parts interface's two ops: per-layer capture (kernel 1) and the loss from parts (kernel 2).
+    states, mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance = args
+    torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index),
+                          test_utils=checks)
+    contexts = torch.randn(len(states), *states[0].shape[::2], device=tail.device, requires_grad=True)
+    tokens = [h.detach()[batch_index, seq_index].requires_grad_(True) for h in states]
+    torch.library.opcheck(torch.ops.sbpet.triton_parts_forward.default,
+                          (contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance,
+                           "bf16"), test_utils=checks)
 
 
 def test_device_checks():
