@@ -1,8 +1,9 @@
 """pytest-benchmark suite: backend x shape x pass, correctness checked in the same run.
 
-CPU (no CUDA): the MiniLM-like shapes in float32 with the eager reference, torch.compile of the
-reference and the torch backend; the triton backend runs only at the tiny shapes, under the
-interpreter. CUDA: the shapes of the benchmarks issue in bfloat16, all four backends.
+CPU (no CUDA): the MiniLM-like shapes in float32 with the paper's data path (benchmarks/paper.py),
+the eager reference, torch.compile of the reference and the torch backend; the triton backend runs
+only at the tiny shapes, under the interpreter. CUDA: the shapes of the benchmarks issue in
+bfloat16, all five.
 
 Timed run (tables in benchmarks/README.md):
     SBPET_BENCH_THREADS=1 python -m pytest benchmarks/bench_bridge.py --benchmark-json OUT.json

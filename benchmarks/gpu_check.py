@@ -7,15 +7,19 @@
    bf16 8192^3 matmul's rate (``triton.testing.do_bench`` medians);
 3. runs the test suite on CUDA tensors in a subprocess (``pytest tests -q -x``, junit XML and log
    into OUTDIR; the tests pick CUDA when it is available);
-4. runs the benchmark suite: eager reference, torch.compile of the reference, torch, triton at the
-   four shapes of the benchmarks issue in bf16, forward and forward+backward; every backend is
-   checked against the reference before it is timed; a backend that OOMs or does not fit in the
-   time budget is skipped with the reason recorded (torch.compile runs last, in the time left);
-5. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
+4. runs the benchmark suite: the paper's data path (benchmarks/paper.py), eager reference, torch,
+   triton at the four shapes of the benchmarks issue in bf16, forward and forward+backward; every
+   backend is checked against the reference before it is timed; a backend that OOMs or does not
+   fit in the time budget is skipped with the reason recorded;
+5. runs the training-step benchmark (benchmarks/train_step.py): one BridgeTrainer step with LoRA,
+   bf16 autocast, without and with the regulariser for every backend, on BERT-large at the GLUE
+   shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time);
+6. torch.compile of the reference (fwd+bwd first) in the time left;
+7. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
 
-``--dry-run`` runs the whole flow on the CPU (tiny shapes, small ceilings, one quick test module)
-in seconds: it is what tests/test_gpu_check.py runs. Optional packages (triton, pytest) may be
-missing: the affected step records why and the rest goes on.
+``--dry-run`` runs the whole flow on the CPU (tiny shapes and tiny training configurations, small
+ceilings, one quick test module) in seconds: it is what tests/test_gpu_check.py runs. Optional
+packages (triton, pytest, peft) may be missing: the affected step records why and the rest goes on.
 """
 
 from __future__ import annotations
@@ -89,15 +93,16 @@ def run_tests(outdir: str, pytest_args: list[str], timeout_s: float, device) -> 
 
 
 def run_benchmarks(suite, device, dtype, shapes, deadline, with_compile: bool, ceilings,
-                   quick: bool = False) -> list[dict]:
-    """Phase 1: every shape and pass without torch.compile; phase 2: torch.compile (fwd+bwd first)
-    in the time left. Returns the records of every (shape, pass, backend)."""
+                   quick: bool = False, phases=("main", "compile")) -> list[dict]:
+    """Phase "main": every shape and pass without torch.compile; phase "compile": torch.compile
+    (fwd+bwd first) in the time left. Returns the records of every (shape, pass, backend) of the
+    phases run, in table order."""
     results: dict = {}
     phase1 = [b for b in suite.BACKENDS if b != "compile"]
-    plan = [(phase1, pass_) for pass_ in suite.PASSES]
-    if with_compile:
+    plan = [(phase1, pass_) for pass_ in suite.PASSES] if "main" in phases else []
+    if "compile" in phases and with_compile:
         plan += [(["compile"], "fwd+bwd"), (["compile"], "fwd")]
-    else:
+    elif "compile" in phases:
         for name in shapes:
             for pass_ in suite.PASSES:
                 results[(name, pass_, "compile")] = {"shape": name, "pass": pass_, "backend": "compile",
@@ -130,8 +135,51 @@ def run_benchmarks(suite, device, dtype, shapes, deadline, with_compile: bool, c
                 results[(name, pass_, b)] = r
                 med = r.get("median_s")
                 _say(f"  {b:9s} {r['status']:7s} " + (f"{med * 1e3:9.3f} ms" if med else r.get("reason", "")[:150]))
+    return table_order(suite, shapes, list(results.values()))
+
+
+def table_order(suite, shapes, records: list[dict]) -> list[dict]:
+    """Records sorted by shape, pass (fwd first) and backend as in ``suite.BACKENDS``."""
     order = {b: i for i, b in enumerate(suite.BACKENDS)}
-    return [results[k] for k in sorted(results, key=lambda k: (shapes.index(k[0]), k[1] != "fwd", order[k[2]]))]
+    return sorted(records, key=lambda r: (shapes.index(r["shape"]), r["pass"] != "fwd", order[r["backend"]]))
+
+
+def run_train_steps(device, configs, deadline, quick: bool) -> list[dict]:
+    """The training-step benchmark (benchmarks/train_step.py) until ``deadline``; records."""
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        from benchmarks import train_step
+    except ImportError as exc:
+        return [{"benchmark": "train_step", "config": name, "variant": "none", "status": "skipped",
+                 "reason": f"not run: {type(exc).__name__}: {exc}"} for name in configs]
+    try:
+        return train_step.run(configs, device, quick=quick, deadline=deadline, seconds=0.5 if quick else 10.0,
+                              log=_say)
+    except Exception as exc:  # a failure here must not cost the rest of the run
+        return [{"benchmark": "train_step", "config": name, "variant": "none", "status": "error",
+                 "reason": f"{type(exc).__name__}: {str(exc)[:300]}"} for name in configs]
+
+
+def _dispatch_choices() -> list[dict]:
+    """What ``auto`` chose in this process (kernel table and training steps), with its timings."""
+    from sbpet import dispatch
+
+    return [{"key": [str(k) for k in key], "choice": choice, "ms": dispatch.selector.timings.get(key, {})}
+            for key, choice in dispatch.selector.choices.items()]
+
+
+def _dispatch_table(choices: list[dict]) -> str:
+    if not choices:
+        return "\n\nauto: no timed choice in this run (CPU, or a single candidate).\n"
+    lines = ["", "", "auto's choices (first call per key; CUDA-event medians, fwd+bwd):", "",
+             "| key | choice | timings ms |", "| --- | --- | --- |"]
+    for c in choices:
+        timings = ", ".join(f"{n} {t:.3f}" for n, t in sorted(c["ms"].items(), key=lambda x: x[1]))
+        lines.append(f"| {' '.join(c['key'])} | {c['choice']} | {timings} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -147,6 +195,10 @@ def main(argv=None) -> int:
                         help="what pytest runs (default 'tests'; 'tests/test_bridges.py' in a dry run)")
     parser.add_argument("--shapes", default=None, help="comma list of shapes (see benchmarks/suite.py)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    parser.add_argument("--train-budget-s", type=float, default=None,
+                        help="the training-step benchmark's share (s; default 120, 30 in a dry run); 0 skips it")
+    parser.add_argument("--train-configs", default=None,
+                        help="comma list of benchmarks/train_step.py configurations (default: by device)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.budget_s
@@ -164,6 +216,7 @@ def main(argv=None) -> int:
     from benchmarks import report, suite
 
     os.makedirs(args.outdir, exist_ok=True)
+    suite.apply_threads()  # SBPET_BENCH_THREADS, as in the pytest suites
     env = suite.environment(device)
     env["dry_run"] = bool(args.dry_run)
     _say(f"device {env.get('device')}, driver {env.get('driver', '-')}, torch {env['torch']}, "
@@ -187,23 +240,41 @@ def main(argv=None) -> int:
         shapes = list(suite.TINY_SHAPES if args.dry_run else suite.GPU_SHAPES)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with_compile = not args.no_compile and not (args.dry_run and device.type == "cpu")
-    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5, with_compile, ceilings,
-                             quick=args.dry_run)
+    train_budget = max(args.train_budget_s if args.train_budget_s is not None else 30.0 if args.dry_run else 120.0, 0.0)
+    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget, with_compile, ceilings,
+                             quick=args.dry_run, phases=("main",))
+
+    if args.train_configs:
+        train_configs = [c for c in args.train_configs.split(",") if c]
+    else:
+        from benchmarks.train_step import CPU_TRAIN_CONFIGS, GPU_TRAIN_CONFIGS
+
+        train_configs = list(CPU_TRAIN_CONFIGS if device.type == "cpu" else GPU_TRAIN_CONFIGS)
+    if train_budget > 0:
+        train = run_train_steps(device, train_configs, min(time.monotonic() + train_budget, deadline - 5),
+                                quick=args.dry_run)
+    else:
+        train = [{"benchmark": "train_step", "config": c, "variant": "none", "status": "skipped",
+                  "reason": "not requested (--train-budget-s 0)"} for c in train_configs]
+    suite._free_device(device)
+    results = table_order(suite, shapes, results + run_benchmarks(
+        suite, device, dtype, shapes, deadline - 5, with_compile, ceilings, quick=args.dry_run, phases=("compile",)))
 
     data = {"environment": env, "ceilings": ceilings, "targets": suite.TARGETS, "tests": tests,
             "shapes": {s: suite.shape_record(suite.SHAPES[s]) for s in shapes},
-            "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1), "results": results}
+            "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1), "results": results,
+            "train_step": train, "dispatch": _dispatch_choices()}
     stem = ("dryrun-" if args.dry_run else "") + f"{slug(env.get('device') or device.type)}-{env['date']}"
     json_path = os.path.join(args.outdir, stem + ".json")
     md_path = os.path.join(args.outdir, stem + ".md")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, default=str)
-    table = report.render(*report.load_records(data))
+    table = report.render(*report.load_records(data)) + _dispatch_table(data["dispatch"])
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(table)
     _say(f"wrote {json_path} and {md_path} in {data['elapsed_s']} s")
     print(table, flush=True)
-    bad = [r for r in results if r.get("status") in ("wrong", "error")]
+    bad = [r for r in results + train if r.get("status") in ("wrong", "error")]
     tests_failed = tests.get("returncode") not in (None, 0) or tests.get("timed_out")
     return 1 if bad or tests_failed else 0
 

@@ -5,9 +5,12 @@
 RESULTS.json is either pytest-benchmark's ``--benchmark-json`` output of benchmarks/bench_bridge.py
 (the suite's record is in each benchmark's ``extra_info``) or the JSON written by
 ``python -m benchmarks.gpu_check`` (records under ``results``). Per shape and pass, one row per
-backend: median and minimum time, speed-up against the eager reference and against torch.compile
-of the reference, peak extra memory beyond the inputs (returned gradients included) and its ratio
-to the reference's, % of the roofline floor. Targets are shown, never asserted.
+backend: median and minimum time, speed-up against the paper's data path (``paper``, what users
+run without sbpet), against the eager reference and against torch.compile of the reference, peak
+extra memory beyond the inputs (returned gradients included) and its ratio to the reference's,
+% of the roofline floor. Targets are shown, never asserted. Training-step records
+(benchmarks/train_step.py: its pytest JSON, or ``train_step`` in gpu_check's JSON) add a second
+table: step time with and without the regulariser and its cost in % of the step.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 import json
 import sys
 
-BACKEND_ORDER = ("reference", "compile", "torch", "triton")
+BACKEND_ORDER = ("paper", "reference", "compile", "torch", "triton")
 PASS_ORDER = ("fwd", "fwd+bwd")
 MIB = 1 << 20
 
@@ -24,11 +27,16 @@ MIB = 1 << 20
 def load_records(data: dict) -> tuple[list[dict], dict]:
     """(records, meta) from either JSON format; meta holds environment, ceilings and targets."""
     if "results" in data:
-        meta = {k: data.get(k) for k in ("environment", "ceilings", "targets", "tests")}
+        meta = {k: data.get(k) for k in ("environment", "ceilings", "targets", "tests", "train_step")}
         return list(data["results"]), meta
-    records, meta = [], {"environment": None, "ceilings": None, "targets": None}
+    records, meta = [], {"environment": None, "ceilings": None, "targets": None, "train_step": None}
     for bench in data.get("benchmarks", []):
         info = dict(bench.get("extra_info") or {})
+        if info.get("benchmark") == "train_step":  # benchmarks/bench_train_step.py
+            meta["train_step"] = (meta["train_step"] or []) + list(info.get("records") or [])
+            if info.get("environment") and not meta["environment"]:
+                meta["environment"] = info["environment"]
+            continue
         if "backend" not in info:
             continue
         for key in ("environment", "ceilings", "targets"):
@@ -69,7 +77,8 @@ def render(records: list[dict], meta: dict) -> str:
     env = meta.get("environment") or {}
     ceilings = meta.get("ceilings") or {}
     targets = meta.get("targets") or {}
-    lines = [f"### sbpet bridge loss: {env.get('device', '?')}, {env.get('date', '?')}", ""]
+    title = "sbpet bridge loss" if records else "sbpet training step"
+    lines = [f"### {title}: {env.get('device', '?')}, {env.get('date', '?')}", ""]
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "python", "cuda", "driver") if env.get(k))
     if env.get("threads"):
         versions += f", {env['threads']} CPU thread(s)"
@@ -80,8 +89,10 @@ def render(records: list[dict], meta: dict) -> str:
             f"(read + write), matmul {ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s "
             f"({ceilings.get('matmul_shape', '')})")
     lines.append("")
-    lines.append("| shape | pass | backend | median ms | min ms | vs eager | vs compile | peak extra MiB | mem vs eager | % of floor | check |")
-    lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    if records:
+        lines.append("| shape | pass | backend | median ms | min ms | vs paper | vs eager | vs compile "
+                     "| peak extra MiB | mem vs eager | % of floor | check |")
+        lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     groups: dict = {}
     for r in records:
         groups.setdefault((r["shape"], r["pass"]), {})[r["backend"]] = r
@@ -93,7 +104,7 @@ def render(records: list[dict], meta: dict) -> str:
             group = groups.get((shape, pass_))
             if not group:
                 continue
-            ref, comp = group.get("reference"), group.get("compile")
+            ref, comp, paper = group.get("reference"), group.get("compile"), group.get("paper")
 
             def median(r):
                 return r.get("median_s") if r and r.get("status", "ok") == "ok" else None
@@ -108,6 +119,7 @@ def render(records: list[dict], meta: dict) -> str:
                 m = median(r)
                 vs_eager = median(ref) / m if m and median(ref) else None
                 vs_compile = median(comp) / m if m and median(comp) else None
+                vs_paper = median(paper) / m if m and median(paper) else None
                 temp = r.get("peak_bytes")
                 ref_temp = ref.get("peak_bytes") if ref and ref.get("status", "ok") == "ok" else None
                 mem_ratio = temp / ref_temp if temp is not None and ref_temp else None
@@ -118,15 +130,18 @@ def render(records: list[dict], meta: dict) -> str:
                     check = "(yardstick)"
                 lines.append(
                     f"| {shape} | {pass_} | {backend} | {_fmt_time(m)} | {_fmt_time(r.get('min_s'))} | "
-                    f"{_fmt_ratio(vs_eager)} | {_fmt_ratio(vs_compile)} | "
+                    f"{_fmt_ratio(vs_paper)} | {_fmt_ratio(vs_eager)} | {_fmt_ratio(vs_compile)} | "
                     f"{'n/a' if temp is None else f'{temp / MIB:.1f}'} | {_fmt_ratio(mem_ratio, 3)} | "
                     f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {check} |")
                 if pass_ == "fwd+bwd":
-                    summary.extend(_targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac))
+                    summary.extend(_targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac,
+                                                vs_paper))
     if summary:
         lines += ["", "Targets (fwd+bwd; shown, never asserted):", ""] + summary
     if skipped:
         lines += ["", "Not measured:", ""] + skipped
+    if meta.get("train_step"):
+        lines += ([""] if records else []) + [render_train_steps(meta["train_step"])]
     if meta.get("tests"):
         t = meta["tests"]
         lines += ["", f"Test suite on this device: {t.get('summary', t)}"]
@@ -134,7 +149,7 @@ def render(records: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac):
+def _targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac, vs_paper=None):
     def mark(value, target, higher=True):
         if value is None or target is None:
             return "not measured"
@@ -142,9 +157,14 @@ def _targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, fr
         return "met" if ok else "missed"
 
     out = []
-    cpu_target = _target(targets, "cpu_torch_vs_eager", shape) if shape in (targets.get("cpu_torch_vs_eager") or {}) else None
-    if backend == "torch" and cpu_target:
-        out.append(f"- {shape}: torch vs eager >= {cpu_target}x: {_fmt_ratio(vs_eager)} ({mark(vs_eager, cpu_target)})")
+    if backend == "torch":
+        cpu = [(f"torch vs {name}", key, value) for name, key, value in
+               (("paper", "cpu_torch_vs_paper", vs_paper), ("eager", "cpu_torch_vs_eager", vs_eager))
+               if shape in (targets.get(key) or {})]
+        if cpu:
+            out.append(f"- {shape}: " + "; ".join(
+                f"{what} >= {targets[key][shape]}x: {_fmt_ratio(value)} ({mark(value, targets[key][shape])})"
+                for what, key, value in cpu))
     if backend == "triton" and r.get("device") == "cuda":
         te, tc = _target(targets, "speedup_vs_eager", shape), _target(targets, "speedup_vs_compile", shape)
         tm, tf = targets.get("memory_vs_eager"), targets.get("floor_fraction")
@@ -156,6 +176,45 @@ def _targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, fr
     return out
 
 
+def render_train_steps(records: list[dict]) -> str:
+    """Markdown table of training-step records (benchmarks/train_step.py), targets and what was not measured."""
+    lines = ["#### Training step: one BridgeTrainer step, LoRA on the attention projections",
+             "",
+             "| config | model | batch x seq | N | autocast | variant | capture, g | median ms | min ms "
+             "| regulariser cost | paired | peak GiB | check |",
+             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    skipped, targets = [], []
+    for r in records:
+        if r.get("status") != "ok":
+            skipped.append(f"- {r['config']} {r['variant']}: {r.get('status')}: {r.get('reason')}")
+            continue
+        model = f"{r.get('arch', '?')} L{r.get('layers')} H{r.get('hidden')}"
+        cost = f"{100 * r['overhead']:+.1f}%" if r.get("overhead") is not None else "-"
+        paired = f"{100 * r['overhead_paired']:+.1f}%" if r.get("overhead_paired") is not None else "-"
+        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
+        chosen = r.get("auto_choice") or r.get("resolved_backend")
+        variant = r["variant"] + (f" ({chosen})" if r["variant"] == "auto" and chosen else "")
+        autocast = "bf16" if r.get("mixed_precision") == "bf16" else "-"
+        capture = f"{r['capture']}, {r.get('g_precision', 'fp32')}" if r.get("capture") else "-"
+        check = "-" if r.get("check_error") is None else f"{r['check_error']:.1e} vs {r.get('checked_against')}"
+        if r["variant"] == "none":
+            check = f"loss {r.get('loss', float('nan')):.4g}"
+        lines.append(f"| {r['config']} | {model} | {r.get('batch')}x{r.get('seq')} | {r.get('num_positions', '-')} | "
+                     f"{autocast} | {variant} | {capture} | {_fmt_time(r.get('median_s'))} | "
+                     f"{_fmt_time(r.get('min_s'))} | {cost} | {paired} | {peak} | {check} |")
+        if r.get("target") is not None and r["variant"] != "none" and r.get("overhead") is not None:
+            met = "met" if r["overhead"] <= r["target"] else "missed"
+            targets.append(f"- {r['config']} {r['variant']}: regulariser <= {r['target']:.0%} of the step: "
+                           f"{100 * r['overhead']:+.1f}% ({met})")
+    lines += ["", "Regulariser cost = (step with R - step without R) / step without R, from the medians; "
+              "paired: the median over rounds of the same ratio within a round."]
+    if targets:
+        lines += ["", "Targets (shown, never asserted):", ""] + targets
+    if skipped:
+        lines += ["", "Not measured:", ""] + skipped
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="pytest-benchmark JSON or gpu_check JSON")
@@ -164,7 +223,7 @@ def main(argv=None) -> int:
     with open(args.results, encoding="utf-8") as f:
         data = json.load(f)
     records, meta = load_records(data)
-    if not records:
+    if not records and not meta.get("train_step"):
         print(f"{args.results}: no sbpet benchmark records found", file=sys.stderr)
         return 1
     table = render(records, meta)

@@ -236,14 +236,15 @@ def shape_key(*sizes: int) -> tuple:
 
 def fwd_bwd_runner(forward: Callable[[], object], inputs: list[torch.Tensor]) -> Callable[[], None]:
     """A callable that runs ``forward()`` and, when ``inputs`` need gradients, its backward with
-    ``torch.autograd.grad`` (random upstream gradients, nothing accumulated into ``.grad``)."""
+    ``torch.autograd.grad`` (upstream gradients of ones: the timing draws nothing from the RNG;
+    nothing is accumulated into ``.grad``)."""
 
     def run():
         out = forward()
         outputs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
         wanted = [t for t in inputs if t.requires_grad]
         if outputs and wanted:
-            grads = [torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outputs]
+            grads = [torch.ones_like(o) for o in outputs]  # no RNG draw: timing must not shift seeds
             torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
 
     return run
