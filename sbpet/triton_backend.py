@@ -75,14 +75,26 @@ def _device_vector(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+def _device_marginals(mean_coef, variance, device):
+    """float32 mean coefficients and 1 / variance [L+1] on ``device`` (no host synchronisation)."""
+    return _device_vector(mean_coef, device), _device_vector(1.0 / variance.double(), device)
+
+
+def _zero_parameter_grads(weights, biases, tail, train_mapping: bool, train_tail: bool):
+    """The weight, bias and tail gradients of a batch with no regularised position (N == 0)."""
+    grad_ws = [torch.zeros_like(w) for w in weights] if train_mapping else []
+    grad_bs = [torch.zeros_like(b) for b in biases] if train_mapping else []
+    grad_tail = torch.zeros_like(tail) if train_tail else tail.new_empty(0)
+    return grad_ws, grad_bs, grad_tail
+
+
 def _prepare(hidden_states, attention_mask, weights, mean_coef, variance):
     from .kernels import context
 
     device = hidden_states[0].device
     table = context.layer_table(hidden_states)
     mask, inv_count = context.mask_weights(attention_mask)
-    mean_coef_d = _device_vector(mean_coef, device)
-    inv_var = _device_vector(1.0 / variance.double(), device)
+    mean_coef_d, inv_var = _device_marginals(mean_coef, variance, device)
     weights = [w.contiguous() for w in weights]
     return table, mask, inv_count, mean_coef_d, inv_var, weights
 
@@ -196,10 +208,7 @@ def _bridge_backward(
     dtype, device = hidden_states[0].dtype, hidden_states[0].device
     if num_rows == 0:
         grad_states = torch.zeros((num_states, batch, seq, hidden), dtype=dtype, device=device)
-        grad_ws = [torch.zeros_like(w) for w in weights] if train_mapping else []
-        grad_bs = [torch.zeros_like(b) for b in biases] if train_mapping else []
-        grad_tail = torch.zeros_like(tail) if train_tail else tail.new_empty(0)
-        return grad_states, grad_ws, grad_bs, grad_tail
+        return grad_states, *_zero_parameter_grads(weights, biases, tail, train_mapping, train_tail)
     table, mask, inv_count, mean_coef_d, inv_var, weights = _prepare(
         hidden_states, attention_mask, weights, mean_coef, variance
     )
@@ -364,10 +373,6 @@ def triton_capture_layer(states, attention_mask, batch_index, seq_index):
     return torch.ops.sbpet.triton_capture(states, attention_mask, batch_index, seq_index)
 
 
-def _device_marginals(mean_coef, variance, device):
-    return _device_vector(mean_coef, device), _device_vector(1.0 / variance.double(), device)
-
-
 @torch.library.custom_op("sbpet::triton_parts_forward", mutates_args=())
 def _parts_forward(
     contexts: torch.Tensor,
@@ -429,11 +434,9 @@ def _parts_backward(
     hidden = contexts.shape[-1]
     dtype = tokens[0].dtype
     if num_rows == 0:
-        grad_ws = [torch.zeros_like(w) for w in weights] if train_mapping else []
-        grad_bs = [torch.zeros_like(b) for b in biases] if train_mapping else []
-        grad_tail = torch.zeros_like(tail) if train_tail else tail.new_empty(0)
         grad_tokens = contexts.new_zeros((num_states, 0, hidden), dtype=dtype)
-        return torch.zeros_like(contexts), grad_tokens, grad_ws, grad_bs, grad_tail
+        zeros = _zero_parameter_grads(weights, biases, tail, train_mapping, train_tail)
+        return torch.zeros_like(contexts), grad_tokens, *zeros
     mean_coef_d, inv_var = _device_marginals(mean_coef, variance, tail.device)
     weights = [w.contiguous() for w in weights]
     seq_index = torch.arange(num_rows, device=batch_index.device)
