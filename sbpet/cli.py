@@ -40,6 +40,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-per-class", type=int, default=100,
                         help="test examples per class (held out from fitting g too)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto",
+                        help="how R is computed (default: auto; SBPET_BACKEND overrides auto)")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                        help="g's matrix products while training (default: fp32; fitting g is always fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,12 +132,14 @@ class _Setup:
         path = self.g_dir(bridge)
         if not force and os.path.isfile(os.path.join(path, "sbpet_config.json")):
             print(f"using the cached g in {path}")
-            return BridgeRegularizer.from_pretrained(path, model=encoder, backend="auto").to(self.device)
+            return BridgeRegularizer.from_pretrained(
+                path, model=encoder, backend=self.args.backend, precision=self.args.precision
+            ).to(self.device)
         config = encoder.config
         reg = BridgeRegularizer(
             config.hidden_size, config.num_hidden_layers, dims=self.dims, bridge=bridge,
-            word_embeddings=encoder.get_input_embeddings().weight, backend="auto",
-            name_or_path=os.path.abspath(self.model_dir),
+            word_embeddings=encoder.get_input_embeddings().weight, backend=self.args.backend,
+            precision=self.args.precision, name_or_path=os.path.abspath(self.model_dir),
         )
         _, _, test = self.split(self.args.shots, self.args.test_per_class)
         held_out = {t for t, _ in test}
@@ -147,7 +153,7 @@ class _Setup:
             encoder, self.tokenizer, texts, reg, steps=self.args.fit_steps,
             batch_size=self.args.fit_batch_size, max_length=self.args.max_length,
             learning_rate=self.args.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
-            save_every=50, seed=self.args.seed, progress=self.progress,
+            save_every=50, seed=self.args.seed, progress=self.progress, backend=self.args.backend,
         )
         reg.save_pretrained(path)
         losses = history["loss"]

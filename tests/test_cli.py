@@ -46,3 +46,28 @@ def test_cli_smoke_fit_train_plot(tmp_path, capsys):
 def test_cli_errors(tmp_path, capsys):
     assert main(["train", "--data-dir", str(tmp_path / "missing"), "--model-dir", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_backend_reaches_the_kernels(tmp_path, capsys, monkeypatch):
+    """`--backend triton` reaches the Triton kernels through fitting g and training (interpreter on
+    CPU), and `--precision` reaches the regulariser."""
+    pytest.importorskip("triton")
+    from sbpet import triton_backend
+
+    calls = []
+    for name in ("triton_capture_layer", "triton_loss_from_parts"):
+        original = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name,
+                            lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    model_dir, data_dir = tiny_model_and_corpus(tmp_path)
+    common = ["--model-dir", model_dir, "--data-dir", data_dir, "--cache-dir", str(tmp_path / "cache"),
+              "--fit-steps", "2", "--fit-batch-size", "2", "--max-length", "16", "--dims", "8,4",
+              "--no-progress", "--device", "cpu", "--shots", "2", "--test-per-class", "1",
+              "--backend", "triton", "--precision", "tf32"]
+    assert main(["fit", *common, "--out", str(tmp_path / "g")]) == 0
+    fitted = len(calls)
+    assert fitted > 0 and calls.count("triton_loss_from_parts") == 2  # one loss per fitting step
+    assert main(["train", *common, "--epochs", "1", "--batch-size", "2"]) == 0
+    assert calls.count("triton_loss_from_parts") > 2 and len(calls) > fitted
+    assert '"precision": "tf32"' in (tmp_path / "g" / "sbpet_config.json").read_text()
+    capsys.readouterr()
