@@ -34,18 +34,10 @@ def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, pre
         *dispatch.shape_key(batch, seq, inputs.targets.numel()), _grad_flags(mapping, tail, *states),
     )
 
-    def runners(names):
-        args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,
-                mean_coef, variance, precision)
-        detached = [h.detach().requires_grad_(h.requires_grad) for h in states]
-        params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
-        return {
-            name: dispatch.fwd_bwd_runner(
-                lambda b=dispatch.get_backend(name): b.loss(detached, *args), detached + params
-            )
-            for name in names
-        }
-
+    args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,
+            mean_coef, variance, precision)
+    params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
+    runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args), states, params)
     return dispatch.select("loss", backend, states[0].device, key, runners)
 
 

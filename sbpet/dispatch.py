@@ -40,7 +40,7 @@ import torch
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
-    "cuda_event_timer",
+    "cuda_event_timer", "runners_for", "shape_key", "fwd_bwd_runner",
 ]
 
 logger = logging.getLogger("sbpet.dispatch")
@@ -232,6 +232,22 @@ def shape_key(*sizes: int) -> tuple:
     if _distributed_world():
         return ()
     return tuple(_bucket(s) for s in sizes)
+
+
+def runners_for(call: Callable, tensors, extra=()) -> Callable[[list[str]], dict]:
+    """The ``runners`` argument of :func:`select`: for each candidate name, a fwd+bwd runner of
+    ``call(backend, detached)``, ``detached`` being ``tensors`` detached from the caller's graph
+    (same ``requires_grad``); gradients are taken for them and for the ``extra`` leaves (g, tail)
+    that need one."""
+
+    def runners(names):
+        detached = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        return {
+            name: fwd_bwd_runner(lambda b=get_backend(name): call(b, detached), detached + list(extra))
+            for name in names
+        }
+
+    return runners
 
 
 def fwd_bwd_runner(forward: Callable[[], object], inputs: list[torch.Tensor]) -> Callable[[], None]:

@@ -307,16 +307,7 @@ class BridgeCapture:
         batch, seq, hidden = states.shape
         key = (states.dtype, hidden, *dispatch.shape_key(batch, seq, batch_index.numel()), states.requires_grad)
 
-        def runners(names):
-            detached = states.detach().requires_grad_(states.requires_grad)
-            return {
-                name: dispatch.fwd_bwd_runner(
-                    lambda b=dispatch.get_backend(name): b.capture_layer(detached, mask, batch_index, seq_index),
-                    [detached],
-                )
-                for name in names
-            }
-
+        runners = dispatch.runners_for(lambda b, xs: b.capture_layer(xs[0], mask, batch_index, seq_index), [states])
         backend = dispatch.select("capture", self.backend, device, key, runners)
         self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
 
@@ -360,19 +351,10 @@ class BridgeCapture:
             any(p.requires_grad for p in reg.mapping.parameters()), bool(reg.tail.requires_grad),
         )
 
-        def runners(names):
-            parts = [t.detach().requires_grad_(t.requires_grad) for t in (*contexts, *tokens)]
-            params = [p for p in reg.mapping.parameters() if p.requires_grad] + [reg.tail]
-            return {
-                name: dispatch.fwd_bwd_runner(
-                    lambda b=dispatch.get_backend(name): b.loss_from_parts(
-                        parts[:num_states], parts[num_states:], *args
-                    ),
-                    parts + params,
-                )
-                for name in names
-            }
-
+        params = [p for p in reg.mapping.parameters() if p.requires_grad] + [reg.tail]
+        runners = dispatch.runners_for(
+            lambda b, xs: b.loss_from_parts(xs[:num_states], xs[num_states:], *args), [*contexts, *tokens], params
+        )
         with torch.autocast(device.type, enabled=False):
             backend = dispatch.select("parts", self.backend, device, key, runners)
             loss = backend.loss_from_parts(contexts, tokens, *args)
