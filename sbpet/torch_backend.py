@@ -73,18 +73,18 @@ class _ContextAndTokens(torch.autograd.Function):
 
 
 def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
-    """d gelu(x) / dx for the exact (erf) GELU."""
-    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
-    return cdf + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
+    """d gelu(x) / dx for the exact (erf) GELU: Phi(x) + x phi(x), with few temporaries."""
+    x_pdf = x.square().mul_(-0.5).exp_().mul_(x).mul_(0.3989422804014327)
+    return torch.erf(x * 0.7071067811865476).add_(1.0).mul_(0.5).add_(x_pdf)
 
 
 class _Mapping(torch.autograd.Function):
     """SPEC step 3 on the parts, every dot at the user's ``precision`` in both passes.
 
     The first Linear is split (W1 u = W1[:, :H] c + W1[:, H:] h): its context half runs once per
-    (layer, sequence) and is gathered for the rows. Saves the pre-activations of layers 1..k-1
-    (what autograd would save) and writes its own backward so that the backward's products run at
-    the same precision as the forward's."""
+    (layer, sequence) and is gathered for the rows. Saves the pre-activations of layers 1..k-1 and,
+    when g is trained, their GELU outputs (what autograd would save), and writes its own backward
+    so that the backward's products run at the same precision as the forward's."""
 
     @staticmethod
     def forward(ctx, precision, batch_index, contexts, tokens, *params):
@@ -93,30 +93,34 @@ class _Mapping(torch.autograd.Function):
         w1 = weights[0]
         half = matmul(contexts, w1[:, :hidden].T, precision) + biases[0]
         pre = [matmul(tokens, w1[:, hidden:].T, precision) + half[:, batch_index]]
+        acts = []
         for w, b in zip(weights[1:], biases[1:]):
-            pre.append(matmul(F.gelu(pre[-1]), w.T, precision) + b)
+            acts.append(F.gelu(pre[-1]))
+            pre.append(matmul(acts[-1], w.T, precision) + b)
         ctx.precision = precision
         ctx.num_linear = len(weights)
-        ctx.save_for_backward(batch_index, contexts, tokens, *params, *pre[:-1])
+        # The weight gradients need the activations; a frozen g (PET training) does not keep them.
+        ctx.saved_acts = any(ctx.needs_input_grad[4:])
+        saved_acts = acts if ctx.saved_acts else []
+        ctx.save_for_backward(batch_index, contexts, tokens, *params, *pre[:-1], *saved_acts)
         return pre[-1]
 
     @staticmethod
     def backward(ctx, grad_latents):
         precision, k = ctx.precision, ctx.num_linear
         batch_index, contexts, tokens, *rest = ctx.saved_tensors
-        params, pre = rest[: 2 * k], rest[2 * k :]
+        params, pre, acts = rest[: 2 * k], rest[2 * k : 3 * k - 1], rest[3 * k - 1 :]
         weights = params[0::2]
         needs = ctx.needs_input_grad
-        train = any(needs[4:])
+        train = ctx.saved_acts
         grads = [None] * (2 * k)
         grad = grad_latents.to(pre[0].dtype) if pre else grad_latents
         for i in range(k - 1, 0, -1):
-            act = F.gelu(pre[i - 1])
             if train:
-                rows = grad.reshape(-1, grad.shape[-1])
+                rows, act = grad.reshape(-1, grad.shape[-1]), acts[i - 1]
                 grads[2 * i] = matmul(rows.T, act.reshape(-1, act.shape[-1]), precision).to(weights[i].dtype)
                 grads[2 * i + 1] = rows.sum(0).to(weights[i].dtype)
-            grad = matmul(grad, weights[i], precision) * _gelu_grad(pre[i - 1])
+            grad = matmul(grad, weights[i], precision).mul_(_gelu_grad(pre[i - 1]))
         # Layer 1: grad is d R / d a1 [L+1, N, d1]; its context half gets the rows' sum per sequence.
         hidden = contexts.shape[-1]
         w1 = weights[0]
