@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from .dispatch import check_backend_name
 from .mapping import BridgeMapping, tail_from_embeddings
 from .precision import check_precision
 
-__all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME", "seeded_init"]
 
 CONFIG_NAME = "sbpet_config.json"
 WEIGHTS_NAME = "sbpet_model.safetensors"
@@ -33,6 +34,36 @@ def _resolve_tail(tail, word_embeddings, latent_size: int) -> torch.Tensor:
     if tail.shape[1] != latent_size:
         raise ValueError(f"tail has {tail.shape[1]} columns but dims[-1] is {latent_size}")
     return tail.detach().clone().float()
+
+
+def check_seed(seed) -> int | None:
+    """``seed`` if it is None or an int (not a bool), else ValueError naming it."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be None or an int, got {seed!r}")
+    return seed
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int | None):
+    """Build modules inside this block to draw their initial weights from the CPU generator
+    seeded with ``seed``, with the global RNG's state restored afterwards (None: a no-op, the
+    global RNG draws them). The weights are then the same on every run whatever the global RNG
+    holds, and building a seeded module does not shift later random draws (e.g. a PET's init).
+
+    Example:
+        >>> with seeded_init(0):
+        ...     a = nn.Linear(4, 3)
+        >>> with seeded_init(0):
+        ...     b = nn.Linear(4, 3)
+        >>> bool(torch.equal(a.weight, b.weight))
+        True
+    """
+    if check_seed(seed) is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):  # CPU state only: modules are built on the CPU
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class BridgeRegularizer(nn.Module):
@@ -56,6 +87,10 @@ class BridgeRegularizer(nn.Module):
         precision: how g's matrix products run: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``
             (see :mod:`sbpet.precision` and README "Precision").
         name_or_path: the PLM's name or path, recorded in the saved config.
+        seed: None draws g's initial weights from the global RNG (``torch.manual_seed`` before
+            building decides them); an int draws them from the CPU generator seeded with it
+            (:func:`seeded_init`), so two regularisers built with the same seed start from
+            bit-identical g, and the global RNG is left as it was. Saved in the config.
 
     ``forward(hidden_states, labels, attention_mask=None)`` returns the scalar R; hidden_states
     is the Hugging Face tuple of L+1 tensors [B, S, H] or one stacked [L+1, B, S, H] tensor.
@@ -84,14 +119,17 @@ class BridgeRegularizer(nn.Module):
         backend: str = "auto",
         name_or_path: str | None = None,
         precision: str = "fp32",
+        seed: int | None = None,
     ):
         super().__init__()
         if int(num_layers) < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         check_backend_name(backend)
         check_precision(precision)
+        check_seed(seed)
         self.bridge = get_bridge(bridge)
-        self.mapping = BridgeMapping(hidden_size, dims)
+        with seeded_init(seed):
+            self.mapping = BridgeMapping(hidden_size, dims)
         tail_points = _resolve_tail(tail, word_embeddings, self.mapping.latent_size)
         if train_tail:
             self.tail = nn.Parameter(tail_points)
@@ -118,6 +156,7 @@ class BridgeRegularizer(nn.Module):
             "backend": backend,
             "precision": precision,
             "name_or_path": name_or_path,
+            "seed": seed,
         }
 
     @property

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .bridges import Bridge, get_bridge, layer_times
-from .regularizer import BridgeRegularizer, _resolve_tail
+from .regularizer import BridgeRegularizer, _resolve_tail, check_seed, seeded_init
 from .validation import validate_inputs
 
 __all__ = [
@@ -217,6 +217,8 @@ class DriftNetwork(nn.Module):
     Args:
         hidden_size: H. latent_size: D (the tail's dimension). width: hidden width.
         depth: number of hidden (activated) layers, >= 1. init_scale: scale of the last layer.
+        seed: None draws the initial weights from the global RNG; an int from the CPU generator
+            seeded with it, the global RNG left as it was (:func:`~sbpet.regularizer.seeded_init`).
 
     ``forward(t, z, x)``: t a float, 0-d tensor or [N] / [N, 1]; z [N, D]; x [N, H] -> [N, D].
 
@@ -227,7 +229,7 @@ class DriftNetwork(nn.Module):
     """
 
     def __init__(self, hidden_size: int, latent_size: int, width: int = 128, depth: int = 2,
-                 init_scale: float = 1e-2):
+                 init_scale: float = 1e-2, seed: int | None = None):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
                             ("width", width), ("depth", depth)):
@@ -236,9 +238,10 @@ class DriftNetwork(nn.Module):
         self.hidden_size, self.latent_size = int(hidden_size), int(latent_size)
         self.width, self.depth = int(width), int(depth)
         self.norm = nn.LayerNorm(self.hidden_size, elementwise_affine=False)
-        self.input = nn.Linear(1 + self.latent_size + self.hidden_size, self.width)
-        self.hidden = nn.ModuleList(nn.Linear(self.width, self.width) for _ in range(self.depth - 1))
-        self.output = nn.Linear(self.width, self.latent_size)
+        with seeded_init(seed):
+            self.input = nn.Linear(1 + self.latent_size + self.hidden_size, self.width)
+            self.hidden = nn.ModuleList(nn.Linear(self.width, self.width) for _ in range(self.depth - 1))
+            self.output = nn.Linear(self.width, self.latent_size)
         with torch.no_grad():
             self.output.weight.mul_(float(init_scale))
             self.output.bias.zero_()
@@ -412,10 +415,11 @@ class SDEBridgeRegularizer(BridgeRegularizer):
         train_tail: make the tail a trainable parameter.
         ignore_index, shift_labels: as for BridgeRegularizer.
         steps_per_layer, method: the solver (see :func:`sde_bridge_loss`).
-        seed: None draws the Brownian increments from the global RNG; an int gives this module
-            its own generator (one per device, each seeded with ``seed`` when first used), so a
-            fresh module with the same seed gives the same sequence of losses.
-            :meth:`reseed` restarts it.
+        seed: None draws the Brownian increments and f's initial weights from the global RNG;
+            an int gives this module its own generator for the increments (one per device, each
+            seeded with ``seed`` when first used), so a fresh module with the same seed gives the
+            same sequence of losses (:meth:`reseed` restarts it), and draws f's initial weights
+            from the CPU generator seeded with it (the global RNG is left as it was).
         width, depth, init_scale: the :class:`DriftNetwork`.
         name_or_path: the PLM's name, recorded in the config.
 
@@ -455,12 +459,12 @@ class SDEBridgeRegularizer(BridgeRegularizer):
         if int(num_layers) < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         _check_solver_options(steps_per_layer, method)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be None or an int, got {seed!r}")
+        check_seed(seed)
         if latent_size is None:
             latent_size = tail.shape[1] if isinstance(tail, torch.Tensor) and tail.dim() == 2 else 128
         self.bridge = get_bridge(bridge)
-        self.drift_net = DriftNetwork(hidden_size, latent_size, width=width, depth=depth, init_scale=init_scale)
+        self.drift_net = DriftNetwork(hidden_size, latent_size, width=width, depth=depth, init_scale=init_scale,
+                                      seed=seed)
         tail_points = _resolve_tail(tail, word_embeddings, int(latent_size))
         if train_tail:
             self.tail = nn.Parameter(tail_points)

@@ -74,3 +74,41 @@ def test_load_errors(tmp_path):
     (tmp_path / "sbpet_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError):
         sbpet.BridgeRegularizer.from_pretrained(tmp_path)
+
+
+def test_seed_gives_the_same_g_and_leaves_the_global_rng_alone(tmp_path):
+    from sbpet.sde import SDEBridgeRegularizer
+
+    emb = torch.randn(30, 8)
+    for build in (lambda seed: sbpet.BridgeRegularizer(8, 2, dims=(6, 3), word_embeddings=emb, seed=seed),
+                  lambda seed: SDEBridgeRegularizer(8, 2, latent_size=3, width=5, word_embeddings=emb, seed=seed)):
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        a = build(7)
+        assert torch.equal(torch.get_rng_state(), state), "seed= must not draw from the global RNG"
+        torch.manual_seed(123)
+        b, c = build(7), build(8)
+        for (name, p), q, r in zip(a.mapping.named_parameters(), b.mapping.parameters(), c.mapping.parameters()):
+            assert torch.equal(p, q), name
+            assert not torch.equal(p, r) or not p.any(), name  # zero biases are equal for every seed
+        assert a.config["seed"] == 7
+        a.save_pretrained(tmp_path / type(a).__name__)
+        loaded = sbpet.BridgeRegularizer.from_pretrained(tmp_path / type(a).__name__)
+        assert loaded.config == a.config
+    unseeded = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), word_embeddings=emb)
+    assert unseeded.config["seed"] is None
+    for bad in (1.5, True, "0"):
+        with pytest.raises(ValueError, match="seed"):
+            sbpet.BridgeRegularizer(8, 2, dims=(6, 3), word_embeddings=emb, seed=bad)
+
+
+def test_seeded_init_matches_the_default_init():
+    """seeded_init draws what the default init draws after torch.manual_seed."""
+    from sbpet.regularizer import seeded_init
+
+    torch.manual_seed(5)
+    want = sbpet.BridgeMapping(8, dims=(6, 3))
+    with seeded_init(5):
+        got = sbpet.BridgeMapping(8, dims=(6, 3))
+    for p, q in zip(want.parameters(), got.parameters()):
+        assert torch.equal(p, q)
