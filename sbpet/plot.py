@@ -53,7 +53,6 @@ def plot_runs(setup, runs, out: str, examples: int = 40) -> str:
     import matplotlib.pyplot as plt
 
     from .bridges import layer_times
-    from .cli import _encode, build_classifier
     from .demo import load_run
     from .regularizer import BridgeRegularizer
 
@@ -64,16 +63,18 @@ def plot_runs(setup, runs, out: str, examples: int = 40) -> str:
         else:
             with open(os.path.join(run, "run.json")) as f:
                 meta = json.load(f)
-        classifier, encoder, words = build_classifier(setup, meta["pet"])
+        classifier, encoder, words = setup.build_classifier(meta["pet"], setup.args.seed)
         if run is not None:
             load_run(run, classifier)
         g_dir = meta.get("g_dir")
         if g_dir and os.path.isfile(os.path.join(g_dir, "sbpet_config.json")):
             reg = BridgeRegularizer.from_pretrained(g_dir, model=encoder).to(setup.device)
         else:
-            reg = setup.regularizer(setup.args.bridge_type, encoder)
-        _, _, test_rows = setup.split(meta.get("shots", 16), meta.get("test_per_class", 100))
-        ids, mask, y = _encode(setup, test_rows)
+            reg = setup.regularizer(setup.args.bridge_type)  # fitted on a fresh, untuned PLM
+        if reg.config.get("kind", "pdf") != "pdf":  # an SDE run: latent paths are the PDF g's
+            reg = setup.regularizer(reg.bridge.name)
+        test_rows = setup.split(meta.get("test_per_class"))[1]
+        ids, mask, y = setup.encode(test_rows)
         pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:examples]
         along, across = latent_paths(classifier, reg, ids[pick].to(setup.device), mask[pick].to(setup.device),
                                      y[pick].to(setup.device), words, setup.tokenizer.mask_token_id)

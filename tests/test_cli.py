@@ -1,11 +1,14 @@
 """The sbpet command: --help on each subcommand, and a smoke run of fit / train / plot on a tiny
 random BERT and a tiny corpus (no hub, no demo packages needed)."""
 
+import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_helpers import tiny_model_and_corpus
 from sbpet.cli import build_parser, main
@@ -30,8 +33,8 @@ def test_cli_smoke_fit_train_plot(tmp_path, capsys):
     common = ["--model-dir", model_dir, "--data-dir", data_dir, "--cache-dir", str(tmp_path / "cache"),
               "--fit-steps", "3", "--fit-batch-size", "4", "--max-length", "24", "--dims", "16,4",
               "--no-progress", "--device", "cpu"]
-    common += ["--shots", "2", "--test-per-class", "2"]
-    train = ["--epochs", "1", "--batch-size", "2"]
+    common += ["--test-per-class", "2", "--val-per-class", "2"]
+    train = ["--epochs", "1", "--batch-size", "2", "--shots", "2"]
     assert main(["fit", *common, "--out", str(tmp_path / "g")]) == 0
     assert os.path.isfile(tmp_path / "g" / "sbpet_config.json")
     assert main(["train", *common, *train]) == 0
@@ -62,12 +65,84 @@ def test_cli_backend_reaches_the_kernels(tmp_path, capsys, monkeypatch):
     model_dir, data_dir = tiny_model_and_corpus(tmp_path)
     common = ["--model-dir", model_dir, "--data-dir", data_dir, "--cache-dir", str(tmp_path / "cache"),
               "--fit-steps", "2", "--fit-batch-size", "2", "--max-length", "16", "--dims", "8,4",
-              "--no-progress", "--device", "cpu", "--shots", "2", "--test-per-class", "1",
+              "--no-progress", "--device", "cpu", "--test-per-class", "1", "--val-per-class", "1",
               "--backend", "triton", "--precision", "tf32"]
     assert main(["fit", *common, "--out", str(tmp_path / "g")]) == 0
     fitted = len(calls)
     assert fitted > 0 and calls.count("triton_loss_from_parts") == 2  # one loss per fitting step
-    assert main(["train", *common, "--epochs", "1", "--batch-size", "2"]) == 0
+    assert main(["train", *common, "--epochs", "1", "--batch-size", "2", "--shots", "2"]) == 0
     assert calls.count("triton_loss_from_parts") > 2 and len(calls) > fitted
     assert '"precision": "tf32"' in (tmp_path / "g" / "sbpet_config.json").read_text()
     capsys.readouterr()
+
+
+def _tiny_options(tmp_path, cache):
+    model_dir, data_dir = tiny_model_and_corpus(tmp_path)
+    return ["--model-dir", model_dir, "--data-dir", data_dir, "--cache-dir", str(cache), "--fit-steps", "4",
+            "--fit-batch-size", "4", "--max-length", "24", "--dims", "16,4", "--no-progress", "--device", "cpu",
+            "--test-per-class", "2", "--val-per-class", "2"]
+
+
+def test_train_is_reproducible(tmp_path, capsys):
+    """The same `sbpet train` command with the same seed and fresh caches (so g is fitted twice
+    too), once in this process after other random draws and once in a fresh process, saves
+    bit-identical metrics and PET weights."""
+    saved = []
+    for name in ("here", "fresh process"):
+        common = _tiny_options(tmp_path, tmp_path / f"cache-{len(saved)}")
+        out = tmp_path / f"run-{len(saved)}"
+        command = ["train", *common, "--shots", "2", "--epochs", "2", "--batch-size", "2", "--seed", "3",
+                   "--out", str(out)]
+        if name == "here":
+            torch.manual_seed(1234)
+            torch.rand(7)
+            assert main(command) == 0
+            capsys.readouterr()
+        else:
+            result = subprocess.run([sys.executable, "-m", "sbpet.cli", *command], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr[-2000:]
+        meta = json.loads((out / "run.json").read_text())
+        saved.append((meta["metrics"], meta["validation"], (out / "pet.safetensors").read_bytes()))
+    assert saved[0][0] == saved[1][0] and saved[0][1] == saved[1][1]  # floats compared exactly
+    assert saved[0][2] == saved[1][2]
+    assert all(math.isfinite(v) for v in saved[0][0].values())
+
+
+def test_fit_force_twice_gives_the_same_g(tmp_path, capsys):
+    """`sbpet fit --force` refits g from the same seed: the same R history and weights (g's initial
+    weights used to come from the unseeded global RNG)."""
+    common = _tiny_options(tmp_path, tmp_path / "cache")
+    fits = []
+    for _ in range(2):
+        torch.manual_seed(len(fits))  # whatever the global RNG holds
+        assert main(["fit", *common, "--force", "--out", str(tmp_path / "g")]) == 0
+        g_dir = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("g: ")
+        state = torch.load(os.path.join(g_dir, "fit", "checkpoint", "fit_state.pt"), weights_only=False)
+        fits.append((state["history"], (tmp_path / "g" / "sbpet_model.safetensors").read_bytes()))
+    assert len(fits[0][0]) == 4 and fits[0][0] == fits[1][0]
+    assert fits[0][1] == fits[1][1]
+
+
+def test_train_with_the_sde_regularizer(tmp_path, capsys):
+    """`--regularizer sde`: its own g (fitted and cached under a key holding the kind) trains
+    through BridgeTrainer's hidden-states path."""
+    common = _tiny_options(tmp_path, tmp_path / "cache")
+    train = ["--shots", "2", "--epochs", "1", "--batch-size", "2"]
+    assert main(["train", *common, *train, "--regularizer", "sde", "--bridge", "ou"]) == 0
+    out = capsys.readouterr().out
+    assert "fitting the sde g (ou bridge" in out and "test accuracy" in out
+    meta = json.loads((tmp_path / "cache" / "runs" / "lora-sde-ou" / "run.json").read_text())
+    assert meta["regularizer"] == "sde" and "-sde-ou-" in meta["g_dir"]
+    assert json.loads(open(os.path.join(meta["g_dir"], "sbpet_config.json")).read())["kind"] == "sde"
+    assert math.isfinite(meta["metrics"]["bridge_loss"]) and meta["metrics"]["bridge_loss"] > 0
+    assert main(["train", *common, *train, "--regularizer", "sde", "--bridge", "ou"]) == 0
+    assert "using the cached g" in capsys.readouterr().out
+    assert main(["fit", *common, "--bridge-type", "ou"]) == 0  # the PDF g of the same bridge: another key
+    assert "fitting the pdf g (ou bridge" in capsys.readouterr().out
+
+
+def test_too_small_corpus_names_the_options(tmp_path, capsys):
+    common = _tiny_options(tmp_path, tmp_path / "cache")
+    assert main(["train", *common, "--shots", "5"]) == 2  # 8 per class < 5 + 2 + 2
+    err = capsys.readouterr().err
+    assert "sbpet train: error:" in err and "--shots 5" in err and "--val-per-class 2" in err
