@@ -14,7 +14,7 @@ from hf_helpers import tiny_model_and_corpus
 from sbpet.cli import build_parser, main
 
 
-@pytest.mark.parametrize("command", ["fit", "train", "plot"])
+@pytest.mark.parametrize("command", ["fit", "train", "plot", "study"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
