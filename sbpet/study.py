@@ -33,9 +33,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .demo import PET_METHODS
+
 __all__ = ["run_study", "parse_grid", "plan_runs", "summarize", "write_outputs", "REGULARIZERS", "QUICK"]
 
-PETS = ("lora", "prompt", "prefix", "ia3", "bitfit")
 REGULARIZERS = ("none", "pdf-brownian", "pdf-ou", "sde-brownian", "sde-ou")
 ANALYSIS_BRIDGES = ("brownian", "ou")
 DEFAULT_GRID = {"pets": "lora,prompt,bitfit", "regularizers": "none,pdf-brownian,pdf-ou", "shots": "4,16",
@@ -112,7 +113,7 @@ def parse_grid(args) -> dict:
         if not value > 0:
             raise ValueError(f"{option} must be positive, got {value}")
     return {
-        "pets": _names(args.pets, "--pets", PETS),
+        "pets": _names(args.pets, "--pets", PET_METHODS),
         "regularizers": _names(args.regularizers, "--regularizers", REGULARIZERS),
         "shots": _positive(args.shots, "--shots", int),
         "alphas": _positive(args.alphas, "--alphas", float),
@@ -168,7 +169,8 @@ def config_hash(config: dict) -> str:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # NaN is a number here: a diverged run's loss is its result, not a damaged entry.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _problem(entry, config: dict) -> str | None:
@@ -400,10 +402,10 @@ def format_table(rows: list, analysis: list, info: dict) -> str:
     """table.md: the settings, the accuracy table and the bridge-likeness table."""
     seeds = max((r["seeds"] for r in rows), default=0)
     lines = ["# sbpet study", "", f"Reproduce: `{info['command']}`", "",
-             f"Model `{os.path.basename(info['model_dir'])}`, data `{info['data_dir']}` ({len(info['classes'])} classes, "
+             f"Model `{info['model_dir']}`, data `{info['data_dir']}` ({len(info['classes'])} classes, "
              f"{info['test_examples']} test examples, one split for every seed); wall time of the runs "
              f"{info['run_seconds']:.0f} s on {'/'.join(map(str, info['threads']))} CPU thread(s).", "",
-             f"**Test accuracy**, mean ± std over {seeds} seeds. For each regulariser, alpha is the one with the "
+             f"**Test accuracy**, mean ± std over {seeds} seed{'' if seeds == 1 else 's'}. For each regulariser, alpha is the one with the "
              f"highest mean **validation** accuracy ({info['val_per_class']} examples per class per seed, drawn from the "
              "training pool, never the test split). Δ vs vanilla: the per-seed difference in test accuracy to the "
              "vanilla PET of the same seed (same few-shot sample, PET initialisation and data order), mean ± std; "
@@ -456,6 +458,7 @@ def plot_study(rows: list, grid: dict, path: str) -> str:
         ax.set_xlabel("shots per class")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (mean ± std over seeds)")
+    fig.suptitle("regularised runs at the alpha chosen on validation accuracy", fontsize=9)
     axes[0, -1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
