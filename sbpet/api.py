@@ -81,8 +81,9 @@ def bridge_loss(
         num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
 
     Returns:
-        Scalar tensor R, the mean over the (L+1) * N (layer, regularised position) pairs of
-        ``sum_d (z - mean_l e)^2 / (2 var_l)``; exactly 0 (with zero gradients) when N == 0.
+        Scalar float32 tensor R (float64 for float64 states; under autocast too, which never
+        changes g's precision: ``precision`` does), the mean over the (L+1) * N (layer,
+        regularised position) pairs of ``sum_d (z - mean_l e)^2 / (2 var_l)``; exactly 0 (with zero gradients) when N == 0.
 
     Example:
         >>> import torch, sbpet
@@ -119,19 +120,22 @@ def bridge_loss(
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but hidden_states are on {device}")
     mean_coef, variance = bridge.marginals(inputs.num_states)
-    chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
-    loss = chosen.loss(
-        inputs.hidden_states,
-        inputs.attention_mask,
-        inputs.batch_index,
-        inputs.seq_index,
-        inputs.targets,
-        mapping,
-        tail,
-        mean_coef,
-        variance,
-        precision,
-    )
+    # ``precision`` decides how g's products run, not an enclosing autocast region: R is computed
+    # (and returned) in float32 (float64 states: float64) whether or not the model runs under autocast.
+    with torch.autocast(device.type, enabled=False):
+        chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
+        loss = chosen.loss(
+            inputs.hidden_states,
+            inputs.attention_mask,
+            inputs.batch_index,
+            inputs.seq_index,
+            inputs.targets,
+            mapping,
+            tail,
+            mean_coef,
+            variance,
+            precision,
+        )
     if full_nll and inputs.targets.numel():
         log_norm = 0.5 * mapping.latent_size * torch.log(2 * math.pi * variance).mean()
         loss = loss + float(log_norm)

@@ -308,8 +308,10 @@ class BridgeCapture:
         key = (states.dtype, hidden, *dispatch.shape_key(batch, seq, batch_index.numel()), states.requires_grad)
 
         runners = dispatch.runners_for(lambda b, xs: b.capture_layer(xs[0], mask, batch_index, seq_index), [states])
-        backend = dispatch.select("capture", self.backend, device, key, runners)
-        self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
+        # The model may run under autocast; the context is accumulated in float32 regardless.
+        with torch.autocast(device.type, enabled=False):
+            backend = dispatch.select("capture", self.backend, device, key, runners)
+            self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
 
     def _first_layer_hook(self, module, args, kwargs):
         states = args[0] if args else kwargs.get("hidden_states")

@@ -229,3 +229,25 @@ def test_bitfit_helper():
         apply_bitfit(torch.nn.Linear(3, 3, bias=False))
     with pytest.raises(ValueError, match="not frozen"):
         check_only_pet_trainable(BertForSequenceClassification(tiny_bert_config()))
+
+
+def test_autocast_leaves_r_in_float32():
+    """Under bf16 autocast R from ``reg(...)`` and from the hooks is float32 and equals R computed
+    without autocast on the same states: autocast never lowers g's precision (``precision=`` does)
+    and never turns the context's float32 accumulation into bf16 matmuls."""
+    model, base = _bert("lora")
+    reg = tiny_regularizer(base, bridge="ou")
+    ids, mask, y = classification_batch()
+    labels = masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS)
+    capture = BridgeCapture(model, reg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with capture.armed(labels, mask):
+            out = model(input_ids=ids, attention_mask=mask, labels=y, output_hidden_states=True)
+        hooked = capture.loss()
+        full = reg(out.hidden_states, labels, mask)
+    capture.remove()
+    states = [h.detach() for h in out.hidden_states]
+    want = reg(states, labels, mask)  # the same bf16 states, no autocast
+    assert hooked.dtype == full.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(full, want, rtol=0, atol=0)
+    torch.testing.assert_close(hooked, want, rtol=1e-6, atol=1e-6)
