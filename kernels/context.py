@@ -212,7 +212,7 @@ def context_config(hidden: int, interpret: bool | None = None) -> dict:
 
 def mask_weights(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 mask [B, S] and 1 / count [B] (every row has a real token: validated upstream)."""
-    mask = attention_mask.to(torch.float32).contiguous()
+    mask = (attention_mask != 0).to(torch.float32).contiguous()  # any nonzero value: a real token
     return mask, 1.0 / mask.sum(dim=1)
 
 

@@ -284,7 +284,7 @@ class BridgeCapture:
         self._reset()
         self._positions = (
             labels.shape,
-            attention_mask,
+            attention_mask != 0,  # boolean: any nonzero value is a real token, all weigh the same
             batch_index,
             seq_index,
             labels[batch_index, seq_index],

@@ -18,9 +18,11 @@ __all__ = ["reference_bridge_loss", "reference_capture_layer", "reference_loss_f
 
 
 def context(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """SPEC step 1: masked mean over the sequence. states [L+1, B, S, H] -> [L+1, B, H]."""
-    mask = attention_mask.to(states.dtype)
-    return (states * mask[None, :, :, None]).sum(dim=2) / mask.sum(dim=1)[None, :, None]
+    """SPEC step 1: masked mean over the sequence. states [L+1, B, S, H] -> [L+1, B, H]. Padded
+    positions (mask 0) are left out, not multiplied by 0: a NaN or inf there never reaches R."""
+    real = attention_mask != 0
+    kept = torch.where(real[None, :, :, None], states, torch.zeros((), dtype=states.dtype, device=states.device))
+    return kept.sum(dim=2) / real.sum(dim=1).to(states.dtype)[None, :, None]
 
 
 def mapping_inputs(states, contexts, batch_index, seq_index) -> torch.Tensor:

@@ -31,15 +31,25 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Tensor:
-    """SPEC step 1 for one layer: [B, S, H] states, [B, S] weights mask/count -> [B, H] float32+."""
+    """SPEC step 1 for one layer: [B, S, H] states, [B, S] weights mask/count -> [B, H] float32+.
+
+    Padded positions (weight 0) never reach the context (0 * NaN would make it NaN): they are
+    zeroed in the bounded float32+ copy that widens 16-bit states. States already in the
+    accumulation dtype take one product on the CPU, redone with the zeroing only when the result is
+    not finite (a host check is free there); on a GPU they take the zeroing copy too (one more pass
+    over the layer, but no host synchronisation)."""
     acc = mask_weights.dtype
-    if states.dtype == acc:
-        return torch.bmm(mask_weights[:, None, :], states).squeeze(1)
+    if states.dtype == acc and states.device.type == "cpu":
+        total = torch.bmm(mask_weights[:, None, :], states).squeeze(1)
+        if bool(torch.isfinite(total).all()):
+            return total
     batch, seq, hidden = states.shape
     chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, batch * hidden))
     total = states.new_zeros((batch, 1, hidden), dtype=acc)
+    padded = mask_weights == 0
     for start in range(0, seq, chunk):
-        part = states[:, start : start + chunk].to(acc)
+        part = states[:, start : start + chunk].to(acc, copy=True)
+        part.masked_fill_(padded[:, start : start + chunk, None], 0)
         total.baddbmm_(mask_weights[:, None, start : start + chunk], part)
     return total.squeeze(1)
 

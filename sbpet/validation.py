@@ -158,4 +158,5 @@ def validate_inputs(
             f"found {bad.numel()} outside, e.g. {bad[:5].tolist()}"
         )
     batch_index, seq_index = regularised.nonzero(as_tuple=True)
-    return BridgeInputs(states, attention_mask, batch_index, seq_index, labels[batch_index, seq_index])
+    # Boolean from here on: any nonzero value is a real token, every real token weighs the same.
+    return BridgeInputs(states, attention_mask != 0, batch_index, seq_index, labels[batch_index, seq_index])

@@ -137,3 +137,33 @@ def test_torch_does_not_write_into_inputs():
     sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="torch", shift_labels=True)
     assert all(torch.equal(a, b) for a, b in zip(states, copies))
     assert torch.equal(labels, labels_copy) and torch.equal(mask, mask_copy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_padded_values_never_reach_r(backend, dtype):
+    """A NaN / inf at a padded position (attention mask 0) leaves R and every gradient as with
+    zeros there, and the mask is boolean: a mask of 1s and 2s weighs every real token alike
+    (every backend)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from sbpet.triton_backend import triton_is_usable
+
+        if not triton_is_usable(torch.device("cpu")):
+            pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    states, labels, mask, mapping, tail = make_case(num_states=3, batch=3, seq=9, hidden=16, dims=(12, 5),
+                                                    dtype=dtype)
+    assert (mask == 0).any()
+    want, want_grads = _loss_and_grads(backend, states, labels, mask, mapping, tail)
+    poisoned = []
+    for i, h in enumerate(states):
+        h = h.clone()
+        h[mask == 0] = float("nan") if i % 2 == 0 else float("inf")
+        poisoned.append(h)
+    mixed = mask * (1 + torch.arange(mask.shape[1]) % 2)  # real tokens marked 1 or 2
+    loss, grads = _loss_and_grads(backend, poisoned, labels, mixed, mapping, tail)
+    assert torch.isfinite(loss)
+    assert_close(loss, want, name="loss")
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+        assert_close(g, want_grads[name], name=name)
