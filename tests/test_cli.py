@@ -99,7 +99,11 @@ def test_train_is_reproducible(tmp_path, capsys):
             assert main(command) == 0
             capsys.readouterr()
         else:
-            result = subprocess.run([sys.executable, "-m", "sbpet.cli", *command], capture_output=True, text=True)
+            # The same thread count (other tests may have changed this process's): float32 sums
+            # split over another number of threads differ in the last bits (documented).
+            env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+            result = subprocess.run([sys.executable, "-m", "sbpet.cli", *command], capture_output=True, text=True,
+                                    env=env)
             assert result.returncode == 0, result.stderr[-2000:]
         meta = json.loads((out / "run.json").read_text())
         saved.append((meta["metrics"], meta["validation"], (out / "pet.safetensors").read_bytes()))
