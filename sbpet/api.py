@@ -83,7 +83,8 @@ def bridge_loss(
     Returns:
         Scalar float32 tensor R (float64 for float64 states; under autocast too, which never
         changes g's precision: ``precision`` does), the mean over the (L+1) * N (layer,
-        regularised position) pairs of ``sum_d (z - mean_l e)^2 / (2 var_l)``; exactly 0 (with zero gradients) when N == 0.
+        regularised position) pairs of ``sum_d (z - mean_l e)^2 / (2 var_l)``; exactly 0 (with
+        zero gradients) when N == 0.
 
     Example:
         >>> import torch, sbpet
