@@ -267,9 +267,10 @@ class BridgeCapture:
         if reg.shift_labels:
             labels = shift_labels_left(labels, reg.ignore_index)
         regularised = labels != reg.ignore_index
+        real = attention_mask != 0  # boolean: any nonzero value is a real token, all weigh the same
         empty, bad = torch.stack(
             [
-                (attention_mask != 0).sum(1).eq(0).sum(),
+                real.sum(1).eq(0).sum(),
                 (regularised & ((labels < 0) | (labels >= reg.vocab_size))).sum(),
             ]
         ).tolist()
@@ -284,7 +285,7 @@ class BridgeCapture:
         self._reset()
         self._positions = (
             labels.shape,
-            attention_mask != 0,  # boolean: any nonzero value is a real token, all weigh the same
+            real,
             batch_index,
             seq_index,
             labels[batch_index, seq_index],

@@ -138,10 +138,11 @@ def validate_inputs(
     if shift_labels:
         labels = shift_labels_left(labels, ignore_index)
     regularised = labels != ignore_index
+    real = attention_mask != 0  # boolean from here on: every real token weighs the same
     # One host sync for all three checks.
     empty_rows, below, above = torch.stack(
         [
-            (attention_mask != 0).sum(dim=1).eq(0).sum(),
+            real.sum(dim=1).eq(0).sum(),
             (regularised & (labels < 0)).sum(),
             (regularised & (labels >= vocab_size)).sum(),
         ]
@@ -158,5 +159,4 @@ def validate_inputs(
             f"found {bad.numel()} outside, e.g. {bad[:5].tolist()}"
         )
     batch_index, seq_index = regularised.nonzero(as_tuple=True)
-    # Boolean from here on: any nonzero value is a real token, every real token weighs the same.
-    return BridgeInputs(states, attention_mask != 0, batch_index, seq_index, labels[batch_index, seq_index])
+    return BridgeInputs(states, real, batch_index, seq_index, labels[batch_index, seq_index])
