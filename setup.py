@@ -1,14 +1,20 @@
+import re
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("sbpet/core/version.py").read()).group(1)
 
 setup(
     name="sbpet",
-    version="0.1.0",
+    version=VERSION,
     description="Stochastic-bridge regulariser for parameter-efficient tuning: a fused, fast loss",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["sbpet", "sbpet.kernels"],
-    # kernels/ is the subpackage sbpet.kernels, never a top-level `kernels` (Hugging Face's name).
+    # The layers, bottom up (README "Architecture"). kernels/ is installed as sbpet.kernels, never
+    # as a top-level `kernels` (Hugging Face's package of that name).
+    packages=["sbpet", "sbpet.core", "sbpet.kernels", "sbpet.backends", "sbpet.modules", "sbpet.hf",
+              "sbpet.cli"],
     package_dir={"sbpet": "sbpet", "sbpet.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

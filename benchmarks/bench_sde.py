@@ -1,7 +1,7 @@
 """pytest-benchmark: the SDE regulariser beside the PDF one, correctness checked in the same run.
 
 Regularisers: ``pdf`` (the torch backend of :func:`sbpet.bridge_loss`, mapping g of the shape),
-``sde-euler`` and ``sde-heun`` (:func:`sbpet.sde.sde_bridge_loss`, one sub-step per layer, drift
+``sde-euler`` and ``sde-heun`` (:func:`sbpet.modules.sde.sde_bridge_loss`, one sub-step per layer, drift
 network width 128, latent size = the shape's D). Shapes: the CPU (MiniLM-like) shapes of
 ``benchmarks.suite`` plus its tiny shapes on CPU; its GPU shapes on CUDA. Passes: fwd, fwd+bwd
 (gradients of the hidden states, and of g / f for fitting shapes).
@@ -22,7 +22,7 @@ import torch
 
 import sbpet
 from benchmarks import suite
-from sbpet.sde import DriftNetwork, sde_bridge_loss
+from sbpet.modules.sde import DriftNetwork, sde_bridge_loss
 
 DEVICE, DTYPE, SHAPE_NAMES = suite.bench_target()
 REGULARISERS = ("pdf", "sde-euler", "sde-heun")
@@ -47,7 +47,7 @@ def _loss_function(case, drift, regulariser: str):
         return functools.partial(sbpet.bridge_loss, case.states, case.labels, case.mask, case.mapping,
                                  case.tail, backend="torch", shift_labels=case.shape.causal)
     method = regulariser.split("-", 1)[1]
-    inputs = sbpet.validation.validate_inputs(case.states, case.labels, case.mask, vocab_size=case.tail.shape[0],
+    inputs = sbpet.core.validation.validate_inputs(case.states, case.labels, case.mask, vocab_size=case.tail.shape[0],
                                               shift_labels=case.shape.causal)
 
     def loss():

@@ -18,7 +18,7 @@
 7. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
 
 ``--dry-run`` runs the whole flow on the CPU (tiny shapes and tiny training configurations, small
-ceilings, one quick test module) in seconds: it is what tests/test_gpu_check.py runs. Optional
+ceilings, one quick test module) in seconds: it is what tests/bench/test_gpu_check.py runs. Optional
 packages (triton, pytest, peft) may be missing: the affected step records why and the rest goes on.
 """
 
@@ -122,7 +122,7 @@ def run_benchmarks(suite, device, dtype, shapes, deadline, with_compile: bool, c
                 for b in backends:
                     results[(name, pass_, b)] = {"shape": name, "pass": pass_, "backend": b, "status": "skipped",
                                                  "reason": f"inputs: {type(exc).__name__}: {str(exc)[:200]}"}
-                suite._free_device(torch.device(device))
+                suite.free_device(torch.device(device))
                 continue
             records, runners = suite.measure_shape_pass(case, pass_, backends, ceilings=ceilings,
                                                         deadline=deadline, seconds=0.5 if quick else 2.0,
@@ -130,7 +130,7 @@ def run_benchmarks(suite, device, dtype, shapes, deadline, with_compile: bool, c
                                                         max_rounds=2 if quick else 50,
                                                         warmup=0 if quick else 2)
             del runners, case
-            suite._free_device(torch.device(device))
+            suite.free_device(torch.device(device))
             for b, r in records.items():
                 results[(name, pass_, b)] = r
                 med = r.get("median_s")
@@ -165,7 +165,7 @@ def run_train_steps(device, configs, deadline, quick: bool) -> list[dict]:
 
 def _dispatch_choices() -> list[dict]:
     """What ``auto`` chose in this process (kernel table and training steps), with its timings."""
-    from sbpet import dispatch
+    from sbpet.backends import dispatch
 
     return [{"key": [str(k) for k in key], "choice": choice, "ms": dispatch.selector.timings.get(key, {})}
             for key, choice in dispatch.selector.choices.items()]
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--test-budget-s", type=float, default=240.0, help="the test suite's share (s)")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--pytest-args", default=None,
-                        help="what pytest runs (default 'tests'; 'tests/test_bridges.py' in a dry run)")
+                        help="what pytest runs (default 'tests'; 'tests/core/test_bridges.py' in a dry run)")
     parser.add_argument("--shapes", default=None, help="comma list of shapes (see benchmarks/suite.py)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--train-budget-s", type=float, default=None,
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     if args.skip_tests:
         tests = {"summary": "not run (--skip-tests)"}
     else:
-        pytest_args = (args.pytest_args or ("tests/test_bridges.py" if args.dry_run else "tests")).split()
+        pytest_args = (args.pytest_args or ("tests/core/test_bridges.py" if args.dry_run else "tests")).split()
         budget = min(args.test_budget_s, max(deadline - time.monotonic() - 60, 1))
         tests = run_tests(args.outdir, pytest_args, budget, device)
     _say("tests:", tests["summary"])
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     else:
         train = [{"benchmark": "train_step", "config": c, "variant": "none", "status": "skipped",
                   "reason": "not requested (--train-budget-s 0)"} for c in train_configs]
-    suite._free_device(device)
+    suite.free_device(device)
     results = table_order(suite, shapes, results + run_benchmarks(
         suite, device, dtype, shapes, deadline - 5, with_compile, ceilings, quick=args.dry_run, phases=("compile",)))
 

@@ -4,24 +4,24 @@ This is what a user of the method runs without sbpet, so the benchmarks time it 
 backends (``suite.BACKENDS``) and check it against the eager reference in the same run. It is a
 baseline, not a backend of ``sbpet.bridge_loss``: no validation, no dispatch, float32 throughout.
 
-The data path (SPEC.md steps, in the paper code's order and with its tensor operations):
+The data path (METHOD.md steps, in the paper code's order and with its tensor operations):
 
 1. stack all L+1 hidden states into one [L+1, B, S, H] tensor and ``.float()`` it (a float32 copy
    of every layer, whatever the model's dtype);
-2. masked-mean context [L+1, B, H] over the attention mask (SPEC step 1);
+2. masked-mean context [L+1, B, H] over the attention mask (METHOD.md step 1);
 3. ``masked_select`` with the boolean mask of regularised positions picks the token states
    [L+1, N, H]; the context is expanded to every position and ``masked_select``-ed with the same
    mask, so each regularised token gets its own copy of its sequence's context [L+1, N, H];
-4. ``torch.cat([context, token])`` -> [L+1, N, 2H] (SPEC step 2, context first) and the whole MLP
+4. ``torch.cat([context, token])`` -> [L+1, N, 2H] (METHOD.md step 2, context first) and the whole MLP
    g on it: the full 2H-wide first Linear (the context half is recomputed for every token: no
-   split of SPEC step 3), exact GELU between layers (``mapping.layers``);
+   split of METHOD.md step 3), exact GELU between layers (``mapping.layers``);
 5. the bridge residual ``(z - mean_coef_l * tail[target])^2 / (2 var_l)`` summed over D and
-   averaged over the (L+1) * N pairs (SPEC steps 4-7), with ``sbpet.get_bridge(bridge)``'s
+   averaged over the (L+1) * N pairs (METHOD.md steps 4-7), with ``sbpet.get_bridge(bridge)``'s
    marginals at the layer times.
 
 Same loss and gradients as ``sbpet.bridge_loss(..., backend="reference")`` on valid inputs; the
 bench checks it. Causal LMs (``shift_labels``) pair the state at s with ``labels[:, s + 1]``,
-as in SPEC's conventions.
+as in METHOD.md's conventions.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 import sbpet
-from sbpet.validation import shift_labels_left
+from sbpet.core.validation import shift_labels_left
 
 __all__ = ["paper_bridge_loss"]
 

@@ -78,8 +78,8 @@ def demo_problem(steps: int):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from sbpet import demo
-    from sbpet.fitting import _make_batch, _tokenise  # how fit_mapping picks its targets
+    from sbpet.cli import demo
+    from sbpet.hf.fitting import make_fitting_batch, tokenise_texts  # how fit_mapping picks its targets
 
     hf_logging.disable_progress_bar()
     d = DEMO
@@ -91,8 +91,8 @@ def demo_problem(steps: int):
     held_out = {t for t, _ in test}
     texts = [t for t, _ in examples if t not in held_out]  # what `sbpet fit` fits g on
     batch_texts = [t for t, _ in test[:: len(test) // d["texts"]]][: d["texts"]]  # spread over the classes
-    rows = _tokenise(tokenizer, batch_texts, d["eval_max_length"])
-    ids, mask, labels = _make_batch(
+    rows = tokenise_texts(tokenizer, batch_texts, d["eval_max_length"])
+    ids, mask, labels = make_fitting_batch(
         rows, list(range(len(rows))), tokenizer.pad_token_id, tokenizer.mask_token_id, len(tokenizer),
         d["mask_probability"], True, False, -100, torch.Generator().manual_seed(12345),
     )

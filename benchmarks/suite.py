@@ -9,21 +9,19 @@ Formulas for bytes, FLOPs and the floor are in benchmarks/README.md; keep the tw
 
 from __future__ import annotations
 
-import datetime
 import functools
-import gc
 import math
 import os
-import platform
-import statistics
 import sys
 import time
-import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 
 import sbpet
+from benchmarks.measure import (  # noqa: F401  (measure_ceilings, environment, time_*: re-exported)
+    environment, free_device, is_oom, measure_ceilings, measure_memory, summarize, sync, time_cuda, time_interleaved,
+)
 from benchmarks.paper import paper_bridge_loss
 
 __all__ = [
@@ -196,7 +194,7 @@ def backend_unavailable(backend: str, device) -> str | None:
     device = torch.device(device)
     if backend == "triton":
         try:
-            sbpet.api.resolve_backend("triton", device)
+            sbpet.backends.api.resolve_backend("triton", device)
         except Exception as exc:  # ImportError, ValueError, or a half-written backend
             return f"triton backend unavailable: {type(exc).__name__}: {exc}"
         return None
@@ -279,79 +277,6 @@ def check_outputs(actual, expected, dtype) -> tuple[bool, str, float]:
     return not problems, "; ".join(problems[:4]) or "ok", worst
 
 
-def _output_bytes(out) -> int:
-    loss, grads = out
-    return sum(g.numel() * g.element_size() for g in grads if g is not None)
-
-
-class _AllocationTracker:
-    """Peak bytes of tensor storages created while active (CPU): every op's outputs go through
-    ``__torch_dispatch__``; a storage counts from its creation until it is freed. Kernels that
-    allocate without the dispatcher (Inductor's generated CPU code) are not seen: the caller
-    reports "n/a" for those."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        tracker._add(t)
-                return out
-
-        self.mode = Mode()
-        self.live = self.peak = 0
-        self.seen: set = set()
-
-    def _add(self, tensor):
-        storage = tensor.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.seen:
-            return
-        self.seen.add(key)
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, size)
-
-    def _free(self, key, size):
-        if key in self.seen:
-            self.seen.discard(key)
-            self.live -= size
-
-
-def measure_memory(step, device, backend: str) -> dict:
-    """Peak device memory allocated during one ``step()`` beyond what existed before (the inputs),
-    and the bytes of the returned gradients. ``temp_bytes`` = peak - gradients: the temporaries a
-    backend needs beyond its unavoidable outputs. None values mean "not measurable here"."""
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        method = "torch.cuda.max_memory_allocated"
-    elif device.type == "cpu" and backend != "compile":
-        tracker = _AllocationTracker()
-        with tracker.mode:
-            out = step()
-        peak, method = tracker.peak, "TorchDispatchMode storage tracking"
-    else:
-        return {"peak_bytes": None, "output_bytes": None, "temp_bytes": None,
-                "memory_method": "n/a (Inductor's CPU kernels allocate outside the dispatcher)"}
-    outputs = _output_bytes(out)
-    del out
-    return {"peak_bytes": int(peak), "output_bytes": int(outputs), "temp_bytes": int(max(peak - outputs, 0)),
-            "memory_method": method}
-
-
 def floor(shape: Shape, pass_: str, num_positions: int, elem_bytes: int, ceilings: dict | None,
           param_bytes: int = 4) -> dict:
     """The roofline floor of one case (formulas in benchmarks/README.md).
@@ -383,154 +308,8 @@ def floor(shape: Shape, pass_: str, num_positions: int, elem_bytes: int, ceiling
     return out
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:
-    """Median-ready times (seconds) of ``fn`` on CUDA: ``triton.testing.do_bench`` (CUDA events,
-    L2 flushed between calls) when triton is importable, else CUDA events here."""
-    try:
-        from triton.testing import do_bench
-
-        times_ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-        return [t / 1e3 for t in times_ms]
-    except ImportError:
-        pass
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-def time_interleaved(runners: dict, device, min_rounds: int = 5, max_rounds: int = 50,
-                     seconds: float = 10.0, warmup: int = 2) -> dict:
-    """Wall-clock times (seconds) of each runner, interleaved round by round (the order rotates
-    every round) so that drift in the machine's load hits every backend alike. Stops after
-    ``max_rounds`` or once ``seconds`` have passed and ``min_rounds`` are done."""
-    device = torch.device(device)
-    names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    _sync(device)
-    times = {name: [] for name in names}
-    start = time.perf_counter()
-    for r in range(max_rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            _sync(device)
-            t0 = time.perf_counter()
-            out = runners[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-            del out
-        if r + 1 >= min_rounds and time.perf_counter() - start > seconds:
-            break
-    return times
-
-
-def summarize(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "rounds": len(times)}
-
-
-def measure_ceilings(device, quick: bool = False) -> dict:
-    """The two ceilings of the roofline, measured once: device-to-device copy bandwidth (bytes read
-    + written per second) and a large matmul's rate (bf16 8192^3 on CUDA, float32 2048^3 on CPU),
-    medians. ``quick``: small sizes (dry runs)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        numel = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16
-        src = torch.randn(numel, device=device, dtype=torch.bfloat16)
-        dst = torch.empty_like(src)
-        copy_s = statistics.median(time_cuda(lambda: dst.copy_(src)))
-        n = 1024 if quick else 8192
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        mm_s = statistics.median(time_cuda(lambda: a @ b))
-        mm_dtype = "bfloat16"
-        del a, b
-    else:
-        numel = (1 << 18) if quick else (1 << 24)  # 64 MiB of float32
-        src = torch.randn(numel)
-        dst = torch.empty_like(src)
-        n = 256 if quick else 2048
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        t = time_interleaved({"copy": lambda: dst.copy_(src), "mm": lambda: a @ b}, device,
-                             min_rounds=5, max_rounds=30, seconds=0.2 if quick else 3.0)
-        copy_s, mm_s = statistics.median(t["copy"]), statistics.median(t["mm"])
-        mm_dtype = "float32"
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    return {"copy_bytes_per_s": nbytes / copy_s, "matmul_flops_per_s": 2 * n**3 / mm_s,
-            "matmul_shape": f"{n}^3 {mm_dtype}", "copy_bytes": nbytes}
-
-
-def environment(device) -> dict:
-    """Device, driver and versions recorded with every result."""
-    device = torch.device(device)
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "sbpet": getattr(sbpet, "__version__", "?"),
-        "platform": platform.platform(),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(device=props.name, device_memory_bytes=props.total_memory,
-                    cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
-        try:
-            import subprocess
-
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-        except Exception as exc:  # no nvidia-smi: keep going
-            info["driver"] = f"unknown ({type(exc).__name__})"
-    else:
-        info["device"] = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-            if names:
-                info["device"] = names[0]
-        except OSError:
-            pass
-        info["cpus"] = os.cpu_count()
-    return info
-
-
 def shape_record(shape: Shape) -> dict:
     return asdict(shape)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
-
-
-def _free_device(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def measure_shape_pass(case: Case, pass_: str, backends, *, skip: dict | None = None,
@@ -572,8 +351,8 @@ def measure_shape_pass(case: Case, pass_: str, backends, *, skip: dict | None = 
         except Exception as exc:  # OOM of the reference: fall back to the torch backend
             if ref_backend == "reference":
                 skip["reference"] = f"reference failed: {type(exc).__name__}: {str(exc)[:200]}"
-                reference_status = "skipped" if _is_oom(exc) else "error"
-            _free_device(device)
+                reference_status = "skipped" if is_oom(exc) else "error"
+            free_device(device)
     for backend in backends:
         record = dict(base, backend=backend, **fl)
         records[backend] = record
@@ -590,14 +369,14 @@ def measure_shape_pass(case: Case, pass_: str, backends, *, skip: dict | None = 
             step = make_runner(case, backend, pass_)
             t0 = time.perf_counter()
             first = step()
-            _sync(device)
+            sync(device)
             record["first_call_s"] = time.perf_counter() - t0
             ok, message, err = check_outputs(first, expected, case.dtype)
             del first
         except Exception as exc:
-            record.update(status="skipped" if _is_oom(exc) else "error",
+            record.update(status="skipped" if is_oom(exc) else "error",
                           reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-            _free_device(device)
+            free_device(device)
             continue
         record.update(checked_against=checked_against, check_error=err)
         if not ok:
@@ -607,11 +386,11 @@ def measure_shape_pass(case: Case, pass_: str, backends, *, skip: dict | None = 
             record.update(measure_memory(step, device, backend))
         except Exception as exc:
             record.update(peak_bytes=None, temp_bytes=None, memory_method=f"failed: {type(exc).__name__}: {exc}")
-            _free_device(device)
+            free_device(device)
         record.update(status="ok", reason="")
         runners[backend] = step
     del expected
-    _free_device(device)
+    free_device(device)
     if time_it and runners:
         if device.type == "cuda":
             times = {}
@@ -622,9 +401,9 @@ def measure_shape_pass(case: Case, pass_: str, backends, *, skip: dict | None = 
                 try:
                     times[name] = time_cuda(step)
                 except Exception as exc:
-                    records[name].update(status="skipped" if _is_oom(exc) else "error",
+                    records[name].update(status="skipped" if is_oom(exc) else "error",
                                          reason=f"timing: {type(exc).__name__}: {str(exc)[:200]}")
-                    _free_device(device)
+                    free_device(device)
         else:
             times = time_interleaved(runners, device, min_rounds=min_rounds, max_rounds=max_rounds,
                                      seconds=seconds, warmup=warmup)

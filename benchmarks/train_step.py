@@ -47,6 +47,7 @@ import torch
 
 import sbpet
 from benchmarks import suite
+from benchmarks.measure import sync
 
 __all__ = ["TrainConfig", "TRAIN_CONFIGS", "CPU_TRAIN_CONFIGS", "GPU_TRAIN_CONFIGS", "VARIANTS",
            "run_config", "run"]
@@ -145,7 +146,7 @@ def _why_not(variant: str, device: torch.device) -> str | None:
     if variant == "none":
         return None
     try:
-        resolved = sbpet.api.resolve_backend(variant, device)
+        resolved = sbpet.backends.api.resolve_backend(variant, device)
     except ValueError as exc:  # an explicit backend that cannot run here
         return f"ValueError: {exc}"
     if resolved == "triton" and device.type == "cpu":
@@ -177,11 +178,6 @@ def _batch_items(trainer, batch, device):
     return num_items
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.detach().float().flatten() for p in model.parameters()
                       if p.requires_grad and p.grad is not None])
@@ -194,12 +190,12 @@ def _time_interleaved(steps: dict, device, warmup: int, min_rounds: int, max_rou
     for _ in range(warmup):
         for name in names:
             steps[name]()
-    _sync(device)
+    sync(device)
     times = {name: [] for name in names}
     start = time.perf_counter()
     for r in range(max_rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            _sync(device)
+            sync(device)
             if device.type == "cuda":
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
@@ -270,7 +266,7 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                                                       **source)
                         tail = reg.tail.detach()
                         records[v].update(g_precision=precision,
-                                          resolved_backend=sbpet.api.resolve_backend(v, device))
+                                          resolved_backend=sbpet.backends.api.resolve_backend(v, device))
                     trainers[v], model_prepared = _trainer(model, reg, device, outdir, capture)
                     records[v]["capture"] = trainers[v].capture_mode if reg is not None else None
                 except ValueError as exc:
@@ -282,10 +278,10 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                     steps[v] = _step_function(trainer, model_prepared, batch, device)
             if steps and device.type == "cuda":
                 for v, step in steps.items():  # peak memory of one step (weights and optimizer included)
-                    _sync(device)
+                    sync(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     step()
-                    _sync(device)
+                    sync(device)
                     records[v]["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
             if steps:
                 times = _time_interleaved(steps, device, warmup, min_rounds, max_rounds, seconds, deadline)
@@ -293,7 +289,7 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
             if on_steps is not None and steps:
                 on_steps(dict(steps))
         except Exception as exc:  # building, the check or timing failed: record it for every variant left
-            status = "skipped" if suite._is_oom(exc) else "error"
+            status = "skipped" if suite.is_oom(exc) else "error"
             for r in records.values():
                 if r.get("status") in (None, "ok") and "median_s" not in r:
                     r.update(status=status, reason=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -304,7 +300,7 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
             trainers.clear()
             steps.clear()
             model = base = model_prepared = batch = None
-            suite._free_device(device)
+            suite.free_device(device)
     return list(records.values())
 
 
@@ -387,9 +383,9 @@ def _check(records, trainers, model, batch, device):
 
 
 def _auto_choices() -> dict:
-    """``auto``'s recorded choices (sbpet.dispatch), key -> backend name; {} where there are none."""
+    """``auto``'s recorded choices (sbpet.backends.dispatch), key -> backend name; {} where there are none."""
     try:
-        from sbpet.dispatch import selector
+        from sbpet.backends.dispatch import selector
     except ImportError:  # an sbpet without the dispatcher
         return {}
     return dict(selector.choices)

@@ -1,8 +1,8 @@
 """Triton kernels of sbpet, installed as the subpackage sbpet.kernels.
 
-- :mod:`.context`: kernel 1, the masked-mean context of every layer (SPEC step 1) and its
+- :mod:`.context`: kernel 1, the masked-mean context of every layer (METHOD.md step 1) and its
   one-pass backward into every layer's gradient;
-- :mod:`.fused_bridge`: kernel 2, projection + bridge log-density (SPEC steps 2-7), forward and a
+- :mod:`.fused_bridge`: kernel 2, projection + bridge log-density (METHOD.md steps 2-7), forward and a
   recomputing backward;
 - :mod:`.compile_check`: compiles every configuration the launchers can choose for sm_80 / sm_90a.
 

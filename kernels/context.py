@@ -1,4 +1,4 @@
-"""Kernel 1: context pooling (SPEC step 1) and its backward, with their host launchers.
+"""Kernel 1: context pooling (METHOD.md step 1) and its backward, with their host launchers.
 
 The L+1 hidden states are separate tensors (Hugging Face returns a tuple), possibly strided views.
 Instead of stacking them (a copy of every layer) a kernel reads each layer where it lies: the host
@@ -111,7 +111,7 @@ def row_lookup(batch: int, seq: int, batch_index: torch.Tensor, seq_index: torch
 if triton is not None:
 
     @triton.jit
-    def _layer_origin(layer_offsets_ptr, layer_strides_ptr, layer, ALIGNED: tl.constexpr):
+    def layer_origin(layer_offsets_ptr, layer_strides_ptr, layer, ALIGNED: tl.constexpr):
         """int64 element offset of layer ``layer`` from the base pointer and its three strides."""
         offset = tl.load(layer_offsets_ptr + layer)
         stride_b = tl.load(layer_strides_ptr + 3 * layer)
@@ -136,11 +136,11 @@ if triton is not None:
         CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, GATHER_ROWS: tl.constexpr,
     ):
         """One program: one (layer, sequence, H-block); loops over S in BLOCK_S chunks. With
-        GATHER_ROWS it also copies the regularised rows out of the same read (SPEC step 2)."""
+        GATHER_ROWS it also copies the regularised rows out of the same read (METHOD.md step 2)."""
         pid_h = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         layer = tl.program_id(2).to(tl.int64)
-        offset, stride_b, stride_s, stride_h = _layer_origin(
+        offset, stride_b, stride_s, stride_h = layer_origin(
             layer_offsets_ptr, layer_strides_ptr, layer, ALIGNED
         )
         cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -220,11 +220,11 @@ def context_forward(
     table: LayerTable, num_states: int, mask: torch.Tensor, inv_count: torch.Tensor, out: torch.Tensor | None = None,
     row_of: torch.Tensor | None = None, tokens_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC step 1 for all layers: float32 contexts [L+1, B, H] (into ``out`` when given: tests
+    """METHOD.md step 1 for all layers: float32 contexts [L+1, B, H] (into ``out`` when given: tests
     pass a NaN-filled one to catch unwritten elements).
 
     With ``row_of`` (:func:`row_lookup`) and ``tokens_out`` ([L+1, N, H], the states' dtype) the
-    same read also copies the regularised rows into ``tokens_out`` (SPEC step 2)."""
+    same read also copies the regularised rows into ``tokens_out`` (METHOD.md step 2)."""
     batch, seq, hidden = table.base.shape
     context = out
     if context is None:

@@ -1,4 +1,4 @@
-"""Kernel 2: fused projection + bridge log-density (SPEC steps 2-7), forward and backward.
+"""Kernel 2: fused projection + bridge log-density (METHOD.md steps 2-7), forward and backward.
 
 A program owns a tile of BLOCK_M regularised positions of one layer (grid: row tiles x layers).
 It gathers the token states straight from that layer's tensor (see :mod:`.context` for the layer
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .context import LayerTable, _layer_origin, interpreting
+from .bridge_chain import PRECISIONS, dot_precision  # noqa: F401  (re-exported)
+from .context import LayerTable, interpreting
 
 try:
     import triton
@@ -42,173 +43,11 @@ __all__ = [
 
 MAX_LINEAR = 4
 
-# Dot precision (constexpr DOT_PRECISION) comes from the user's ``precision`` (see
-# :data:`PRECISIONS`), never silently from the states' dtype:
-# - "fp32": float32 operands, "tf32x3" dots (each operand split into a TF32 head and tail, three
-#   tensor-core passes: float32-class accuracy, measured ~1e-7 relative on R; "ieee" would leave the
-#   tensor cores idle). A 16-bit token tile is read as is and widened on chip (exact).
-# - "tf32": float32 operands rounded to TF32 (10-bit mantissa) by the tensor cores, ~1e-3 relative.
-# - "bf16": bfloat16 operands (the mapping's weight tiles, the token tile and the on-chip
-#   activations / gradients are rounded to bf16, 2^-8 relative), float32 accumulation.
-# "fp16" (float16 operands) remains a kernel mode for compile checks of float16 states; the public
-# precisions are the three above. Under the interpreter "bf16" / "tf32" become "*_emulated": float32
-# operands rounded in-kernel to 8 / 10 mantissa bits (round to nearest even), exact products.
-PRECISIONS = ("fp32", "tf32", "bf16")
-_DOT_OF_PRECISION = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "bf16", "fp16": "fp16"}
-_DOT_PRECISIONS = ("fp16", "bf16", "tf32x3", "tf32", "ieee")
-
-
-def dot_precision(dtype: torch.dtype = torch.float32, precision: str | None = None) -> str:
-    """DOT_PRECISION of kernel 2 for ``precision`` ("fp32", "tf32", "bf16").
-
-    ``precision=None`` keeps the states-dtype rule that compile checks of 16-bit kernels use
-    (float16 / bfloat16 states: 16-bit operands of that dtype; float32: "fp32")."""
-    if precision is None:
-        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    try:
-        dot = _DOT_OF_PRECISION[precision]
-    except KeyError:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}") from None
-    if interpreting() and dot in ("bf16", "tf32"):
-        # The interpreter computes bf16 casts wrongly (numpy has no bfloat16) and TF32 dots exactly:
-        # round the float32 operands in-kernel instead, so the tests see the real rounding.
-        dot += "_emulated"
-    return dot
-
-
 if triton is not None:
-
-    @triton.jit
-    def _gelu(x):
-        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-
-    @triton.jit
-    def _gelu_grad(x):
-        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-        return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-
-    @triton.jit
-    def _round_mantissa(x, DROP: tl.constexpr):
-        """float32 ``x`` rounded to nearest-even with the low DROP mantissa bits cleared (the
-        interpreter's emulation of bf16 (DROP=16) and TF32 (DROP=13) operands)."""
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-        half = (1 << (DROP - 1)) - 1
-        bits = (bits + half + ((bits >> DROP) & 1)) & ~((1 << DROP) - 1)
-        return bits.to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _operand(x, DOT_PRECISION: tl.constexpr):
-        """``x`` in the dtype the dots take: the 16-bit dtype of the states, else float32."""
-        if DOT_PRECISION == "bf16":
-            return x.to(tl.bfloat16)
-        elif DOT_PRECISION == "fp16":
-            return x.to(tl.float16)
-        elif DOT_PRECISION == "bf16_emulated":
-            return _round_mantissa(x, 16)
-        elif DOT_PRECISION == "tf32_emulated":
-            return _round_mantissa(x, 13)
-        else:
-            return x.to(tl.float32)
-
-    @triton.jit
-    def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-        """``a @ b (+ acc)`` with float32 accumulation, operands cast by :func:`_operand`."""
-        a = _operand(a, DOT_PRECISION)
-        b = _operand(b, DOT_PRECISION)
-        if DOT_PRECISION == "bf16" or DOT_PRECISION == "fp16":
-            return tl.dot(a, b, acc, out_dtype=tl.float32)
-        elif DOT_PRECISION == "bf16_emulated" or DOT_PRECISION == "tf32_emulated":
-            return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
-        else:
-            return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-
-    @triton.jit
-    def _token_rows(layer_offsets_ptr, layer_strides_ptr, layer, batch_index_ptr, seq_index_ptr,
-                    rows, row_ok, ALIGNED: tl.constexpr):
-        """int64 element offset (from the base pointer) of each row's token state, its H stride,
-        and its sequence index b."""
-        offset, stride_b, stride_s, stride_h = _layer_origin(layer_offsets_ptr, layer_strides_ptr, layer, ALIGNED)
-        b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        return offset + b * stride_b + s * stride_s, stride_h, b
-
-    @triton.jit
-    def _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H,
-                     BLOCK_K: tl.constexpr, CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """Token states [M, BLOCK_K] (columns k0..) in the dots' operand dtype."""
-        ks = k0 + tl.arange(0, BLOCK_K)
-        if CONTIGUOUS_H:
-            k_off = ks.to(tl.int64)
-        else:
-            k_off = ks.to(tl.int64) * stride_h
-        ok = row_ok[:, None] & (ks < H)[None, :]
-        return _operand(tl.load(states_ptr + row_off[:, None] + k_off[None, :], mask=ok, other=0.0), DOT_PRECISION)
-
-    @triton.jit
-    def _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                           w1_ptr, w1_stride, c0, H, D1,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
-                           CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """Pre-activation of layer 1, columns c0..c0+BLOCK_D1: tokens @ W1[:, H:]^T + context half."""
-        cols = c0 + tl.arange(0, BLOCK_D1)
-        col_ok = cols < D1
-        acc = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
-            ks = k0 + tl.arange(0, BLOCK_K)
-            w_ptr = w1_ptr + cols.to(tl.int64)[None, :] * w1_stride + ks[:, None]
-            w = _operand(tl.load(w_ptr, mask=(ks < H)[:, None] & col_ok[None, :], other=0.0), DOT_PRECISION)
-            acc = _dot(x, w, acc, DOT_PRECISION)
-        ok = row_ok[:, None] & col_ok[None, :]
-        half = tl.load(context_half_ptr + half_off[:, None] + cols[None, :], mask=ok, other=0.0)
-        return acc + half
-
-    @triton.jit
-    def _load_weight_t(w_ptr, out0, in0, D_OUT, D_IN,
-                       BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN]^T [BLOCK_IN, BLOCK_OUT], as a dot operand."""
-        i = in0 + tl.arange(0, BLOCK_IN)
-        o = out0 + tl.arange(0, BLOCK_OUT)
-        ok = (i < D_IN)[:, None] & (o < D_OUT)[None, :]
-        return _operand(tl.load(w_ptr + o[None, :] * D_IN + i[:, None], mask=ok, other=0.0), DOT_PRECISION)
-
-    @triton.jit
-    def _load_weight(w_ptr, out0, in0, D_OUT, D_IN,
-                     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN] [BLOCK_OUT, BLOCK_IN], as a dot operand."""
-        o = out0 + tl.arange(0, BLOCK_OUT)
-        i = in0 + tl.arange(0, BLOCK_IN)
-        ok = (o < D_OUT)[:, None] & (i < D_IN)[None, :]
-        return _operand(tl.load(w_ptr + o[:, None] * D_IN + i[None, :], mask=ok, other=0.0), DOT_PRECISION)
-
-    @triton.jit
-    def _load_bias(b_ptr, out0, D_OUT, BLOCK_OUT: tl.constexpr):
-        o = out0 + tl.arange(0, BLOCK_OUT)
-        return tl.load(b_ptr + o, mask=o < D_OUT, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                      w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
-                      P2: tl.constexpr, CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """Pre-activation of layer 2 [M, P2], accumulated over the layer-1 chunks."""
-        a2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
-        for c0 in range(0, D1, BLOCK_D1):
-            a1 = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                                    w1_ptr, w1_stride, c0, H, D1,
-                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
-            w2 = _load_weight_t(w2_ptr, 0, c0, D2, D1, BLOCK_D1, P2, DOT_PRECISION)
-            a2 = _dot(_gelu(a1), w2, a2, DOT_PRECISION)
-        return a2 + _load_bias(b2_ptr, 0, D2, P2)[None, :]
-
-    @triton.jit
-    def _residual(z, c0, D, tail_ptr, targets, mean_coef, row_ok, BLOCK_C: tl.constexpr):
-        """SPEC step 7 residual z - mean_coef * tail[target] on columns c0..; 0 outside the data."""
-        cols = c0 + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cols < D)[None, :]
-        ends = tl.load(tail_ptr + targets[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        return tl.where(ok, z - mean_coef * ends, 0.0)
-
+    from .bridge_chain import (
+        accumulate, accumulate_bias, dot_acc, first_layer_chunk, gelu, gelu_grad, latent_grad, load_bias, load_tokens,
+        load_weight, load_weight_t, operand, residual, second_layer, token_rows,
+    )
     @triton.jit
     def bridge_forward_kernel(
         states_ptr, layer_offsets_ptr, layer_strides_ptr,
@@ -228,7 +67,7 @@ if triton is not None:
         layer = tl.program_id(1).to(tl.int64)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        row_off, stride_h, b = _token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
+        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         half_off = (layer * B + b) * D1
         targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -236,67 +75,40 @@ if triton is not None:
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NUM_LINEAR == 1:
             for c0 in range(0, D1, BLOCK_D1):
-                z = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                z = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                        w1_ptr, w1_stride, c0, H, D1,
                                        BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
-                r = _residual(z, c0, D1, tail_ptr, targets, mean_coef, row_ok, BLOCK_D1)
+                r = residual(z, c0, D1, tail_ptr, targets, mean_coef, row_ok, BLOCK_D1)
                 sq += tl.sum(r * r, axis=1)
         else:
-            a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+            a2 = second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
                                BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
             if NUM_LINEAR == 2:
-                r = _residual(a2, 0, D2, tail_ptr, targets, mean_coef, row_ok, P2)
+                r = residual(a2, 0, D2, tail_ptr, targets, mean_coef, row_ok, P2)
                 sq += tl.sum(r * r, axis=1)
             else:
-                g2 = _gelu(a2)
+                g2 = gelu(a2)
                 if NUM_LINEAR == 3:
                     for c0 in range(0, D3, BLOCK_N3):
-                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
-                        z = _dot(g2, w3, None, DOT_PRECISION)
-                        z += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                        r = _residual(z, c0, D3, tail_ptr, targets, mean_coef, row_ok, BLOCK_N3)
+                        w3 = load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                        z = dot_acc(g2, w3, None, DOT_PRECISION)
+                        z += load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                        r = residual(z, c0, D3, tail_ptr, targets, mean_coef, row_ok, BLOCK_N3)
                         sq += tl.sum(r * r, axis=1)
                 else:
                     a4 = tl.zeros([BLOCK_M, P4], dtype=tl.float32)
                     for c0 in range(0, D3, BLOCK_N3):
-                        w3 = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
-                        a3 = _dot(g2, w3, None, DOT_PRECISION)
-                        a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                        w4 = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4, DOT_PRECISION)
-                        a4 = _dot(_gelu(a3), w4, a4, DOT_PRECISION)
-                    a4 += _load_bias(b4_ptr, 0, D4, P4)[None, :]
-                    r = _residual(a4, 0, D4, tail_ptr, targets, mean_coef, row_ok, P4)
+                        w3 = load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                        a3 = dot_acc(g2, w3, None, DOT_PRECISION)
+                        a3 += load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                        w4 = load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4, DOT_PRECISION)
+                        a4 = dot_acc(gelu(a3), w4, a4, DOT_PRECISION)
+                    a4 += load_bias(b4_ptr, 0, D4, P4)[None, :]
+                    r = residual(a4, 0, D4, tail_ptr, targets, mean_coef, row_ok, P4)
                     sq += tl.sum(r * r, axis=1)
         half_inv_var = 0.5 * tl.load(inv_var_ptr + layer)
         tl.store(partial_ptr + layer * tl.num_programs(0) + pid, tl.sum(sq, axis=0) * half_inv_var)
-
-    @triton.jit
-    def _latent_grad(z, c0, D, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
-                     BLOCK_C: tl.constexpr, TRAIN_TAIL: tl.constexpr):
-        """Unscaled d loss / d z = r / var_l on columns c0.., and the tail's share (times out_scale)
-        scattered by label."""
-        dz = _residual(z, c0, D, tail_ptr, targets, mean_coef, row_ok, BLOCK_C) * inv_var
-        if TRAIN_TAIL:
-            cols = c0 + tl.arange(0, BLOCK_C)
-            ok = row_ok[:, None] & (cols < D)[None, :]
-            tl.atomic_add(grad_tail_ptr + targets[:, None] * D + cols[None, :], (-mean_coef * out_scale) * dz,
-                          mask=ok)
-        return dz
-
-    @triton.jit
-    def _accumulate(ptr, out0, in0, D_OUT, D_IN, value, out_scale,
-                    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
-        """float32 atomic add of a [BLOCK_OUT, BLOCK_IN] weight-gradient tile times out_scale."""
-        o = out0 + tl.arange(0, BLOCK_OUT)
-        i = in0 + tl.arange(0, BLOCK_IN)
-        ok = (o < D_OUT)[:, None] & (i < D_IN)[None, :]
-        tl.atomic_add(ptr + o.to(tl.int64)[:, None] * D_IN + i[None, :], value * out_scale, mask=ok)
-
-    @triton.jit
-    def _accumulate_bias(ptr, out0, D_OUT, value, out_scale, BLOCK_OUT: tl.constexpr):
-        o = out0 + tl.arange(0, BLOCK_OUT)
-        tl.atomic_add(ptr + o, value * out_scale, mask=o < D_OUT)
 
     @triton.jit
     def bridge_backward_kernel(
@@ -323,7 +135,7 @@ if triton is not None:
         layer = tl.program_id(1).to(tl.int64)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        row_off, stride_h, b = _token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
+        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         half_off = (layer * B + b) * D1
         targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -337,78 +149,78 @@ if triton is not None:
 
         # Walk down to the gradient of layer 2's pre-activation (da2, kept on chip).
         if NUM_LINEAR == 2:
-            a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+            a2 = second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
                                BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
-            da2 = _latent_grad(a2, 0, D2, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
+            da2 = latent_grad(a2, 0, D2, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
                                P2, TRAIN_TAIL)
         if NUM_LINEAR >= 3:
-            a2 = _second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+            a2 = second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
                                BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
-            g2 = _gelu(a2)
+            g2 = gelu(a2)
             dg2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
             if NUM_LINEAR == 3:
                 for c0 in range(0, D3, BLOCK_N3):
-                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
-                    z = _dot(g2, w3t, None, DOT_PRECISION)
-                    z += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                    dz = _latent_grad(z, c0, D3, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
+                    w3t = load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                    z = dot_acc(g2, w3t, None, DOT_PRECISION)
+                    z += load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                    dz = latent_grad(z, c0, D3, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
                                       row_ok, BLOCK_N3, TRAIN_TAIL)
                     if TRAIN_MAPPING:
-                        _accumulate(grad_w3_ptr, c0, 0, D3, D2,
-                                    _dot(tl.trans(dz), g2, None, DOT_PRECISION), out_scale, BLOCK_N3, P2)
-                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(dz, axis=0), out_scale, BLOCK_N3)
-                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2, DOT_PRECISION)
-                    dg2 = _dot(dz, w3, dg2, DOT_PRECISION)
+                        accumulate(grad_w3_ptr, c0, 0, D3, D2,
+                                    dot_acc(tl.trans(dz), g2, None, DOT_PRECISION), out_scale, BLOCK_N3, P2)
+                        accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(dz, axis=0), out_scale, BLOCK_N3)
+                    w3 = load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2, DOT_PRECISION)
+                    dg2 = dot_acc(dz, w3, dg2, DOT_PRECISION)
             else:
                 # Layer 4 needs all of layer 3: one pass for the latent point, one for the grads.
                 a4 = tl.zeros([BLOCK_M, P4], dtype=tl.float32)
                 for c0 in range(0, D3, BLOCK_N3):
-                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
-                    a3 = _dot(g2, w3t, None, DOT_PRECISION)
-                    a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                    w4t = _load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4, DOT_PRECISION)
-                    a4 = _dot(_gelu(a3), w4t, a4, DOT_PRECISION)
-                a4 += _load_bias(b4_ptr, 0, D4, P4)[None, :]
-                dz = _latent_grad(a4, 0, D4, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
+                    w3t = load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                    a3 = dot_acc(g2, w3t, None, DOT_PRECISION)
+                    a3 += load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                    w4t = load_weight_t(w4_ptr, 0, c0, D4, D3, BLOCK_N3, P4, DOT_PRECISION)
+                    a4 = dot_acc(gelu(a3), w4t, a4, DOT_PRECISION)
+                a4 += load_bias(b4_ptr, 0, D4, P4)[None, :]
+                dz = latent_grad(a4, 0, D4, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
                                   P4, TRAIN_TAIL)
                 if TRAIN_MAPPING:
-                    _accumulate_bias(grad_b4_ptr, 0, D4, tl.sum(dz, axis=0), out_scale, P4)
+                    accumulate_bias(grad_b4_ptr, 0, D4, tl.sum(dz, axis=0), out_scale, P4)
                 for c0 in range(0, D3, BLOCK_N3):
-                    w3t = _load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
-                    a3 = _dot(g2, w3t, None, DOT_PRECISION)
-                    a3 += _load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
-                    w4 = _load_weight(w4_ptr, 0, c0, D4, D3, P4, BLOCK_N3, DOT_PRECISION)
-                    da3 = _dot(dz, w4, None, DOT_PRECISION) * _gelu_grad(a3)
+                    w3t = load_weight_t(w3_ptr, c0, 0, D3, D2, P2, BLOCK_N3, DOT_PRECISION)
+                    a3 = dot_acc(g2, w3t, None, DOT_PRECISION)
+                    a3 += load_bias(b3_ptr, c0, D3, BLOCK_N3)[None, :]
+                    w4 = load_weight(w4_ptr, 0, c0, D4, D3, P4, BLOCK_N3, DOT_PRECISION)
+                    da3 = dot_acc(dz, w4, None, DOT_PRECISION) * gelu_grad(a3)
                     if TRAIN_MAPPING:
-                        _accumulate(grad_w4_ptr, 0, c0, D4, D3,
-                                    _dot(tl.trans(dz), _gelu(a3), None, DOT_PRECISION), out_scale, P4, BLOCK_N3)
-                        _accumulate(grad_w3_ptr, c0, 0, D3, D2,
-                                    _dot(tl.trans(da3), g2, None, DOT_PRECISION), out_scale, BLOCK_N3, P2)
-                        _accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(da3, axis=0), out_scale, BLOCK_N3)
-                    w3 = _load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2, DOT_PRECISION)
-                    dg2 = _dot(da3, w3, dg2, DOT_PRECISION)
-            da2 = dg2 * _gelu_grad(a2)
+                        accumulate(grad_w4_ptr, 0, c0, D4, D3,
+                                    dot_acc(tl.trans(dz), gelu(a3), None, DOT_PRECISION), out_scale, P4, BLOCK_N3)
+                        accumulate(grad_w3_ptr, c0, 0, D3, D2,
+                                    dot_acc(tl.trans(da3), g2, None, DOT_PRECISION), out_scale, BLOCK_N3, P2)
+                        accumulate_bias(grad_b3_ptr, c0, D3, tl.sum(da3, axis=0), out_scale, BLOCK_N3)
+                    w3 = load_weight(w3_ptr, c0, 0, D3, D2, BLOCK_N3, P2, DOT_PRECISION)
+                    dg2 = dot_acc(da3, w3, dg2, DOT_PRECISION)
+            da2 = dg2 * gelu_grad(a2)
         if NUM_LINEAR >= 2:
             if TRAIN_MAPPING:
-                _accumulate_bias(grad_b2_ptr, 0, D2, tl.sum(da2, axis=0), out_scale, P2)
+                accumulate_bias(grad_b2_ptr, 0, D2, tl.sum(da2, axis=0), out_scale, P2)
 
         # Layer 1, chunk by chunk: recompute, take the gradient of the chunk's pre-activation and
         # push it to the context half, the token rows and W1's token half.
         for c0 in range(0, D1, BLOCK_D1):
-            a1 = _first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+            a1 = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
                                     w1_ptr, w1_stride, c0, H, D1,
                                     BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
             if NUM_LINEAR == 1:
-                da1 = _latent_grad(a1, c0, D1, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
+                da1 = latent_grad(a1, c0, D1, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
                                    row_ok, BLOCK_D1, TRAIN_TAIL)
             else:
                 if TRAIN_MAPPING:
-                    _accumulate(grad_w2_ptr, 0, c0, D2, D1,
-                                _dot(tl.trans(da2), _gelu(a1), None, DOT_PRECISION), out_scale, P2, BLOCK_D1)
-                w2 = _load_weight(w2_ptr, 0, c0, D2, D1, P2, BLOCK_D1, DOT_PRECISION)
-                da1 = _dot(da2, w2, None, DOT_PRECISION) * _gelu_grad(a1)
+                    accumulate(grad_w2_ptr, 0, c0, D2, D1,
+                                dot_acc(tl.trans(da2), gelu(a1), None, DOT_PRECISION), out_scale, P2, BLOCK_D1)
+                w2 = load_weight(w2_ptr, 0, c0, D2, D1, P2, BLOCK_D1, DOT_PRECISION)
+                da1 = dot_acc(da2, w2, None, DOT_PRECISION) * gelu_grad(a1)
             cols = c0 + tl.arange(0, BLOCK_D1)
             ok = row_ok[:, None] & (cols < D1)[None, :]
             da1 = tl.where(ok, da1, 0.0)
@@ -416,17 +228,17 @@ if triton is not None:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
-                w1 = _operand(tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
+                w1 = operand(tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
                                       mask=(cols < D1)[:, None] & k_ok[None, :], other=0.0), DOT_PRECISION)
-                dx = _dot(da1, w1, None, DOT_PRECISION)
+                dx = dot_acc(da1, w1, None, DOT_PRECISION)
                 token_ptr = grad_tokens_ptr + (layer * N + rows.to(tl.int64))[:, None] * H + ks[None, :]
                 tok_ok = row_ok[:, None] & k_ok[None, :]
                 # Only this program touches these rows; atomics keep the chunk sums coherent.
                 tl.atomic_add(token_ptr, dx * out_scale, mask=tok_ok)
                 if TRAIN_MAPPING:
-                    x = _load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
-                    _accumulate(grad_w1_ptr, c0, k0, D1, H,
-                                _dot(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
+                    x = load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
+                    accumulate(grad_w1_ptr, c0, k0, D1, H,
+                                dot_acc(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
 
 
 class BridgeConfig(dict):
@@ -519,7 +331,7 @@ def bridge_forward(
     inv_var: torch.Tensor,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """SPEC steps 2-7: the sum over (layer, row) of ``|z - mean_coef_l e|^2 / (2 var_l)``
+    """METHOD.md steps 2-7: the sum over (layer, row) of ``|z - mean_coef_l e|^2 / (2 var_l)``
     (float32 scalar, not yet divided by the number of pairs). N must be > 0.
 
     weights/biases: the mapping's contiguous Linear parameters; ``context_half`` float32

@@ -79,7 +79,7 @@ def make_case(
 
 
 def float64_bridge_loss(states, labels, mask, mapping, tail, bridge, ignore_index=-100):
-    """An independent float64 formula of R, written loop by loop from SPEC.md."""
+    """An independent float64 formula of R, written loop by loop from docs/METHOD.md."""
     import math
 
     num_states = len(states)

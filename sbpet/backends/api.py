@@ -1,0 +1,143 @@
+"""The functional API: validate once, pick a backend, compute R (METHOD.md steps 1-8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch
+from ..core.bridges import Bridge, get_bridge
+from .dispatch import BACKENDS, resolve_backend
+from ..core.mapping import BridgeMapping
+from ..core.precision import check_precision
+from ..core.validation import validate_inputs
+
+__all__ = ["bridge_loss", "BACKENDS", "resolve_backend", "select_loss_backend"]
+
+
+def _grad_flags(mapping: BridgeMapping, tail: torch.Tensor, *tensors: torch.Tensor) -> tuple[bool, ...]:
+    return (
+        any(t.requires_grad for t in tensors),
+        any(p.requires_grad for p in mapping.parameters()),
+        bool(tail.requires_grad),
+    )
+
+
+def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision) -> dispatch.Backend:
+    """The backend computing R from validated whole hidden states (``auto`` times candidates once
+    per key; see :mod:`sbpet.dispatch`)."""
+    states = inputs.hidden_states
+    batch, seq, hidden = states[0].shape
+    key = (
+        states[0].dtype, precision, len(states), hidden, tuple(mapping.dims),
+        *dispatch.shape_key(batch, seq, inputs.targets.numel()), _grad_flags(mapping, tail, *states),
+    )
+
+    args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,
+            mean_coef, variance, precision)
+    params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
+    runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args), states, params)
+    return dispatch.select("loss", backend, states[0].device, key, runners)
+
+
+def bridge_loss(
+    hidden_states,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    mapping: BridgeMapping,
+    tail: torch.Tensor,
+    bridge: str | Bridge = "brownian",
+    *,
+    ignore_index: int = -100,
+    shift_labels: bool = False,
+    full_nll: bool = False,
+    backend: str = "auto",
+    precision: str = "fp32",
+    num_layers: int | None = None,
+) -> torch.Tensor:
+    """The stochastic-bridge regulariser R of docs/METHOD.md as a function.
+
+    Args:
+        hidden_states: the Hugging Face tuple/list of L+1 tensors [B, S, H]
+            (``outputs.hidden_states``) or one stacked tensor [L+1, B, S, H]; float16, bfloat16,
+            float32 or float64.
+        labels: [B, S] integer target token ids; ``ignore_index`` marks positions that are not
+            regularised.
+        attention_mask: [B, S], nonzero for real tokens (None: all real).
+        mapping: the mapping g (:class:`BridgeMapping` for hidden size H).
+        tail: [V, D] tail points (e.g. from :func:`tail_from_embeddings`), D = g's latent size.
+        bridge: ``"brownian"``, ``"ou"`` or a :class:`~sbpet.bridges.Bridge`.
+        ignore_index: label value of positions that are not regularised (-100).
+        shift_labels: causal LMs: pair the state at position s with ``labels[:, s + 1]``.
+        full_nll: add the log-variance and 2*pi terms, making R a true negative log-likelihood
+            per (layer, position) pair.
+        backend: ``"auto"`` (on CUDA the fastest of torch and triton, timed once per shape
+            bucket; on CPU torch; see :mod:`sbpet.dispatch`), ``"reference"``, ``"torch"`` or
+            ``"triton"``. ``SBPET_BACKEND`` overrides ``"auto"``.
+        precision: how g's matrix products run, in every backend: ``"fp32"`` (default),
+            ``"tf32"`` or ``"bf16"`` (bf16 operands, float32 accumulation); see
+            :mod:`sbpet.precision`.
+        num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
+
+    Returns:
+        Scalar float32 tensor R (float64 for float64 states; under autocast too, which never
+        changes g's precision: ``precision`` does), the mean over the (L+1) * N (layer,
+        regularised position) pairs of ``sum_d (z - mean_l e)^2 / (2 var_l)``; exactly 0 (with
+        zero gradients) when N == 0.
+
+    Example:
+        >>> import torch, sbpet
+        >>> g = sbpet.BridgeMapping(16, dims=(32, 4))
+        >>> tail = sbpet.tail_from_embeddings(torch.randn(50, 16), 4)
+        >>> states = [torch.randn(2, 7, 16, requires_grad=True) for _ in range(3)]
+        >>> labels = torch.full((2, 7), -100); labels[:, 3] = torch.tensor([5, 9])
+        >>> loss = sbpet.bridge_loss(states, labels, torch.ones(2, 7), g, tail, "ou")
+        >>> loss.backward()
+    """
+    if not isinstance(mapping, BridgeMapping):
+        raise TypeError(f"mapping must be a BridgeMapping, got {type(mapping).__name__}")
+    if not isinstance(tail, torch.Tensor) or tail.dim() != 2:
+        raise ValueError(f"tail must be a [V, D] tensor, got {getattr(tail, 'shape', tail)!r}")
+    if tail.shape[1] != mapping.latent_size:
+        raise ValueError(
+            f"tail has {tail.shape[1]} columns but the mapping's latent size is {mapping.latent_size}"
+        )
+    bridge = get_bridge(bridge)
+    check_precision(precision)
+    dispatch.check_backend_name(backend)
+    inputs = validate_inputs(
+        hidden_states,
+        labels,
+        attention_mask,
+        vocab_size=tail.shape[0],
+        num_layers=num_layers,
+        hidden_size=mapping.hidden_size,
+        ignore_index=ignore_index,
+        shift_labels=shift_labels,
+    )
+    device = inputs.hidden_states[0].device
+    for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden_states are on {device}")
+    mean_coef, variance = bridge.marginals(inputs.num_states)
+    # ``precision`` decides how g's products run, not an enclosing autocast region: R is computed
+    # (and returned) in float32 (float64 states: float64) whether or not the model runs under autocast.
+    with torch.autocast(device.type, enabled=False):
+        chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
+        loss = chosen.loss(
+            inputs.hidden_states,
+            inputs.attention_mask,
+            inputs.batch_index,
+            inputs.seq_index,
+            inputs.targets,
+            mapping,
+            tail,
+            mean_coef,
+            variance,
+            precision,
+        )
+    if full_nll and inputs.targets.numel():
+        log_norm = 0.5 * mapping.latent_size * torch.log(2 * math.pi * variance).mean()
+        loss = loss + float(log_norm)
+    return loss

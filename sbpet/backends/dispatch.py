@@ -1,0 +1,266 @@
+"""The backend choice, in one place: names, the parts interface, and ``auto``.
+
+Every public route (``bridge_loss``, ``BridgeRegularizer``, ``BridgeCapture`` and so
+``BridgeTrainer`` and ``fit_mapping``) asks :func:`select` for a :class:`Backend`; none imports a
+backend module itself. A backend offers three functions with one contract:
+
+- ``capture_layer(states, attention_mask, batch_index, seq_index)``: one layer's states
+  [B, S, H] (any float dtype, any strides) -> (float32 context [B, H], regularised rows [N, H]),
+  differentiable (METHOD.md steps 1-2; the forward hooks of :class:`sbpet.hf.BridgeCapture` call it);
+- ``loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
+  precision)``: R from the L+1 layers' parts (lists of [B, H] and [N, H]; METHOD.md steps 3-7);
+- ``loss(hidden_states, attention_mask, batch_index, seq_index, targets, mapping, tail, mean_coef,
+  variance, precision)``: R from the whole hidden states (``output_hidden_states=True``).
+
+``auto`` (the default): on CPU the torch backend. On CUDA, the first call of an operation for a
+new key (operation, device, dtype, precision, shape bucket, which inputs need a gradient) times
+every candidate (torch and each Triton strategy) forward + backward with CUDA events after a
+warm-up, on the call's own inputs (gradients taken with ``torch.autograd.grad``, so nothing
+accumulates into ``.grad``), and keeps the fastest for the process. Candidates run at the same
+``precision``: the precision is the user's, the speed is the dispatcher's. A candidate that
+fails is dropped with a warning. The choice is logged once at INFO (logger ``sbpet.dispatch``).
+``SBPET_BACKEND=torch|triton|reference`` (or an explicit ``backend=``) forces a backend.
+Under ``torch.use_deterministic_algorithms(True)`` the Triton kernels (float32 atomics) are not
+candidates. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
+counts (ranks see different batches; a collective per new key must be reached by all ranks
+together). During CUDA-graph capture a recorded choice, else the analytic one (torch), is used:
+never a timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BACKENDS", "ENV_VAR", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
+    "cuda_event_timer", "runners_for", "shape_key", "fwd_bwd_runner",
+]
+
+logger = logging.getLogger("sbpet.dispatch")
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+ENV_VAR = "SBPET_BACKEND"
+ANALYTIC_CHOICE = "torch"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's implementation of the parts interface (see the module docstring)."""
+
+    name: str
+    loss: Callable
+    capture_layer: Callable
+    loss_from_parts: Callable
+
+
+def _triton_module():
+    from . import triton_backend  # imported lazily: it imports triton
+
+    return triton_backend
+
+
+def get_backend(name: str) -> Backend:
+    """The :class:`Backend` called ``name`` ("reference", "torch" or "triton")."""
+    if name == "reference":
+        from . import reference as ref
+
+        return Backend(name, ref.reference_bridge_loss, ref.reference_capture_layer, ref.reference_loss_from_parts)
+    if name == "torch":
+        from . import torch_backend as tb
+
+        return Backend(name, tb.torch_bridge_loss, tb.capture_layer, tb.bridge_loss_from_parts)
+    if name == "triton":
+        tr = _triton_module()
+        return Backend(name, tr.triton_bridge_loss, tr.triton_capture_layer, tr.triton_loss_from_parts)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def check_backend_name(backend: str, argument: str = "backend") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _forced_backend() -> str | None:
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if not forced or forced == "auto":
+        return None
+    return check_backend_name(forced, f"the environment variable {ENV_VAR}")
+
+
+def _triton_candidate(device: torch.device) -> bool:
+    try:
+        usable = _triton_module().triton_is_usable(device)
+    except ImportError:
+        return False
+    if usable and torch.are_deterministic_algorithms_enabled():
+        _log_once(("deterministic", device.type), "auto: the Triton kernels use float32 atomics (not "
+                  "deterministic): not a candidate under torch.use_deterministic_algorithms(True)")
+        return False
+    return usable
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` into what runs on ``device``: a backend name, or ``"auto"`` when timing
+    will choose among several candidates (CUDA with Triton usable).
+
+    ``"auto"`` honours ``SBPET_BACKEND``; on CPU (and wherever Triton cannot run) it is
+    ``"torch"``. An explicit backend that cannot run on ``device`` raises ValueError (never a
+    silent switch)."""
+    check_backend_name(backend)
+    device = torch.device(device)
+    if backend == "auto":
+        backend = _forced_backend() or "auto"
+    if backend == "auto":
+        return "auto" if device.type == "cuda" and _triton_candidate(device) else "torch"
+    if backend == "triton":
+        try:
+            module = _triton_module()
+        except ImportError as exc:
+            raise ValueError(f"backend='triton' needs the triton package: {exc}") from exc
+        module.check_triton_available(device)
+    return backend
+
+
+_logged: set = set()
+
+
+def _log_once(key, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(message)
+
+
+def cuda_event_timer(run: Callable[[], None], warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of ``run()`` timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _distributed_world() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+def _capturing_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Selector:
+    """Remembers, per key, the fastest candidate of ``auto`` (for the life of the process).
+
+    ``timer(run) -> milliseconds`` measures one candidate (default :func:`cuda_event_timer`);
+    tests inject their own."""
+
+    def __init__(self, timer: Callable[[Callable[[], None]], float] | None = None):
+        self.timer = timer
+        self.choices: dict = {}
+        self.timings: dict = {}
+
+    def choose(self, key, runners: Callable[[], dict], analytic: str = ANALYTIC_CHOICE) -> str:
+        """The recorded choice for ``key``, else time ``runners()`` (name -> callable) and record
+        the fastest. During CUDA-graph capture nothing is timed: recorded, else ``analytic``."""
+        if key in self.choices:
+            return self.choices[key]
+        if _capturing_graph():
+            return analytic
+        times = {}
+        timer = self.timer or cuda_event_timer
+        for name, run in runners().items():
+            try:
+                times[name] = float(timer(run))
+            except Exception as exc:  # a failing candidate is dropped, never a crash
+                warnings.warn(f"sbpet auto: backend {name!r} failed for {key} and is not a candidate: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+        choice = min(times, key=times.get) if times else analytic
+        if _distributed_world():
+            shared = [choice]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        self.choices[key] = choice
+        self.timings[key] = times
+        measured = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda x: x[1]))
+        logger.info("sbpet auto chose %s for %s (%s)", choice, key, measured or "no timing: analytic choice")
+        return choice
+
+
+selector = Selector()
+
+
+def _bucket(n: int) -> int:
+    """Round a size up to a power of two (the shape bucket of a key)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def select(op: str, backend: str, device: torch.device, key: tuple, runners: Callable[[list[str]], dict]) -> Backend:
+    """The :class:`Backend` that runs operation ``op`` ("loss", "parts" or "capture").
+
+    ``key`` describes the call (dtype, precision, sizes, grad flags); sizes that vary between
+    batches are bucketed here (and dropped under DDP). ``runners(names)`` builds, for the
+    candidate names, callables that run the operation forward + backward on the call's inputs."""
+    name = resolve_backend(backend, device)
+    if name != "auto":
+        return get_backend(name)
+    candidates = ["torch", "triton"]
+    full_key = (op, str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", *key)
+    return get_backend(selector.choose(full_key, lambda: runners(candidates)))
+
+
+def shape_key(*sizes: int) -> tuple:
+    """Sizes that vary from batch to batch, as they enter a key: powers of two, or nothing under
+    DDP (see the module docstring)."""
+    if _distributed_world():
+        return ()
+    return tuple(_bucket(s) for s in sizes)
+
+
+def runners_for(call: Callable, tensors, extra=()) -> Callable[[list[str]], dict]:
+    """The ``runners`` argument of :func:`select`: for each candidate name, a fwd+bwd runner of
+    ``call(backend, detached)``, ``detached`` being ``tensors`` detached from the caller's graph
+    (same ``requires_grad``); gradients are taken for them and for the ``extra`` leaves (g, tail)
+    that need one."""
+
+    def runners(names):
+        detached = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        return {
+            name: fwd_bwd_runner(lambda b=get_backend(name): call(b, detached), detached + list(extra))
+            for name in names
+        }
+
+    return runners
+
+
+def fwd_bwd_runner(forward: Callable[[], object], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """A callable that runs ``forward()`` and, when ``inputs`` need gradients, its backward with
+    ``torch.autograd.grad`` (upstream gradients of ones: the timing draws nothing from the RNG;
+    nothing is accumulated into ``.grad``)."""
+
+    def run():
+        out = forward()
+        outputs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        if outputs and wanted:
+            grads = [torch.ones_like(o) for o in outputs]  # no RNG draw: timing must not shift seeds
+            torch.autograd.grad(outputs, wanted, grads, allow_unused=True)
+
+    return run

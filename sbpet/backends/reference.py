@@ -1,0 +1,108 @@
+"""The reference backend: the method as the paper's released code computes it.
+
+It stacks the L+1 hidden states, upcasts them, takes the masked-mean context, concatenates
+[context ; token] for every regularised position, runs the mapping and scores the bridge. It is
+the yardstick for every other backend, in correctness and in speed and memory: keep it readable,
+do not optimise it. One function per METHOD.md step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..core.mapping import BridgeMapping
+from ..core.precision import linear
+
+__all__ = ["reference_bridge_loss", "reference_capture_layer", "reference_loss_from_parts"]
+
+
+def context(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """METHOD.md step 1: masked mean over the sequence. states [L+1, B, S, H] -> [L+1, B, H]. Padded
+    positions (mask 0) are left out, not multiplied by 0: a NaN or inf there never reaches R."""
+    real = attention_mask != 0
+    kept = torch.where(real[None, :, :, None], states, torch.zeros((), dtype=states.dtype, device=states.device))
+    return kept.sum(dim=2) / real.sum(dim=1).to(states.dtype)[None, :, None]
+
+
+def mapping_inputs(states, contexts, batch_index, seq_index) -> torch.Tensor:
+    """METHOD.md step 2: u[l, n] = concat(c[l, b], h[l][b, s]) -> [L+1, N, 2H], context first."""
+    return torch.cat([contexts[:, batch_index], states[:, batch_index, seq_index]], dim=-1)
+
+
+def latent_points(mapping: BridgeMapping, inputs: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """METHOD.md step 3: z = g(u) -> [L+1, N, D], every Linear's product at ``precision``."""
+    out = inputs.to(mapping.layers[0].weight.dtype)
+    for i, layer in enumerate(mapping.layers):
+        out = linear(F.gelu(out) if i else out, layer.weight, layer.bias, precision)
+    return out
+
+
+def tail_points(tail: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """METHOD.md step 4: e[n] = tail[labels[n]] -> [N, D]."""
+    return tail[targets]
+
+
+def bridge_loss_from_latents(latents, ends, mean_coef, variance) -> torch.Tensor:
+    """METHOD.md steps 6-7: mean over (l, n) of sum_d (z - mean_coef_l e)^2 / (2 var_l)."""
+    mean_coef = mean_coef.to(latents)
+    variance = variance.to(latents)
+    residual = latents - mean_coef[:, None, None] * ends[None].to(latents)
+    per_pair = residual.pow(2).sum(dim=-1) / (2 * variance[:, None])
+    pairs = max(per_pair.numel(), 1)
+    return per_pair.sum() / pairs
+
+
+def reference_bridge_loss(
+    hidden_states,
+    attention_mask,
+    batch_index,
+    seq_index,
+    targets,
+    mapping,
+    tail,
+    mean_coef,
+    variance,
+    precision="fp32",
+):
+    """The bridge regulariser R on validated inputs (the contract every backend honours).
+
+    Args:
+        hidden_states: list of L+1 tensors [B, S, H] (float16/bfloat16/float32/float64).
+        attention_mask: [B, S], nonzero for real tokens; every row has one.
+        batch_index, seq_index, targets: int64 [N]: the regularised positions and label ids.
+        mapping: :class:`~sbpet.BridgeMapping` g.
+        tail: [V, D] tail points.
+        mean_coef, variance: [L+1] bridge marginals at the layer times (METHOD.md step 6).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's products run
+            (:mod:`sbpet.precision`).
+
+    Returns:
+        Scalar R (float32, or float64 for float64 inputs): the mean over the (L+1) * N pairs of
+        ``sum_d (z - mean_coef_l * e)^2 / (2 variance_l)``; exactly 0 when N == 0.
+    """
+    compute_dtype = torch.promote_types(hidden_states[0].dtype, torch.float32)
+    states = torch.stack(list(hidden_states)).to(compute_dtype)
+    contexts = context(states, attention_mask)
+    inputs = mapping_inputs(states, contexts, batch_index, seq_index)
+    latents = latent_points(mapping, inputs, precision)
+    ends = tail_points(tail, targets)
+    return bridge_loss_from_latents(latents, ends, mean_coef, variance)
+
+
+def reference_capture_layer(states, attention_mask, batch_index, seq_index):
+    """The parts interface's per-layer capture, by the reference's steps 1-2: the context [B, H]
+    and the regularised rows [N, H] of one layer [B, S, H], both upcast to float32 (or float64)."""
+    compute_dtype = torch.promote_types(states.dtype, torch.float32)
+    layer = states.to(compute_dtype)[None]
+    return context(layer, attention_mask)[0], layer[0, batch_index, seq_index]
+
+
+def reference_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
+                              precision="fp32"):
+    """R from the parts (lists of L+1 contexts [B, H] and token rows [N, H]) by the reference's
+    steps 2-7: concatenate [context ; token] per row, run the whole mapping, score the bridge."""
+    contexts, tokens = torch.stack(list(contexts)), torch.stack(list(tokens))
+    inputs = torch.cat([contexts[:, batch_index], tokens.to(contexts.dtype)], dim=-1)
+    latents = latent_points(mapping, inputs, precision)
+    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)

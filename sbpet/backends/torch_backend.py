@@ -1,0 +1,254 @@
+"""The fast pure-PyTorch backend (CPU, and GPUs without Triton).
+
+Same contract as :func:`sbpet.reference.reference_bridge_loss`. What it does differently:
+- works on the per-layer tensors where they lie: no stack of all hidden states and no float32
+  copy of them (a low-precision layer is upcast a bounded chunk at a time);
+- the context is a matmul of each layer with the mask weights, accumulated in float32;
+- the first Linear is split (METHOD.md step 3): its context half runs once per (layer, sequence) and is
+  added to the token half of each regularised position;
+- the rows of all layers go through the mapping in one batched call, with a written-out backward
+  whose products run at the user's ``precision`` like the forward's (:mod:`sbpet.precision`);
+- one custom backward writes each layer's gradient in one pass: the context share broadcast to
+  every real token plus the token rows, instead of summing separately built gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..core.precision import check_precision, matmul
+from .reference import bridge_loss_from_latents, tail_points
+
+__all__ = ["torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "context_and_tokens", "mapping_from_parts"]
+
+# Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
+_UPCAST_CHUNK_ELEMENTS = 1 << 22
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Tensor:
+    """METHOD.md step 1 for one layer: [B, S, H] states, [B, S] weights mask/count -> [B, H] float32+.
+
+    Padded positions (weight 0) never reach the context (0 * NaN would make it NaN): they are
+    zeroed in the bounded float32+ copy that widens 16-bit states. States already in the
+    accumulation dtype take one product on the CPU, redone with the zeroing only when the result is
+    not finite (a host check is free there); on a GPU they take the zeroing copy too (one more pass
+    over the layer, but no host synchronisation)."""
+    acc = mask_weights.dtype
+    if states.dtype == acc and states.device.type == "cpu":
+        total = torch.bmm(mask_weights[:, None, :], states).squeeze(1)
+        if bool(torch.isfinite(total).all()):
+            return total
+    batch, seq, hidden = states.shape
+    chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, batch * hidden))
+    total = states.new_zeros((batch, 1, hidden), dtype=acc)
+    padded = mask_weights == 0
+    for start in range(0, seq, chunk):
+        part = states[:, start : start + chunk].to(acc, copy=True)
+        part.masked_fill_(padded[:, start : start + chunk, None], 0)
+        total.baddbmm_(mask_weights[:, None, start : start + chunk], part)
+    return total.squeeze(1)
+
+
+class _ContextAndTokens(torch.autograd.Function):
+    """METHOD.md steps 1-2 without materialising [rows, 2H]: contexts [L+1, B, H] and token rows
+    [L+1, N, H] of the regularised positions, with a one-pass-per-layer backward."""
+
+    @staticmethod
+    def forward(ctx, mask_weights, batch_index, seq_index, *hidden_states):
+        contexts = torch.stack([layer_context(h, mask_weights) for h in hidden_states])
+        tokens = torch.stack([h[batch_index, seq_index] for h in hidden_states])
+        ctx.save_for_backward(mask_weights, batch_index, seq_index)
+        ctx.states_dtype = hidden_states[0].dtype
+        return contexts, tokens
+
+    @staticmethod
+    def backward(ctx, grad_contexts, grad_tokens):
+        mask_weights, batch_index, seq_index = ctx.saved_tensors
+        dtype = ctx.states_dtype
+        weights = mask_weights.to(dtype)[:, :, None]
+        grads = []
+        for layer, needed in enumerate(ctx.needs_input_grad[3:]):
+            if not needed:
+                grads.append(None)
+                continue
+            grad = weights * grad_contexts[layer].to(dtype)[:, None, :]
+            grad.index_put_((batch_index, seq_index), grad_tokens[layer].to(dtype), accumulate=True)
+            grads.append(grad)
+        return (None, None, None, *grads)
+
+
+def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
+    """d gelu(x) / dx for the exact (erf) GELU: Phi(x) + x phi(x), with few temporaries."""
+    x_pdf = x.square().mul_(-0.5).exp_().mul_(x).mul_(0.3989422804014327)
+    return torch.erf(x * 0.7071067811865476).add_(1.0).mul_(0.5).add_(x_pdf)
+
+
+class _Mapping(torch.autograd.Function):
+    """METHOD.md step 3 on the parts, every dot at the user's ``precision`` in both passes.
+
+    The first Linear is split (W1 u = W1[:, :H] c + W1[:, H:] h): its context half runs once per
+    (layer, sequence) and is gathered for the rows. Saves the pre-activations of layers 1..k-1 and,
+    when g is trained, their GELU outputs (what autograd would save), and writes its own backward
+    so that the backward's products run at the same precision as the forward's."""
+
+    @staticmethod
+    def forward(ctx, precision, batch_index, contexts, tokens, *params):
+        weights, biases = params[0::2], params[1::2]
+        hidden = contexts.shape[-1]
+        w1 = weights[0]
+        half = matmul(contexts, w1[:, :hidden].T, precision) + biases[0]
+        pre = [matmul(tokens, w1[:, hidden:].T, precision) + half[:, batch_index]]
+        acts = []
+        for w, b in zip(weights[1:], biases[1:]):
+            acts.append(F.gelu(pre[-1]))
+            pre.append(matmul(acts[-1], w.T, precision) + b)
+        ctx.precision = precision
+        ctx.num_linear = len(weights)
+        # The weight gradients need the activations; a frozen g (PET training) does not keep them.
+        ctx.saved_acts = any(ctx.needs_input_grad[4:])
+        saved_acts = acts if ctx.saved_acts else []
+        ctx.save_for_backward(batch_index, contexts, tokens, *params, *pre[:-1], *saved_acts)
+        return pre[-1]
+
+    @staticmethod
+    def backward(ctx, grad_latents):
+        precision, k = ctx.precision, ctx.num_linear
+        batch_index, contexts, tokens, *rest = ctx.saved_tensors
+        params, pre, acts = rest[: 2 * k], rest[2 * k : 3 * k - 1], rest[3 * k - 1 :]
+        weights = params[0::2]
+        needs = ctx.needs_input_grad
+        train = ctx.saved_acts
+        grads = [None] * (2 * k)
+        grad = grad_latents.to(pre[0].dtype) if pre else grad_latents
+        for i in range(k - 1, 0, -1):
+            if train:
+                rows, act = grad.reshape(-1, grad.shape[-1]), acts[i - 1]
+                grads[2 * i] = matmul(rows.T, act.reshape(-1, act.shape[-1]), precision).to(weights[i].dtype)
+                grads[2 * i + 1] = rows.sum(0).to(weights[i].dtype)
+            grad = matmul(grad, weights[i], precision).mul_(_gelu_grad(pre[i - 1]))
+        # Layer 1: grad is d R / d a1 [L+1, N, d1]; its context half gets the rows' sum per sequence.
+        hidden = contexts.shape[-1]
+        w1 = weights[0]
+        grad_half = grad.new_zeros((grad.shape[0], contexts.shape[1], grad.shape[-1]))
+        grad_half.index_add_(1, batch_index, grad)
+        grad_contexts = grad_tokens = None
+        if needs[2]:
+            grad_contexts = matmul(grad_half, w1[:, :hidden], precision).to(contexts.dtype)
+        if needs[3]:
+            grad_tokens = matmul(grad, w1[:, hidden:], precision).to(tokens.dtype)
+        if train:
+            rows = grad.reshape(-1, grad.shape[-1])
+            half_rows = grad_half.reshape(-1, grad.shape[-1])
+            grad_w1_context = matmul(half_rows.T, contexts.reshape(-1, hidden), precision)
+            grad_w1_token = matmul(rows.T, tokens.reshape(-1, hidden), precision)
+            grads[0] = torch.cat([grad_w1_context, grad_w1_token], dim=1).to(w1.dtype)
+            grads[1] = half_rows.sum(0).to(w1.dtype)
+        grads = [g if needed else None for g, needed in zip(grads, needs[4:])]
+        return (None, None, grad_contexts, grad_tokens, *grads)
+
+
+def mapping_from_parts(mapping, contexts, tokens, batch_index, precision: str = "fp32") -> torch.Tensor:
+    """METHOD.md step 3 from the parts: latents [L+1, N, D] (float32, float64 for a float64 mapping)."""
+    params = [t for layer in mapping.layers for t in (layer.weight, layer.bias)]
+    return _Mapping.apply(precision, batch_index, contexts, tokens, *params)
+
+
+def torch_bridge_loss(
+    hidden_states,
+    attention_mask,
+    batch_index,
+    seq_index,
+    targets,
+    mapping,
+    tail,
+    mean_coef,
+    variance,
+    precision: str = "fp32",
+):
+    """The bridge regulariser R, fast in PyTorch. Same arguments and result as
+    :func:`sbpet.reference.reference_bridge_loss`."""
+    contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index)
+    return bridge_loss_from_parts(
+        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision
+    )
+
+
+def capture_layer(states, attention_mask, batch_index, seq_index):
+    """The parts interface's per-layer capture (METHOD.md steps 1-2 for one layer [B, S, H]): the
+    context [B, H] (float32, float64 for float64 states) and the regularised rows [N, H] (the
+    states' dtype), differentiable."""
+    contexts, tokens = context_and_tokens([states], attention_mask, batch_index, seq_index)
+    return contexts[0], tokens[0]
+
+
+def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index):
+    """METHOD.md steps 1-2 for a list of layers: contexts [len, B, H] (float32 or float64) and the
+    token rows [len, N, H] (input dtype) of the regularised positions, differentiable.
+
+    Called on all L+1 layers at once by :func:`torch_bridge_loss`, or on one layer at a time by
+    the forward hooks of :class:`sbpet.hf.BridgeCapture` (so only these small tensors are kept).
+    """
+    acc = _accumulation_dtype(hidden_states[0].dtype)
+    mask = attention_mask.to(acc)
+    mask_weights = mask / mask.sum(dim=1, keepdim=True)
+    return _ContextAndTokens.apply(mask_weights, batch_index, seq_index, *hidden_states)
+
+
+def bridge_loss_from_parts(
+    contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision: str = "fp32"
+):
+    """R from precomputed contexts and token rows (METHOD.md steps 3-7), same result as
+    :func:`torch_bridge_loss` on the hidden states they came from.
+
+    Args:
+        contexts: [L+1, B, H] masked-mean contexts (float32 or float64; METHOD.md step 1), or a list
+            of L+1 [B, H] tensors.
+        tokens: [L+1, N, H] hidden-state rows of the N regularised positions (any float dtype), or
+            a list of L+1 [N, H] tensors.
+        batch_index: int64 [N], the sequence of each regularised position.
+        targets: int64 [N] label ids in [0, V).
+        mapping: :class:`~sbpet.BridgeMapping` g; tail: [V, D] tail points.
+        mean_coef, variance: [L+1] bridge marginals (``bridge.marginals(L + 1)``).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's dots run (:mod:`sbpet.precision`).
+
+    Returns:
+        Scalar R; exactly 0 (zero gradients) when N == 0. Gradients flow to ``contexts``,
+        ``tokens``, g and the tail.
+
+    Example:
+        >>> import torch, sbpet
+        >>> from sbpet.torch_backend import bridge_loss_from_parts
+        >>> g = sbpet.BridgeMapping(16, dims=(8, 4))
+        >>> tail = sbpet.tail_from_embeddings(torch.randn(30, 16), 4)
+        >>> contexts, tokens = torch.randn(3, 2, 16), torch.randn(3, 5, 16)
+        >>> b, t = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([1, 2, 3, 4, 5])
+        >>> mean_coef, variance = sbpet.get_bridge("ou").marginals(3)
+        >>> bridge_loss_from_parts(contexts, tokens, b, t, g, tail, mean_coef, variance).shape
+        torch.Size([])
+    """
+    check_precision(precision)
+    if isinstance(contexts, (list, tuple)):
+        contexts = torch.stack(list(contexts))
+    if isinstance(tokens, (list, tuple)):
+        tokens = torch.stack(list(tokens))
+    if contexts.dim() != 3 or tokens.dim() != 3:
+        raise ValueError(
+            f"contexts must be [L+1, B, H] and tokens [L+1, N, H], got {tuple(contexts.shape)} "
+            f"and {tuple(tokens.shape)}"
+        )
+    if contexts.shape[0] != tokens.shape[0] or contexts.shape[2] != tokens.shape[2]:
+        raise ValueError(
+            f"contexts {tuple(contexts.shape)} and tokens {tuple(tokens.shape)} disagree on L+1 or H"
+        )
+    if batch_index.shape != (tokens.shape[1],) or targets.shape != (tokens.shape[1],):
+        raise ValueError(
+            f"batch_index and targets must be [N] = [{tokens.shape[1]}], got "
+            f"{tuple(batch_index.shape)} and {tuple(targets.shape)}"
+        )
+    latents = mapping_from_parts(mapping, contexts, tokens, batch_index, precision)
+    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)

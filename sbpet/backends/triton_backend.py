@@ -1,0 +1,187 @@
+"""The Triton backend: the fused kernels of :mod:`sbpet.kernels` behind two custom ops.
+
+Same contract as :func:`sbpet.reference.reference_bridge_loss`. ``sbpet::triton_bridge_forward``
+and ``sbpet::triton_bridge_backward`` are registered with ``torch.library.custom_op`` (so a
+``torch.compile``d function sees two opaque ops with fake implementations, and an autograd formula
+joins them); this file only wires tensors: the context half of the first Linear and its small
+gradients are plain torch matmuls on [L+1, B, *] tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_host import (  # noqa: F401  (the checks are part of this backend's face)
+    check_triton_available, context_half, kernel2_backward, prepare_states, triton_is_usable, zero_parameter_grads,
+)
+from .triton_parts import triton_capture_layer, triton_loss_from_parts  # noqa: F401  (the parts ops)
+
+__all__ = [
+    "triton_bridge_loss", "triton_capture_layer", "triton_loss_from_parts", "check_triton_available",
+    "triton_is_usable",
+]
+
+
+@torch.library.custom_op("sbpet::triton_bridge_forward", mutates_args=())
+def _bridge_forward(
+    hidden_states: list[torch.Tensor],
+    attention_mask: torch.Tensor,
+    batch_index: torch.Tensor,
+    seq_index: torch.Tensor,
+    targets: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    tail: torch.Tensor,
+    mean_coef: torch.Tensor,
+    variance: torch.Tensor,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (R as a float32 scalar, the float32 contexts [L+1, B, H] saved for backward)."""
+    from ..kernels import context as context_kernels
+    from ..kernels import fused_bridge
+
+    num_states = len(hidden_states)
+    num_rows = batch_index.shape[0]
+    table, mask, inv_count, mean_coef_d, inv_var, weights = prepare_states(
+        hidden_states, attention_mask, weights, mean_coef, variance
+    )
+    contexts = context_kernels.context_forward(table, num_states, mask, inv_count)
+    if num_rows == 0:
+        return torch.zeros((), dtype=torch.float32, device=tail.device), contexts
+    half = context_half(contexts, weights[0], biases[0], precision)
+    total = fused_bridge.bridge_forward(
+        table, num_states, batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(),
+        half, weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var, precision,
+    )
+    return total / (num_states * num_rows), contexts
+
+
+@_bridge_forward.register_fake
+def _(hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance,
+      precision):
+    batch, _, hidden = hidden_states[0].shape
+    loss = tail.new_empty((), dtype=torch.float32)
+    contexts = tail.new_empty((len(hidden_states), batch, hidden), dtype=torch.float32)
+    return loss, contexts
+
+
+@torch.library.custom_op("sbpet::triton_bridge_backward", mutates_args=())
+def _bridge_backward(
+    grad_loss: torch.Tensor,
+    hidden_states: list[torch.Tensor],
+    attention_mask: torch.Tensor,
+    batch_index: torch.Tensor,
+    seq_index: torch.Tensor,
+    targets: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    tail: torch.Tensor,
+    mean_coef: torch.Tensor,
+    variance: torch.Tensor,
+    contexts: torch.Tensor,
+    train_mapping: bool,
+    train_tail: bool,
+    precision: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Returns (grad of every layer stacked [L+1, B, S, H] in the states' dtype, grads of the
+    weights and biases (empty lists unless train_mapping), grad of the tail (an empty tensor
+    unless train_tail))."""
+    from ..kernels import context as context_kernels
+
+    num_states = len(hidden_states)
+    num_rows = batch_index.shape[0]
+    batch, seq, hidden = hidden_states[0].shape
+    dtype, device = hidden_states[0].dtype, hidden_states[0].device
+    if num_rows == 0:
+        grad_states = torch.zeros((num_states, batch, seq, hidden), dtype=dtype, device=device)
+        return grad_states, *zero_parameter_grads(weights, biases, tail, train_mapping, train_tail)
+    table, mask, inv_count, mean_coef_d, inv_var, weights = prepare_states(
+        hidden_states, attention_mask, weights, mean_coef, variance
+    )
+    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(
+        grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d, inv_var,
+        contexts, train_mapping, train_tail, precision,
+    )
+    grad_states = context_kernels.context_backward(
+        grad_contexts, mask, inv_count, batch_index, seq_index, grad_tokens, dtype
+    )
+    return grad_states, out_ws, out_bs, grad_tail
+
+
+@_bridge_backward.register_fake
+def _(grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail,
+      mean_coef, variance, contexts, train_mapping, train_tail, precision):
+    batch, seq, hidden = hidden_states[0].shape
+    grad_states = hidden_states[0].new_empty((len(hidden_states), batch, seq, hidden))
+    grad_ws = [torch.empty_like(w) for w in weights] if train_mapping else []
+    grad_bs = [torch.empty_like(b) for b in biases] if train_mapping else []
+    grad_tail = torch.empty_like(tail) if train_tail else tail.new_empty(0)
+    return grad_states, grad_ws, grad_bs, grad_tail
+
+
+def _setup_context(ctx, inputs, output):
+    hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance, \
+        precision = inputs
+    _, contexts = output
+    ctx.precision = precision
+    ctx.mark_non_differentiable(contexts)
+    ctx.num_states = len(hidden_states)
+    ctx.num_linear = len(weights)
+    ctx.states_need_grad = [h.requires_grad for h in hidden_states]
+    ctx.train_mapping = any(p.requires_grad for p in (*weights, *biases))
+    ctx.train_tail = tail.requires_grad
+    ctx.save_for_backward(
+        *hidden_states, attention_mask, batch_index, seq_index, targets, *weights, *biases, tail,
+        mean_coef, variance, contexts,
+    )
+
+
+def _backward(ctx, grad_loss, grad_contexts):
+    saved = list(ctx.saved_tensors)
+    n, k = ctx.num_states, ctx.num_linear
+    hidden_states, saved = saved[:n], saved[n:]
+    attention_mask, batch_index, seq_index, targets, saved = *saved[:4], saved[4:]
+    weights, biases, saved = saved[:k], saved[k : 2 * k], saved[2 * k :]
+    tail, mean_coef, variance, contexts = saved
+    grad_states, grad_ws, grad_bs, grad_tail = torch.ops.sbpet.triton_bridge_backward(
+        grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases,
+        tail, mean_coef, variance, contexts, ctx.train_mapping, ctx.train_tail, ctx.precision,
+    )
+    layer_grads = [g if need else None for g, need in zip(grad_states.unbind(0), ctx.states_need_grad)]
+    weight_grads = list(grad_ws) if ctx.train_mapping else [None] * k
+    bias_grads = list(grad_bs) if ctx.train_mapping else [None] * k
+    return (
+        layer_grads, None, None, None, None, weight_grads, bias_grads,
+        grad_tail if ctx.train_tail else None, None, None, None,
+    )
+
+
+_bridge_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_bridge_loss(
+    hidden_states,
+    attention_mask,
+    batch_index,
+    seq_index,
+    targets,
+    mapping,
+    tail,
+    mean_coef,
+    variance,
+    precision="fp32",
+):
+    """The bridge regulariser R with the fused Triton kernels. Same arguments and result as
+    :func:`sbpet.reference.reference_bridge_loss` (float32 scalar; 0 with zero gradients when
+    N == 0). Inputs are validated by :func:`sbpet.bridge_loss`.
+
+    Example (CPU, interpreter):
+        >>> # TRITON_INTERPRET=1 python -c "import sbpet; ..."; backend="triton" in sbpet.bridge_loss
+    """
+    weights = [layer.weight for layer in mapping.layers]
+    biases = [layer.bias for layer in mapping.layers]
+    loss, _ = torch.ops.sbpet.triton_bridge_forward(
+        list(hidden_states), attention_mask, batch_index, seq_index, targets, weights, biases, tail,
+        mean_coef, variance, precision,
+    )
+    return loss

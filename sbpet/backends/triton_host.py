@@ -1,0 +1,131 @@
+"""Host-side helpers of the Triton backend, shared by the whole-states ops
+(:mod:`.triton_backend`) and the parts ops (:mod:`.triton_parts`): whether Triton can run here,
+the bridge marginals on the device, kernel 2's backward with the context half's torch products."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..core.precision import matmul
+
+__all__ = [
+    "check_triton_available", "context_half", "device_marginals", "device_vector", "interpreting", "kernel2_backward",
+    "prepare_states", "triton_is_usable", "zero_parameter_grads",
+]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_triton_available(device) -> None:
+    """Raise ValueError, with the reason, when the triton backend cannot run on ``device``."""
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"backend='triton' needs the triton package, which is not importable: {exc}") from exc
+    from ..kernels import context
+
+    interpreted = getattr(context, "context_forward_kernel", None)
+    interpreted = type(interpreted).__name__ == "InterpretedFunction"
+    if device.type == "cpu":
+        if not interpreting():
+            raise ValueError(
+                "backend='triton' got CPU tensors: the Triton kernels run on CUDA GPUs "
+                "(set TRITON_INTERPRET=1 before importing sbpet to run them in the CPU interpreter, "
+                "or use backend='torch')"
+            )
+        if not interpreted:
+            raise ValueError(
+                "backend='triton' on CPU: TRITON_INTERPRET=1 was set after sbpet.kernels was imported; "
+                "set it before the first import"
+            )
+        return
+    if device.type != "cuda":
+        raise ValueError(f"backend='triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
+    if interpreting() or interpreted:
+        raise ValueError(
+            "backend='triton' under TRITON_INTERPRET=1 runs on CPU tensors only; unset it for CUDA tensors"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError("backend='triton' got CUDA tensors but CUDA is not available")
+
+
+def triton_is_usable(device) -> bool:
+    """True when :func:`check_triton_available` accepts ``device`` (for backend='auto')."""
+    try:
+        check_triton_available(device)
+    except ValueError:
+        return False
+    return True
+
+
+def device_vector(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    host = values.detach().to("cpu", torch.float32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)  # no host synchronisation
+    return host.to(device)
+
+
+def device_marginals(mean_coef, variance, device):
+    """float32 mean coefficients and 1 / variance [L+1] on ``device`` (no host synchronisation)."""
+    return device_vector(mean_coef, device), device_vector(1.0 / variance.double(), device)
+
+
+def zero_parameter_grads(weights, biases, tail, train_mapping: bool, train_tail: bool):
+    """The weight, bias and tail gradients of a batch with no regularised position (N == 0)."""
+    grad_ws = [torch.zeros_like(w) for w in weights] if train_mapping else []
+    grad_bs = [torch.zeros_like(b) for b in biases] if train_mapping else []
+    grad_tail = torch.zeros_like(tail) if train_tail else tail.new_empty(0)
+    return grad_ws, grad_bs, grad_tail
+
+
+def prepare_states(hidden_states, attention_mask, weights, mean_coef, variance):
+    from ..kernels import context
+
+    device = hidden_states[0].device
+    table = context.layer_table(hidden_states)
+    mask, inv_count = context.mask_weights(attention_mask)
+    mean_coef_d, inv_var = device_marginals(mean_coef, variance, device)
+    weights = [w.contiguous() for w in weights]
+    return table, mask, inv_count, mean_coef_d, inv_var, weights
+
+
+def context_half(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:
+    """METHOD.md step 3, first Linear's context half, once per (layer, sequence): float32 [L+1, B, d1]."""
+    hidden = context.shape[-1]
+    return (matmul(context, weight[:, :hidden].T, precision) + bias.float()).contiguous()
+
+
+def kernel2_backward(grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d,
+                      inv_var, contexts, train_mapping, train_tail, precision):
+    """Kernel 2's backward plus the small torch products of the context half (shared by the
+    whole-states and the parts ops). Returns float32 grad_tokens [L+1, N, H], float32
+    grad_contexts [L+1, B, H], the weight and bias grads (empty unless train_mapping) and the
+    tail grad (an empty tensor unless train_tail)."""
+    from ..kernels import fused_bridge
+
+    num_states, _, hidden = contexts.shape
+    num_rows = batch_index.shape[0]
+    half = context_half(contexts, weights[0], biases[0], precision)
+    grad_tokens, grad_half, grad_w1_token, grad_ws, grad_bs, grad_tail = fused_bridge.bridge_backward(
+        grad_loss.to(torch.float32).reshape(()).contiguous(), 1.0 / (num_states * num_rows), table, num_states,
+        batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(),
+        half, weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var,
+        train_mapping, train_tail, precision,
+    )
+    # Context half: half = contexts @ W1c^T + b1, so its gradient flows to the contexts (and W1c, b1).
+    grad_contexts = matmul(grad_half, weights[0][:, :hidden], precision)
+    out_ws, out_bs = [], []
+    if train_mapping:
+        flat_half = grad_half.reshape(-1, grad_half.shape[-1])
+        grad_w1_context = matmul(flat_half.T, contexts.reshape(-1, hidden), precision)
+        out_ws.append(torch.cat([grad_w1_context, grad_w1_token], dim=1).to(weights[0].dtype))
+        out_bs.append(flat_half.sum(dim=0).to(biases[0].dtype))
+        out_ws += [g.to(w.dtype) for g, w in zip(grad_ws, weights[1:])]
+        out_bs += [g.to(b.dtype) for g, b in zip(grad_bs, biases[1:])]
+    grad_tail = grad_tail.to(tail.dtype) if train_tail else tail.new_empty(0)
+    return grad_tokens, grad_contexts, out_ws, out_bs, grad_tail

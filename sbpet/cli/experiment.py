@@ -1,0 +1,312 @@
+"""One few-shot run of the demo, shared by ``sbpet train`` and ``sbpet study``: the setup (model,
+corpus, the held-out test split, the cached fitted g), seeding, training with
+:class:`~sbpet.BridgeTrainer` and evaluation.
+
+Reproducibility: :func:`train_few_shot` seeds Python, NumPy and torch with the run's seed before
+it builds anything, the Trainer's data order uses the same seed, g is built with ``seed=`` (its
+own generator) and the SDE regulariser's noise is reseeded for every run and every evaluation;
+the CLI runs inside :func:`deterministic_algorithms`. So the same command with the same seed on
+the same machine gives bit-identical losses and accuracy on the CPU. The last bits of a float32
+matrix product depend on how the work is split between threads: a different
+``torch.get_num_threads()`` (another machine, ``OMP_NUM_THREADS``, ``torch.set_num_threads``) may
+change them, and a run records the thread count it used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+
+import torch
+
+from . import demo
+
+__all__ = [
+    "REGULARIZER_KINDS",
+    "TEST_SPLIT_SEED",
+    "Setup",
+    "default_cache",
+    "deterministic_algorithms",
+    "evaluate",
+    "seed_everything",
+    "train_few_shot",
+]
+
+REGULARIZER_KINDS = ("pdf", "sde")
+TEST_SPLIT_SEED = 0  # the one test split of a corpus: never the run's seed
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (CPU and every GPU) with ``seed``."""
+    from transformers import set_seed
+
+    set_seed(int(seed))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """Run the block under ``torch.use_deterministic_algorithms(True)``, restoring the previous
+    setting afterwards. On the CPU the ops sbpet uses are deterministic anyway; on a GPU cuBLAS is
+    asked for its deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, effective when set before
+    CUDA starts), ``auto`` leaves out the Triton kernels (float32 atomics), and an op without a
+    deterministic implementation warns instead of stopping the run (``warn_only``)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _digest(config) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Setup:
+    """What every ``sbpet`` command shares, from its parsed options ``args``: the model folder,
+    tokenizer, corpus, the held-out test split, the device, and the fitted g of each
+    regulariser kind and bridge (cached under ``<cache>/g``).
+
+    The test split (``args.test_per_class`` per class, drawn with :data:`TEST_SPLIT_SEED`) is
+    the same for every seed and shot count, and g is fitted on the rest of the corpus as plain
+    text, with ``args.fit_seed``: one g per PLM, corpus, kind, bridge and fitting budget, shared
+    by every run. A run's few-shot and validation examples come from the rest (:meth:`sample`).
+    """
+
+    def __init__(self, args):
+        from transformers import AutoTokenizer
+
+        self.args = args
+        self.model_dir = os.path.abspath(args.model_dir or demo.minilm_dir())
+        self.data_dir = os.path.abspath(args.data_dir or demo.bbc_dir())
+        self.cache = args.cache_dir or default_cache()
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = not args.no_progress
+        self.dims = tuple(int(d) for d in str(args.dims).split(","))
+        self.examples, self.classes = demo.load_corpus(self.data_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._tests: dict[int, tuple] = {}
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def check_sizes(self, shots) -> None:
+        """ValueError naming the options when a class has fewer examples than the largest of
+        ``shots`` plus ``--val-per-class`` plus ``--test-per-class``."""
+        a = self.args
+        for option, value in (("--test-per-class", a.test_per_class), ("--val-per-class", a.val_per_class)):
+            if value < 1:
+                raise ValueError(f"{option} must be >= 1, got {value}")
+        need = max(shots) + a.val_per_class + a.test_per_class
+        counts = {name: 0 for name in self.classes}
+        for _, label in self.examples:
+            counts[self.classes[label]] += 1
+        short = {name: n for name, n in counts.items() if n < need}
+        if short:
+            name, n = min(short.items(), key=lambda kv: kv[1])
+            raise ValueError(
+                f"--data-dir: class {name!r} has {n} examples, fewer than --shots {max(shots)} + "
+                f"--val-per-class {a.val_per_class} + --test-per-class {a.test_per_class} = {need}"
+            )
+
+    def split(self, test_per_class: int | None = None):
+        """(pool, test) for ``test_per_class`` (default ``args.test_per_class``); see
+        :func:`~sbpet.demo.held_out_split`."""
+        count = self.args.test_per_class if test_per_class is None else int(test_per_class)
+        if count not in self._tests:
+            self._tests[count] = demo.held_out_split(self.examples, count, seed=TEST_SPLIT_SEED)
+        return self._tests[count]
+
+    @property
+    def test(self) -> list:
+        """The held-out test split, [(text, label)]."""
+        return self.split()[1]
+
+    def sample(self, shots: int, seed: int):
+        """(train, validation) of a run: ``shots`` and ``args.val_per_class`` per class from the
+        pool, drawn with ``seed`` (see :func:`~sbpet.demo.few_shot_sample`)."""
+        return demo.few_shot_sample(self.split()[0], shots, self.args.val_per_class, seed)
+
+    def encode(self, rows):
+        """[(text, label)] -> input_ids, attention_mask [N, max_length] and labels [N]."""
+        ids, mask = demo.encode_prompts(self.tokenizer, [t for t, _ in rows], self.args.max_length)
+        return ids, mask, torch.tensor([y for _, y in rows], dtype=torch.long)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def encoder(self):
+        """A fresh copy of the PLM on the device."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.model_dir).to(self.device)
+
+    def build_classifier(self, pet: str, seed: int = 0):
+        """(PromptClassifier with ``pet`` applied, initialised with ``seed``; its encoder;
+        the verbalizer token ids)."""
+        encoder = self.encoder()
+        words = demo.verbalizer_ids(self.tokenizer, self.classes)
+        classifier = demo.PromptClassifier(demo.apply_pet(encoder, pet, seed), self.tokenizer.mask_token_id, words)
+        return classifier.to(self.device), encoder, words
+
+    def g_config(self, bridge: str, kind: str = "pdf") -> dict:
+        """Everything the fitted g depends on (its cache key)."""
+        if kind not in REGULARIZER_KINDS:
+            raise ValueError(f"--regularizer must be one of {REGULARIZER_KINDS}, got {kind!r}")
+        a = self.args
+        return {"model_dir": self.model_dir, "data_dir": self.data_dir, "kind": kind, "bridge": bridge,
+                "dims": list(self.dims), "fit_steps": a.fit_steps, "fit_batch_size": a.fit_batch_size,
+                "fit_lr": a.fit_lr, "fit_seed": a.fit_seed, "max_length": a.max_length,
+                "test_per_class": a.test_per_class, "test_split_seed": TEST_SPLIT_SEED}
+
+    def g_dir(self, bridge: str, kind: str = "pdf") -> str:
+        """The cache folder of the g of ``kind`` ("pdf" or "sde") and ``bridge``."""
+        name = os.path.basename(os.path.normpath(self.model_dir))
+        return os.path.join(self.cache, "g", f"{name}-{kind}-{bridge}-{_digest(self.g_config(bridge, kind))}")
+
+    def regularizer(self, bridge: str, encoder=None, kind: str = "pdf", force: bool = False):
+        """The fitted g of ``kind`` and ``bridge`` on the device: from the cache, or fitted now
+        (on the corpus minus the test split, PLM frozen, seeded with ``args.fit_seed``), saved
+        and loaded back, so a fresh fit and a cached one are the same module."""
+        from ..hf.fitting import fit_mapping
+
+        path = self.g_dir(bridge, kind)
+        encoder = self.encoder() if encoder is None else encoder
+        if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
+            a = self.args
+            reg = self._new_regularizer(bridge, kind, encoder)
+            texts = [t for t, _ in self.split()[0]]
+            print(f"fitting the {kind} g ({bridge} bridge; {a.fit_steps} steps, {len(texts)} texts) -> {path}")
+            if force:
+                import shutil
+
+                shutil.rmtree(os.path.join(path, "fit"), ignore_errors=True)
+            history = fit_mapping(
+                encoder, self.tokenizer, texts, reg, steps=a.fit_steps, batch_size=a.fit_batch_size,
+                max_length=a.max_length, learning_rate=a.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
+                save_every=50, seed=a.fit_seed, progress=self.progress,
+                backend=a.backend if kind == "pdf" else None,
+            )
+            reg.save_pretrained(path)
+            losses = history["loss"]
+            print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
+        else:
+            print(f"using the cached g in {path}")
+        return self._load(path, encoder, kind)
+
+    def _new_regularizer(self, bridge, kind, encoder):
+        from ..modules.regularizer import BridgeRegularizer
+        from ..modules.sde import SDEBridgeRegularizer
+
+        config = encoder.config
+        common = dict(bridge=bridge, word_embeddings=encoder.get_input_embeddings().weight,
+                      name_or_path=self.model_dir, seed=self.args.fit_seed)
+        if kind == "sde":
+            return SDEBridgeRegularizer(config.hidden_size, config.num_hidden_layers, latent_size=self.dims[-1], **common)
+        return BridgeRegularizer(config.hidden_size, config.num_hidden_layers, dims=self.dims,
+                                 backend=self.args.backend, precision=self.args.precision, **common)
+
+    def _load(self, path, encoder, kind):
+        from ..modules.regularizer import BridgeRegularizer
+
+        options = {"backend": self.args.backend, "precision": self.args.precision} if kind == "pdf" else {}
+        return BridgeRegularizer.from_pretrained(path, model=encoder, **options).to(self.device)
+
+
+def default_cache() -> str:
+    """``$SBPET_CACHE`` or ``~/.cache/sbpet``."""
+    return os.environ.get("SBPET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sbpet")
+
+
+def train_few_shot(setup: Setup, pet: str, train_rows, seed: int, *, regularizer=None, alpha: float = 0.1,
+                   epochs: float = 10, batch_size: int = 8, lr: float = 5e-3, quiet: bool = False):
+    """Train the prompt classifier with ``pet`` on ``train_rows`` with BridgeTrainer:
+    ``task_loss + alpha * R`` (``regularizer`` None: the vanilla PET).
+
+    Everything random comes from ``seed``: Python/NumPy/torch are seeded first, so the PET's
+    initialisation, dropout and the data order are the same for every regulariser of a seed
+    (the paired design of ``sbpet study``); an SDE regulariser's noise is reseeded with it.
+    Linear warmup over 10% of the steps, then linear decay; no weight decay. ``quiet`` hides the
+    Trainer's progress bar and logs. Returns (classifier, verbalizer ids, mean training loss).
+    """
+    import tempfile
+
+    from transformers import PrinterCallback, TrainingArguments
+
+    from ..hf.capture import masked_lm_bridge_labels
+    from ..hf.trainer import BridgeTrainer
+
+    seed_everything(seed)
+    classifier, _, words = setup.build_classifier(pet, seed)
+    ids, mask, y = setup.encode(train_rows)
+    bridge_labels = masked_lm_bridge_labels(ids, y, setup.tokenizer.mask_token_id, words)
+    data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": bridge_labels[i]}
+            for i in range(len(y))]
+    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    steps = len(data) * epochs / batch_size
+    if regularizer is not None and hasattr(regularizer, "reseed"):
+        regularizer.reseed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=epochs, learning_rate=lr,
+            warmup_steps=max(1, int(0.1 * steps)), weight_decay=0.0, lr_scheduler_type="linear",
+            logging_strategy="no" if quiet else "steps", logging_steps=max(1, int(steps / 5)),
+            save_strategy="no", report_to=[], use_cpu=setup.device.type == "cpu", seed=seed, data_seed=seed,
+            disable_tqdm=quiet or not setup.progress, remove_unused_columns=False,
+        )
+        trainer = BridgeTrainer(model=classifier, args=training_args, train_dataset=data, data_collator=collate,
+                                bridge=regularizer, bridge_weight=alpha if regularizer is not None else 0.0)
+        if quiet:
+            trainer.remove_callback(PrinterCallback)
+        result = trainer.train()
+    return classifier, words, float(result.training_loss)
+
+
+@torch.no_grad()
+def evaluate(classifier, input_ids, attention_mask, labels, label_word_ids, mask_token_id, regularizers=None,
+             shuffled: bool = False, batch_size: int = 32, noise_seed: int = 0) -> dict:
+    """Accuracy, mean task (cross-entropy) loss and, for each regulariser in ``regularizers``
+    (a dict name -> fitted g), the mean bridge loss R of the [MASK] token's paths ending at the
+    label word's tail point.
+
+    With ``shuffled``, also R of the same paths under mismatched endpoints: the labels shuffled
+    across the examples with a fixed generator (seed 0), so the endpoints keep the label
+    frequencies but not the pairing (with C balanced classes about 1/C of them still match).
+    Each batch runs once with ``output_hidden_states``; the SDE regulariser's noise is reseeded
+    with ``noise_seed`` first (common random numbers for every run scored).
+
+    Returns ``{"accuracy", "task_loss", "bridge_loss": {name: R}, "shuffled_bridge_loss":
+    {name: R}}`` (the last only with ``shuffled``).
+    """
+    from ..hf.capture import align_to_states, masked_lm_bridge_labels, num_virtual_tokens
+
+    classifier.eval()
+    regularizers = dict(regularizers or {})
+    for reg in regularizers.values():
+        if hasattr(reg, "reseed"):
+            reg.reseed(noise_seed)
+    device = next(classifier.parameters()).device
+    virtual = num_virtual_tokens(classifier)
+    targets = {"bridge_loss": labels}
+    if shuffled:
+        targets["shuffled_bridge_loss"] = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    sums = {key: {name: 0.0 for name in regularizers} for key in targets}
+    correct = task = 0.0
+    for start in range(0, len(labels), batch_size):
+        rows = slice(start, start + batch_size)
+        ids, mask, y = input_ids[rows].to(device), attention_mask[rows].to(device), labels[rows].to(device)
+        out = classifier(input_ids=ids, attention_mask=mask, labels=y, output_hidden_states=bool(regularizers))
+        count = len(y)
+        task += float(out.loss) * count
+        correct += float((out.logits.argmax(-1) == y).sum())
+        for key, ends in targets.items():
+            bridge_labels = masked_lm_bridge_labels(ids, ends[rows].to(device), mask_token_id, label_word_ids)
+            for name, reg in regularizers.items():
+                aligned, aligned_mask = align_to_states(bridge_labels, mask, virtual, reg.ignore_index)
+                sums[key][name] += float(reg(out.hidden_states, aligned, aligned_mask)) * count
+    n = len(labels)
+    metrics = {"accuracy": correct / n, "task_loss": task / n}
+    metrics.update({key: {name: value / n for name, value in per.items()} for key, per in sums.items()})
+    return metrics
+

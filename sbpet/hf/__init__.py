@@ -1,0 +1,48 @@
+"""Layer 5, the Hugging Face integration: hooks that capture hidden states and build bridge labels
+(:mod:`.capture`), :class:`BridgeTrainer` (:mod:`.trainer`), fitting g on a corpus
+(:mod:`.fitting`) and PET helpers (:mod:`.peft_utils`).
+
+The capture helpers are imported here (they need only torch); the trainer and the fitting import
+``transformers`` and are loaded on first use.
+"""
+
+import importlib
+
+from .capture import (
+    BridgeCapture,
+    align_to_states,
+    causal_lm_bridge_labels,
+    classification_bridge_labels,
+    find_backbone_and_layers,
+    masked_lm_bridge_labels,
+    num_virtual_tokens,
+)
+
+# name -> submodule, imported on first attribute access.
+_LAZY = {
+    "BridgeTrainer": "trainer",
+    "fit_mapping": "fitting",
+    "apply_bitfit": "peft_utils",
+    "trainable_parameter_names": "peft_utils",
+    "check_only_pet_trainable": "peft_utils",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BridgeCapture",
+    "align_to_states",
+    "causal_lm_bridge_labels",
+    "classification_bridge_labels",
+    "find_backbone_and_layers",
+    "masked_lm_bridge_labels",
+    "num_virtual_tokens",
+    *_LAZY,
+]

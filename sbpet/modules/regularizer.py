@@ -1,0 +1,246 @@
+"""BridgeRegularizer: the user-facing module (mapping g + tail + bridge + backend choice)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..backends.api import bridge_loss
+from ..core.bridges import get_bridge
+from ..backends.dispatch import check_backend_name
+from ..core.mapping import BridgeMapping, resolve_tail
+from ..core.seeding import check_seed, seeded_init
+from ..core.precision import check_precision
+
+__all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "sbpet_config.json"
+WEIGHTS_NAME = "sbpet_model.safetensors"
+
+
+class BridgeRegularizer(nn.Module):
+    """The stochastic-bridge regulariser R as an ``nn.Module`` (METHOD.md steps 1-8).
+
+    Args:
+        hidden_size: H of the PLM.
+        num_layers: L; the PLM gives L+1 hidden states (embeddings + one per layer).
+        dims: widths of g's Linear layers; the last is the latent size D.
+        bridge: ``"brownian"`` or ``"ou"``.
+        tail: [V, D] tail points, or
+        word_embeddings: the PLM's input word-embedding matrix [V, H] (or nn.Embedding); the tail
+            is its PCA (METHOD.md step 4). Give exactly one of the two.
+        train_tail: make the tail a trainable parameter instead of a buffer.
+        ignore_index: label value of positions that are not regularised.
+        shift_labels: causal LMs: the state at position s is paired with label s+1.
+        full_nll: add log-variance and 2*pi terms (a true negative log-likelihood).
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (see
+            :mod:`sbpet.dispatch`); used by ``forward`` and by the hooks of BridgeCapture /
+            BridgeTrainer / fit_mapping unless they are given their own.
+        precision: how g's matrix products run: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``
+            (see :mod:`sbpet.precision` and README "Precision").
+        name_or_path: the PLM's name or path, recorded in the saved config.
+        seed: None draws g's initial weights from the global RNG (``torch.manual_seed`` before
+            building decides them); an int draws them from the CPU generator seeded with it
+            (:func:`seeded_init`), so two regularisers built with the same seed start from
+            bit-identical g, and the global RNG is left as it was. Saved in the config.
+
+    ``forward(hidden_states, labels, attention_mask=None)`` returns the scalar R; hidden_states
+    is the Hugging Face tuple of L+1 tensors [B, S, H] or one stacked [L+1, B, S, H] tensor.
+    ``backend`` and ``precision`` are plain attributes: set them to change later calls.
+
+    Example:
+        >>> reg = BridgeRegularizer(16, num_layers=2, dims=(32, 4), word_embeddings=torch.randn(50, 16))
+        >>> states = tuple(torch.randn(2, 7, 16) for _ in range(3))
+        >>> labels = torch.full((2, 7), -100); labels[0, 2] = 11
+        >>> reg(states, labels, torch.ones(2, 7)).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_layers: int,
+        dims: Sequence[int] = (1024, 256, 128),
+        bridge: str = "brownian",
+        tail: torch.Tensor | None = None,
+        word_embeddings: torch.Tensor | None = None,
+        train_tail: bool = False,
+        ignore_index: int = -100,
+        shift_labels: bool = False,
+        full_nll: bool = False,
+        backend: str = "auto",
+        name_or_path: str | None = None,
+        precision: str = "fp32",
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if int(num_layers) < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        check_backend_name(backend)
+        check_precision(precision)
+        check_seed(seed)
+        self.bridge = get_bridge(bridge)
+        with seeded_init(seed):
+            self.mapping = BridgeMapping(hidden_size, dims)
+        tail_points = resolve_tail(tail, word_embeddings, self.mapping.latent_size)
+        if train_tail:
+            self.tail = nn.Parameter(tail_points)
+        else:
+            self.register_buffer("tail", tail_points)
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.ignore_index = int(ignore_index)
+        self.shift_labels = bool(shift_labels)
+        self.full_nll = bool(full_nll)
+        self.backend = backend
+        self.precision = precision
+        self.config = {
+            "kind": self.kind,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "dims": list(self.mapping.dims),
+            "bridge": self.bridge.name,
+            "vocab_size": int(tail_points.shape[0]),
+            "train_tail": bool(train_tail),
+            "ignore_index": self.ignore_index,
+            "shift_labels": self.shift_labels,
+            "full_nll": self.full_nll,
+            "backend": backend,
+            "precision": precision,
+            "name_or_path": name_or_path,
+            "seed": seed,
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tail.shape[0]
+
+    def forward(self, hidden_states, labels, attention_mask=None, *, backend: str | None = None,
+                precision: str | None = None) -> torch.Tensor:
+        """R of ``hidden_states`` (L+1 tensors [B, S, H] or [L+1, B, S, H]) for ``labels`` [B, S];
+        ``backend`` / ``precision`` override the module's own for this call."""
+        return bridge_loss(
+            hidden_states,
+            labels,
+            attention_mask,
+            self.mapping,
+            self.tail,
+            self.bridge,
+            ignore_index=self.ignore_index,
+            shift_labels=self.shift_labels,
+            full_nll=self.full_nll,
+            backend=self.backend if backend is None else backend,
+            precision=self.precision if precision is None else precision,
+            num_layers=self.num_layers,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"bridge={self.bridge.name!r}, num_layers={self.num_layers}, "
+            f"vocab_size={self.vocab_size}, backend={self.backend!r}, precision={self.precision!r}"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Save / load: safetensors weights + a JSON config.
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``sbpet_config.json`` and ``sbpet_model.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, model=None, **overrides):
+        """Load a regulariser saved with :meth:`save_pretrained`.
+
+        ``model`` (a Hugging Face model or its config), if given, is checked against the saved
+        hidden size, number of layers and vocabulary size. ``overrides`` replace config entries
+        that do not change the weights' shapes (e.g. ``backend``). A missing, damaged or
+        mismatching file raises ValueError naming what is wrong.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} does not exist: not a saved sbpet regulariser")
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_path} is damaged (not valid JSON): {exc}") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} is damaged: expected a JSON object")
+        kind = config.get("kind", "pdf")
+        target = cls._class_for_kind(kind)
+        if model is not None:
+            _check_model_matches(config, model, directory)
+        try:
+            state = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{weights_path} is damaged: {exc}") from exc
+        config.update(overrides)
+        return target._from_config_and_state(config, state, weights_path)
+
+    # kind (the saved config's "kind") -> class; every subclass that sets ``kind`` registers
+    # itself, so loading needs no import of the subclass's module from here.
+    kind = "pdf"
+    _kinds: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            BridgeRegularizer._kinds[cls.kind] = cls
+
+    @staticmethod
+    def _class_for_kind(kind: str):
+        if kind == BridgeRegularizer.kind:
+            return BridgeRegularizer
+        if kind in BridgeRegularizer._kinds:
+            return BridgeRegularizer._kinds[kind]
+        raise ValueError(f"unknown regulariser kind {kind!r} in the saved config")
+
+    @classmethod
+    def _from_config_and_state(cls, config: dict, state: dict, weights_path: str):
+        args = {k: v for k, v in config.items() if k not in ("kind", "vocab_size")}
+        try:
+            tail = state["tail"]
+        except KeyError:
+            raise ValueError(f"{weights_path} is damaged: it holds no 'tail'") from None
+        try:
+            module = cls(tail=tail, **args)
+            module.load_state_dict(state)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"{weights_path} does not match its config: {exc}") from exc
+        return module
+
+
+def _model_sizes(model) -> tuple[int, int, int]:
+    config = getattr(model, "config", model)
+    try:
+        return int(config.hidden_size), int(config.num_hidden_layers), int(config.vocab_size)
+    except AttributeError as exc:
+        raise TypeError(
+            f"model must be a Hugging Face model or config with hidden_size, num_hidden_layers and "
+            f"vocab_size: {exc}"
+        ) from exc
+
+
+def _check_model_matches(config: dict, model, directory) -> None:
+    hidden, layers, vocab = _model_sizes(model)
+    for key, value in (("hidden_size", hidden), ("num_layers", layers), ("vocab_size", vocab)):
+        if config.get(key) != value:
+            raise ValueError(
+                f"the regulariser in {directory} was fitted for {key}={config.get(key)} but the "
+                f"model has {key}={value}"
+            )

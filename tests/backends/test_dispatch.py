@@ -1,0 +1,177 @@
+"""sbpet.backends.dispatch: backend names, SBPET_BACKEND, and the timing choice of ``auto``.
+
+The timing logic is tested on CPU with an injected timer (CUDA events need a GPU): ``auto`` is
+made to see several candidates by patching ``resolve_backend``; the candidates still run for real
+(forward + backward through ``torch.autograd.grad``) inside the fake timer.
+"""
+
+import logging
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sbpet  # noqa: E402
+from helpers import make_case  # noqa: E402
+from sbpet.backends import dispatch  # noqa: E402
+
+
+class FakeTimer:
+    """Runs each candidate once (so a broken one raises) and reports a fixed time per name."""
+
+    def __init__(self, times, names_in_order):
+        self.times, self.order, self.calls = times, list(names_in_order), []
+
+    def __call__(self, run):
+        name = self.order[len(self.calls) % len(self.order)]
+        self.calls.append(name)
+        run()
+        if self.times[name] is None:
+            raise RuntimeError(f"{name} exploded")
+        return self.times[name]
+
+
+def test_selector_keeps_the_fastest_and_times_once(caplog):
+    ran = []
+    timer = FakeTimer({"torch": 2.0, "triton": 1.0}, ["torch", "triton"])
+    selector = dispatch.Selector(timer=timer)
+    runners = lambda: {"torch": lambda: ran.append("torch"), "triton": lambda: ran.append("triton")}  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="sbpet.dispatch"):
+        assert selector.choose(("k", 1), runners) == "triton"
+        assert selector.choose(("k", 1), runners) == "triton"
+    assert timer.calls == ["torch", "triton"] and ran == ["torch", "triton"]
+    assert selector.timings[("k", 1)] == {"torch": 2.0, "triton": 1.0}
+    assert sum("chose triton" in r.getMessage() for r in caplog.records) == 1
+    timer.times = {"torch": 1.0, "triton": 3.0}
+    assert selector.choose(("k", 2), runners) == "torch"
+
+
+def test_failing_candidate_is_dropped_with_a_warning():
+    timer = FakeTimer({"torch": 2.0, "triton": None}, ["torch", "triton"])
+    selector = dispatch.Selector(timer=timer)
+    with pytest.warns(RuntimeWarning, match="'triton' failed"):
+        choice = selector.choose("key", lambda: {"torch": lambda: None, "triton": lambda: None})
+    assert choice == "torch"
+
+
+def test_graph_capture_never_times(monkeypatch):
+    timer = FakeTimer({"torch": 2.0, "triton": 1.0}, ["torch", "triton"])
+    selector = dispatch.Selector(timer=timer)
+    runners = lambda: {"torch": lambda: None, "triton": lambda: None}  # noqa: E731
+    assert selector.choose("recorded", runners) == "triton"
+    monkeypatch.setattr(dispatch, "_capturing_graph", lambda: True)
+    calls = len(timer.calls)
+    assert selector.choose("recorded", runners) == "triton"  # the recorded choice
+    assert selector.choose("new", runners) == dispatch.ANALYTIC_CHOICE  # analytic, not timed
+    assert len(timer.calls) == calls and "new" not in selector.choices
+
+
+def test_ddp_broadcasts_rank0_choice_and_drops_row_counts(monkeypatch):
+    monkeypatch.setattr(dispatch, "_distributed_world", lambda: True)
+    broadcasts = []
+
+    def broadcast_object_list(objects, src):
+        broadcasts.append((list(objects), src))
+        objects[0] = "triton"  # rank 0 measured otherwise
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    selector = dispatch.Selector(timer=FakeTimer({"torch": 1.0, "triton": 5.0}, ["torch", "triton"]))
+    assert selector.choose("k", lambda: {"torch": lambda: None, "triton": lambda: None}) == "triton"
+    assert broadcasts == [(["torch"], 0)]
+    assert dispatch.shape_key(3, 100, 17) == ()
+
+
+def test_shape_key_buckets_sizes():
+    assert dispatch.shape_key(3, 100, 17, 1) == (4, 128, 32, 1)
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("SBPET_BACKEND", "reference")
+    assert dispatch.resolve_backend("auto", cpu) == "reference"
+    assert dispatch.resolve_backend("torch", cpu) == "torch"  # an explicit backend= wins
+    monkeypatch.setenv("SBPET_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="SBPET_BACKEND"):
+        dispatch.resolve_backend("auto", cpu)
+    monkeypatch.delenv("SBPET_BACKEND")
+    assert dispatch.resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.resolve_backend("cuda", cpu)
+
+
+def test_deterministic_mode_drops_the_triton_candidate(monkeypatch):
+    pytest.importorskip("triton")
+    from sbpet.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "triton_is_usable", lambda device: True)
+    cuda = torch.device("cuda")
+    assert dispatch.resolve_backend("auto", cuda) == "auto"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert dispatch.resolve_backend("auto", cuda) == "torch"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def fake_auto(monkeypatch):
+    """``auto`` with torch and triton as candidates on CPU tensors, timed by a FakeTimer."""
+    pytest.importorskip("triton")
+    real = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda b, d: "auto" if b == "auto" else real(b, d))
+
+    def install(times):
+        timer = FakeTimer(times, ["torch", "triton"])
+        monkeypatch.setattr(dispatch, "selector", dispatch.Selector(timer=timer))
+        return timer
+
+    return install
+
+
+@pytest.mark.parametrize("fastest", ["torch", "triton"])
+def test_bridge_loss_auto_uses_the_timed_choice(fake_auto, fastest, monkeypatch):
+    from sbpet.backends import triton_backend
+
+    timer = fake_auto({"torch": 1.0 if fastest == "torch" else 9.0, "triton": 1.0 if fastest == "triton" else 9.0})
+    used = []
+    for name in ("triton_bridge_loss",):
+        original = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name, lambda *a, _o=original, **k: used.append(1) or _o(*a, **k))
+    states, labels, mask, mapping, tail = make_case(dims=(12, 5), seed=2)
+    states = [h.requires_grad_(True) for h in states]
+    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="auto")
+    # Timing took gradients with autograd.grad: nothing accumulated in .grad.
+    assert all(p.grad is None for p in mapping.parameters()) and all(h.grad is None for h in states)
+    assert timer.calls == ["torch", "triton"]
+    assert len(used) == 1 + (fastest == "triton")  # once timed, once more if chosen
+    expected = sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="torch")
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="auto")
+    assert len(timer.calls) == 2  # same key: no new timing
+
+
+def test_capture_auto_times_capture_and_parts(fake_auto):
+    pytest.importorskip("transformers")
+    from transformers import BertForSequenceClassification
+
+    from hf_helpers import LABEL_WORDS, MASK_ID, classification_batch, tiny_bert_config, tiny_regularizer
+    from sbpet.hf import BridgeCapture, masked_lm_bridge_labels
+
+    timer = fake_auto({"torch": 5.0, "triton": 1.0})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    reg = tiny_regularizer(model)
+    capture = BridgeCapture(model, reg, backend="auto")
+    ids, mask, y = classification_batch()
+    with capture.armed(masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS), mask):
+        model(input_ids=ids, attention_mask=mask)
+    loss = capture.loss()
+    loss.backward()
+    ops = {key[0] for key in dispatch.selector.choices}
+    assert ops == {"capture", "parts"} and set(dispatch.selector.choices.values()) == {"triton"}
+    # Every layer has the same shapes: one timing for the capture, one for the loss.
+    assert len(timer.calls) == 4
+    capture.remove()

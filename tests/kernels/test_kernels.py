@@ -1,0 +1,265 @@
+"""The Triton kernels (sbpet.kernels) and the triton backend against the reference.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py sets the
+flag before anything imports triton; it is set here too for a lone run of this file). Shapes are
+tiny and odd so every masked edge and every chunk loop runs; the interpreter launches each program
+in turn. With CUDA the same tests run on the GPU (tf32x3 dots: tolerances a little wider).
+At the default ``precision="fp32"`` float16 / bfloat16 states are read as they are and widened on
+chip, so they meet the float32 tolerances against the reference (which upcasts them too); the
+lower precisions are tested against float64 in tests/core/test_precision.py.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import sbpet  # noqa: E402
+from helpers import TOLERANCES, assert_close, float64_bridge_loss, make_case  # noqa: E402
+from sbpet.backends import triton_backend  # noqa: E402
+from sbpet.kernels import context as context_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+# tf32x3 on the GPU is close to, not exactly, float32.
+GPU_SLACK = dict(rtol=2e-4, atol=1e-5) if ON_GPU else {}
+
+# Tolerances of the triton backend against the float32 reference (precision "fp32"), by states
+# dtype, in one place: (rtol, atol, scaled_atol). 16-bit states are exact inputs for both sides, so
+# the loss meets float32's tolerances; the states' gradients are stored in the states' dtype, where
+# two float32 values a few ulps apart may round one 16-bit ulp apart (2^-11 / 2^-8 relative).
+TRITON_TOLERANCES = {
+    torch.float32: (*TOLERANCES[torch.float32], 0.0),
+    torch.float16: (2**-10, TOLERANCES[torch.float32][1], 0.0),
+    torch.bfloat16: (2**-7, TOLERANCES[torch.float32][1], 0.0),
+}
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def _loss_and_grads(backend, states, labels, mask, mapping, tail, bridge="brownian",
+                    train_mapping=True, train_tail=True, states_grad=True, **kw):
+    states = [h.detach().clone().requires_grad_(states_grad) for h in states]
+    tail = tail.detach().clone().requires_grad_(train_tail)
+    mapping.zero_grad(set_to_none=True)
+    mapping.requires_grad_(train_mapping)
+    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, bridge, backend=backend, **kw)
+    if loss.requires_grad:
+        loss.backward()
+    grads = {f"hidden_states[{i}]": h.grad for i, h in enumerate(states)}
+    grads["tail"] = tail.grad
+    for name, p in mapping.named_parameters():
+        grads[name] = None if p.grad is None else p.grad.clone()
+    mapping.requires_grad_(True)
+    return loss.detach(), grads
+
+
+def _compare(case, bridge, dtype=torch.float32, rtol=None, atol=None, **kw):
+    ref_loss, ref_grads = _loss_and_grads("reference", *case, bridge=bridge, **kw)
+    loss, grads = _loss_and_grads("triton", *case, bridge=bridge, **kw)
+    base_rtol, base_atol, scaled_atol = TRITON_TOLERANCES[dtype]
+    tol = dict(rtol=base_rtol, atol=base_atol)
+    tol.update(GPU_SLACK)
+    tol.update({k: v for k, v in dict(rtol=rtol, atol=atol).items() if v is not None})
+
+    def check(actual, expected, name):
+        atol_here = max(tol["atol"], scaled_atol * expected.detach().abs().max().item())
+        assert_close(actual, expected, dtype, name, rtol=tol["rtol"], atol=atol_here)
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    check(loss, ref_loss.float(), "loss")
+    for name, ref in ref_grads.items():
+        if ref is None:
+            assert grads[name] is None, f"{name}: expected no gradient"
+            continue
+        check(grads[name], ref, name)
+    return loss
+
+
+@pytest.mark.parametrize("bridge", ["brownian", "ou"])
+@pytest.mark.parametrize("dims", [(24, 7), (16,), (20, 9, 5), (12, 10, 8, 6)])
+def test_triton_matches_reference_float32(bridge, dims, device):
+    case = make_case(dims=dims, seed=3, device=device)
+    loss = _compare(case, bridge)
+    states, labels, mask, mapping, tail = case
+    expected = float64_bridge_loss([h.cpu() for h in states], labels.cpu(), mask.cpu(),
+                                   copy.deepcopy(mapping).cpu(), tail.cpu(), bridge)
+    assert_close(loss, expected.float(), torch.float32, "loss vs float64", **GPU_SLACK)
+
+
+def test_paper_depth_odd_sizes_chunked(device):
+    """Three Linear layers with d1 > one chunk, H not a multiple of any block, S = 13, B = 3."""
+    case = make_case(num_states=2, batch=3, seq=13, hidden=37, dims=(40, 18, 9), seed=11, device=device)
+    _compare(case, "ou")
+
+
+@pytest.mark.parametrize("bridge", ["brownian", "ou"])
+@pytest.mark.parametrize("dims", [(16,), (24, 7), (20, 9, 5), (12, 10, 8, 6)])
+def test_float16_states(bridge, dims, device):
+    """float16 states read in place and widened on chip, every depth, odd H."""
+    case = make_case(num_states=3, batch=3, seq=13, hidden=37, dims=dims, dtype=torch.float16,
+                     seed=5, device=device)
+    _compare(case, bridge, dtype=torch.float16)
+
+
+def test_bfloat16_states(device):
+    """bfloat16 states (the interpreter reads them correctly; its bf16 *dots* are emulated, see
+    fused_bridge.dot_precision)."""
+    case = make_case(num_states=3, batch=2, seq=13, hidden=40, dims=(24, 7), dtype=torch.bfloat16,
+                     seed=5, device=device)
+    _compare(case, "brownian", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("train_mapping,train_tail", [(False, False), (False, True), (True, False)])
+def test_frozen_mapping_and_tail(train_mapping, train_tail, device):
+    case = make_case(dims=(20, 9, 5), seed=7, device=device)
+    _compare(case, "brownian", train_mapping=train_mapping, train_tail=train_tail)
+
+
+def test_single_position(device):
+    case = make_case(batch=1, seq=5, positions_per_seq=1, dims=(24, 7), seed=2, device=device)
+    assert int((case[1] != -100).sum()) == 1
+    _compare(case, "ou")
+
+
+def test_no_position_gives_exact_zero(device):
+    states, labels, mask, mapping, tail = make_case(dims=(24, 7), seed=4, device=device)
+    labels = torch.full_like(labels, -100)
+    loss, grads = _loss_and_grads("triton", states, labels, mask, mapping, tail)
+    assert loss.item() == 0.0
+    for name, grad in grads.items():
+        assert grad is not None and torch.count_nonzero(grad) == 0, name
+
+
+def test_strided_views_of_a_stacked_tensor(device):
+    """Layers as slices of one stacked tensor, one with a non-unit H stride: read in place."""
+    states, labels, mask, mapping, tail = make_case(num_states=3, dims=(24, 7), seed=9, device=device)
+    stacked = torch.stack(states)  # [L+1, B, S, H]
+    views = [stacked[0], stacked[1], stacked[2].transpose(0, 1).contiguous().transpose(0, 1)]
+    wide = torch.zeros(*stacked[0].shape[:2], 2 * stacked.shape[-1], device=device)
+    wide[..., ::2] = stacked[0]
+    views[0] = wide[..., ::2]  # H stride 2
+    assert views[0].stride(-1) == 2 and not views[2].is_contiguous()
+    _compare((views, labels, mask, mapping, tail), "brownian")
+
+
+def test_does_not_write_inputs(device):
+    states, labels, mask, mapping, tail = make_case(dims=(20, 9, 5), seed=1, device=device)
+    before = [h.clone() for h in states] + [tail.clone()] + [p.detach().clone() for p in mapping.parameters()]
+    _loss_and_grads("triton", states, labels, mask, mapping, tail)
+    after = list(states) + [tail] + [p.detach() for p in mapping.parameters()]
+    for i, (a, b) in enumerate(zip(after, before)):
+        assert torch.equal(a, b), f"input {i} was modified"
+
+
+def test_context_kernels_poisoned_outputs(device):
+    """Kernel 1 alone, forward and backward, into NaN-filled outputs, against torch formulas."""
+    states, labels, mask, _, _ = make_case(num_states=3, batch=3, seq=13, hidden=40, dims=(8,), seed=6,
+                                           device=device)
+    num_states, (batch, seq, hidden) = len(states), states[0].shape
+    table = context_kernels.layer_table(states)
+    mask_f, inv_count = context_kernels.mask_weights(mask)
+    poisoned = torch.full((num_states, batch, hidden), float("nan"), device=device)
+    contexts = context_kernels.context_forward(table, num_states, mask_f, inv_count, out=poisoned)
+    m = mask.double()
+    expected = torch.stack([(h.double() * m[..., None]).sum(1) / m.sum(1, keepdim=True) for h in states])
+    assert_close(contexts, expected, torch.float32, "contexts")
+
+    batch_index, seq_index = (labels != -100).nonzero(as_tuple=True)
+    grad_contexts = torch.randn(num_states, batch, hidden, device=device)
+    grad_tokens = torch.randn(num_states, batch_index.numel(), hidden, device=device)
+    out = torch.full((num_states, batch, seq, hidden), float("nan"), device=device)
+    grads = context_kernels.context_backward(grad_contexts, mask_f, inv_count, batch_index, seq_index,
+                                             grad_tokens, torch.float32, out=out)
+    expected = (m / m.sum(1, keepdim=True))[None, :, :, None] * grad_contexts.double()[:, :, None, :]
+    expected[:, batch_index, seq_index] += grad_tokens.double()
+    assert_close(grads, expected, torch.float32, "grad_states")
+
+
+def test_torch_compile_matches_eager(device):
+    """A compiled function calling the backend (two registered custom ops) = eager, loss and grads."""
+    states, labels, mask, mapping, tail = make_case(dims=(20, 9, 5), seed=8, device=device)
+
+    def regulariser(states, tail):
+        return 2.0 * sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="triton")
+
+    results = []
+    for fn in (regulariser, torch.compile(regulariser, backend="aot_eager" if not ON_GPU else "inductor",
+                                          fullgraph=False)):
+        xs = [h.detach().clone().requires_grad_(True) for h in states]
+        t = tail.detach().clone().requires_grad_(True)
+        mapping.zero_grad(set_to_none=True)
+        loss = fn(xs, t)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in xs], t.grad,
+                        [p.grad.clone() for p in mapping.parameters()]))
+    (l0, g0, t0, p0), (l1, g1, t1, p1) = results
+    assert_close(l1, l0, torch.float32, "compiled loss")
+    for i, (a, b) in enumerate(zip(g1, g0)):
+        assert_close(a, b, torch.float32, f"compiled grad hidden_states[{i}]")
+    assert_close(t1, t0, torch.float32, "compiled grad tail")
+    for i, (a, b) in enumerate(zip(p1, p0)):
+        assert_close(a, b, torch.float32, f"compiled grad mapping param {i}")
+
+
+def test_custom_op_schema():
+    """The registered ops pass torch's custom-op checks (fake kernels, autograd registration)."""
+    states, labels, mask, mapping, tail = make_case(dims=(12, 5), seed=12, batch=1, seq=5, hidden=16)
+    batch_index, seq_index = (labels != -100).nonzero(as_tuple=True)
+    mean_coef, variance = sbpet.get_bridge("ou").marginals(len(states))
+    states = [h.requires_grad_(True) for h in states]
+    args = (states, mask, batch_index, seq_index, labels[batch_index, seq_index],
+            [layer.weight for layer in mapping.layers], [layer.bias for layer in mapping.layers],
+            tail.requires_grad_(True), mean_coef, variance)
+    if ON_GPU:
+        args = tuple([a.cuda() for a in x] if isinstance(x, list) else x.cuda() for x in args)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32"), test_utils=checks)
+    # The parts interface's two ops: per-layer capture (kernel 1) and the loss from parts (kernel 2).
+    states, mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance = args
+    torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index),
+                          test_utils=checks)
+    contexts = torch.randn(len(states), *states[0].shape[::2], device=tail.device, requires_grad=True)
+    tokens = [h.detach()[batch_index, seq_index].requires_grad_(True) for h in states]
+    torch.library.opcheck(torch.ops.sbpet.triton_parts_forward.default,
+                          (contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance,
+                           "bf16"), test_utils=checks)
+
+
+def test_device_checks():
+    if ON_GPU:
+        with pytest.raises(ValueError, match="CPU"):
+            triton_backend.check_triton_available("cpu")
+        assert triton_backend.triton_is_usable("cuda")
+    else:
+        assert triton_backend.triton_is_usable("cpu")
+        with pytest.raises(ValueError, match="CPU tensors only|CUDA"):
+            triton_backend.check_triton_available("cuda")
+
+
+def test_cpu_refused_without_interpreter():
+    """Outside the interpreter the triton backend refuses CPU tensors with a clear ValueError."""
+    code = (
+        "import torch, sbpet\n"
+        "from sbpet.backends import triton_backend\n"
+        "try:\n"
+        "    triton_backend.check_triton_available(torch.device('cpu'))\n"
+        "except ValueError as e:\n"
+        "    assert 'CPU' in str(e), e\n"
+        "    print('refused')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused" in out.stdout

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sbpet
+from helpers import make_case
+
+
+def test_regularizer_module_api():
+    emb = torch.randn(30, 8)
+    reg = sbpet.BridgeRegularizer(8, num_layers=2, dims=(6, 3), bridge="ou", word_embeddings=emb)
+    assert isinstance(reg.mapping, sbpet.BridgeMapping)
+    assert reg.tail.shape == (30, 3) and "tail" in dict(reg.named_buffers())
+    assert torch.allclose(reg.tail, sbpet.tail_from_embeddings(emb, 3))
+    trainable = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=torch.randn(30, 3), train_tail=True)
+    assert isinstance(trainable.tail, nn.Parameter)
+
+
+def test_regularizer_equals_function():
+    states, labels, mask, mapping, tail = make_case(num_states=3, hidden=8, dims=(6, 3), vocab=20)
+    reg = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=tail, bridge="ou", backend="torch")
+    reg.mapping.load_state_dict(mapping.state_dict())
+    want = sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="reference")
+    torch.testing.assert_close(reg(tuple(states), labels, mask), want)
+
+
+def test_exactly_one_of_tail_and_embeddings():
+    with pytest.raises(ValueError, match="exactly one"):
+        sbpet.BridgeRegularizer(8, 2, dims=(6, 3))
+    with pytest.raises(ValueError, match="exactly one"):
+        sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=torch.randn(5, 3), word_embeddings=torch.randn(5, 8))
+    with pytest.raises(ValueError, match="tail"):
+        sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=torch.randn(5, 4))
+    with pytest.raises(ValueError, match="backend"):
+        sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=torch.randn(5, 3), backend="fast")
+
+
+def test_save_load_round_trip(tmp_path):
+    states, labels, mask, _, tail = make_case(num_states=3, hidden=8, dims=(6, 3), vocab=20)
+    reg = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=tail, bridge="ou", train_tail=True, name_or_path="tiny")
+    reg.save_pretrained(tmp_path)
+    loaded = sbpet.BridgeRegularizer.from_pretrained(tmp_path)
+    assert loaded.config == reg.config and isinstance(loaded.tail, nn.Parameter)
+    torch.testing.assert_close(loaded(states, labels, mask), reg(states, labels, mask), rtol=0, atol=0)
+
+
+def test_load_errors(tmp_path):
+    tail = torch.randn(20, 3)
+    reg = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=tail)
+    reg.save_pretrained(tmp_path)
+
+    class Config:
+        hidden_size, num_hidden_layers, vocab_size = 8, 2, 20
+
+    sbpet.BridgeRegularizer.from_pretrained(tmp_path, model=Config())
+    for field, value in (("hidden_size", 16), ("num_hidden_layers", 4), ("vocab_size", 21)):
+        bad = Config()
+        setattr(bad, field, value)
+        with pytest.raises(ValueError, match=field.replace("num_hidden_layers", "num_layers")):
+            sbpet.BridgeRegularizer.from_pretrained(tmp_path, model=bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        sbpet.BridgeRegularizer.from_pretrained(tmp_path / "nowhere")
+    weights = tmp_path / "sbpet_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match="damaged"):
+        sbpet.BridgeRegularizer.from_pretrained(tmp_path)
+    reg.save_pretrained(tmp_path)
+    (tmp_path / "sbpet_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged"):
+        sbpet.BridgeRegularizer.from_pretrained(tmp_path)
+    config = reg.config | {"dims": [6, 4]}
+    (tmp_path / "sbpet_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError):
+        sbpet.BridgeRegularizer.from_pretrained(tmp_path)
+
+
+def test_seed_gives_the_same_g_and_leaves_the_global_rng_alone(tmp_path):
+    from sbpet.modules.sde import SDEBridgeRegularizer
+
+    emb = torch.randn(30, 8)
+    for build in (lambda seed: sbpet.BridgeRegularizer(8, 2, dims=(6, 3), word_embeddings=emb, seed=seed),
+                  lambda seed: SDEBridgeRegularizer(8, 2, latent_size=3, width=5, word_embeddings=emb, seed=seed)):
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        a = build(7)
+        assert torch.equal(torch.get_rng_state(), state), "seed= must not draw from the global RNG"
+        torch.manual_seed(123)
+        b, c = build(7), build(8)
+        for (name, p), q, r in zip(a.mapping.named_parameters(), b.mapping.parameters(), c.mapping.parameters()):
+            assert torch.equal(p, q), name
+            assert not torch.equal(p, r) or not p.any(), name  # zero biases are equal for every seed
+        assert a.config["seed"] == 7
+        a.save_pretrained(tmp_path / type(a).__name__)
+        loaded = sbpet.BridgeRegularizer.from_pretrained(tmp_path / type(a).__name__)
+        assert loaded.config == a.config
+    unseeded = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), word_embeddings=emb)
+    assert unseeded.config["seed"] is None
+    for bad in (1.5, True, "0"):
+        with pytest.raises(ValueError, match="seed"):
+            sbpet.BridgeRegularizer(8, 2, dims=(6, 3), word_embeddings=emb, seed=bad)
+
+
+def test_seeded_init_matches_the_default_init():
+    """seeded_init draws what the default init draws after torch.manual_seed."""
+    from sbpet.core.seeding import seeded_init
+
+    torch.manual_seed(5)
+    want = sbpet.BridgeMapping(8, dims=(6, 3))
+    with seeded_init(5):
+        got = sbpet.BridgeMapping(8, dims=(6, 3))
+    for p, q in zip(want.parameters(), got.parameters()):
+        assert torch.equal(p, q)
