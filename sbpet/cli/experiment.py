@@ -27,6 +27,7 @@ __all__ = [
     "REGULARIZER_KINDS",
     "TEST_SPLIT_SEED",
     "Setup",
+    "config_digest",
     "default_cache",
     "deterministic_algorithms",
     "evaluate",
@@ -61,8 +62,10 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _digest(config) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+def config_digest(config: dict, length: int = 12) -> str:
+    """A short hex digest of a JSON-serialisable configuration (order of keys ignored): the part
+    of a cache or run folder's name that covers everything its readable part does not."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:length]
 
 
 class Setup:
@@ -74,10 +77,17 @@ class Setup:
     the same for every seed and shot count, and g is fitted on the rest of the corpus as plain
     text, with ``args.fit_seed``: one g per PLM, corpus, kind, bridge and fitting budget, shared
     by every run. A run's few-shot and validation examples come from the rest (:meth:`sample`).
+
+    Building it reads only the corpus, the tokenizer and the model's config (seconds), and
+    checks what would otherwise fail after g is fitted: ValueError naming ``--data-dir``,
+    ``--model-dir`` or ``--max-length``. A file of the corpus that is not valid UTF-8 is reported
+    on stderr as a warning.
     """
 
     def __init__(self, args):
-        from transformers import AutoTokenizer
+        import sys
+
+        from transformers import AutoConfig, AutoTokenizer
 
         self.args = args
         self.model_dir = os.path.abspath(args.model_dir or demo.minilm_dir())
@@ -86,15 +96,54 @@ class Setup:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = not args.no_progress
         self.dims = tuple(int(d) for d in str(args.dims).split(","))
-        self.examples, self.classes = demo.load_corpus(self.data_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        command = f"sbpet {getattr(args, 'command', None) or ''}".strip()
+        try:
+            self.examples, self.classes = demo.load_corpus(
+                self.data_dir, warn=lambda message: print(f"{command}: warning: {message}", file=sys.stderr))
+        except ValueError as exc:
+            raise ValueError(f"--data-dir: {exc}") from None
+        # Transformers' own errors here are long and name no option (a folder without a
+        # tokenizer says "Couldn't instantiate the backend tokenizer ..."): keep their first line.
+        try:
+            self.model_config = AutoConfig.from_pretrained(self.model_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"--model-dir {self.model_dir}: not a Hugging Face model folder with a tokenizer "
+                             f"({first})") from None
+        # Without tokenizer files, transformers 5 builds a tokenizer of the special tokens alone.
+        if len(self.tokenizer.get_vocab()) <= len(set(self.tokenizer.all_special_ids)):
+            raise ValueError(f"--model-dir {self.model_dir}: holds no tokenizer (its vocabulary is only the "
+                             "special tokens)")
+        try:
+            self.label_word_ids = demo.verbalizer_ids(self.tokenizer, self.classes)
+            overhead = demo.prompt_overhead(self.tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"--model-dir {self.model_dir} with --data-dir {self.data_dir}: {exc}") from None
+        if args.max_length <= overhead:
+            raise ValueError(f"--max-length {args.max_length} leaves no room for the text: the prompt's [CLS], "
+                             f"{demo.TEMPLATE.format(mask='[MASK]')!r} and [SEP] take {overhead} tokens (use at "
+                             f"least {overhead + 1})")
+        self.check_positions(())
         self._tests: dict[int, tuple] = {}
 
     # -- data ----------------------------------------------------------------------------------
 
-    def check_sizes(self, shots) -> None:
+    def check_positions(self, pets) -> None:
+        """ValueError naming ``--max-length`` when a prompt would not fit the model's positions
+        (prompt tuning's virtual tokens take positions too, when ``pets`` holds "prompt")."""
+        limit = getattr(self.model_config, "max_position_embeddings", None)
+        extra = demo.VIRTUAL_TOKENS if "prompt" in pets else 0
+        if limit and self.args.max_length + extra > limit:
+            why = f" + {extra} virtual tokens of prompt tuning" if extra else ""
+            raise ValueError(f"--max-length {self.args.max_length}{why} exceeds the {limit} positions of the model "
+                             f"in --model-dir {self.model_dir}")
+
+    def check_sizes(self, shots, pets=()) -> None:
         """ValueError naming the options when a class has fewer examples than the largest of
-        ``shots`` plus ``--val-per-class`` plus ``--test-per-class``."""
+        ``shots`` plus ``--val-per-class`` plus ``--test-per-class``, or when a prompt of one of
+        ``pets`` does not fit the model's positions (:meth:`check_positions`)."""
+        self.check_positions(pets)
         a = self.args
         for option, value in (("--test-per-class", a.test_per_class), ("--val-per-class", a.val_per_class)):
             if value < 1:
@@ -146,7 +195,7 @@ class Setup:
         """(PromptClassifier with ``pet`` applied, initialised with ``seed``; its encoder;
         the verbalizer token ids)."""
         encoder = self.encoder()
-        words = demo.verbalizer_ids(self.tokenizer, self.classes)
+        words = self.label_word_ids
         classifier = demo.PromptClassifier(demo.apply_pet(encoder, pet, seed), self.tokenizer.mask_token_id, words)
         return classifier.to(self.device), encoder, words
 
@@ -163,7 +212,7 @@ class Setup:
     def g_dir(self, bridge: str, kind: str = "pdf") -> str:
         """The cache folder of the g of ``kind`` ("pdf" or "sde") and ``bridge``."""
         name = os.path.basename(os.path.normpath(self.model_dir))
-        return os.path.join(self.cache, "g", f"{name}-{kind}-{bridge}-{_digest(self.g_config(bridge, kind))}")
+        return os.path.join(self.cache, "g", f"{name}-{kind}-{bridge}-{config_digest(self.g_config(bridge, kind))}")
 
     def regularizer(self, bridge: str, encoder=None, kind: str = "pdf", force: bool = False):
         """The fitted g of ``kind`` and ``bridge`` on the device: from the cache, or fitted now

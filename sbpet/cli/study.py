@@ -269,8 +269,10 @@ def run_study(args, defaults: dict) -> int:
     resolve_options(args, defaults)
     grid = parse_grid(args)
     setup = Setup(args)
-    setup.check_sizes(grid["shots"])
+    setup.check_sizes(grid["shots"], grid["pets"])
     out = args.out or os.path.join(setup.cache, "study")
+    if os.path.exists(out) and not os.path.isdir(out):  # else it fails when the first run is saved
+        raise ValueError(f"--out: {out} exists and is not a folder")
     runs = plan_runs(grid)
     configs = [run_config(setup, run) for run in runs]
     paths = [os.path.join(out, "runs", f"{config_hash(c)}.json") for c in configs]

@@ -119,7 +119,7 @@ def test_fit_force_twice_gives_the_same_g(tmp_path, capsys):
     fits = []
     for _ in range(2):
         torch.manual_seed(len(fits))  # whatever the global RNG holds
-        assert main(["fit", *common, "--force", "--out", str(tmp_path / "g")]) == 0
+        assert main(["fit", *common, "--force", "--out", str(tmp_path / "g"), "--overwrite"]) == 0
         g_dir = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("g: ")
         state = torch.load(os.path.join(g_dir, "fit", "checkpoint", "fit_state.pt"), weights_only=False)
         fits.append((state["history"], (tmp_path / "g" / "sbpet_model.safetensors").read_bytes()))
@@ -135,13 +135,14 @@ def test_train_with_the_sde_regularizer(tmp_path, capsys):
     assert main(["train", *common, *train, "--regularizer", "sde", "--bridge", "ou"]) == 0
     out = capsys.readouterr().out
     assert "fitting the sde g (ou bridge" in out and "test accuracy" in out
-    meta = json.loads((tmp_path / "cache" / "runs" / "lora-sde-ou" / "run.json").read_text())
+    (run,) = (tmp_path / "cache" / "runs").glob("lora-sde-ou-a0.1-2shot-seed0-*")
+    meta = json.loads((run / "run.json").read_text())
     assert meta["regularizer"] == "sde" and "-sde-ou-" in meta["g_dir"]
     assert json.loads(open(os.path.join(meta["g_dir"], "sbpet_config.json")).read())["kind"] == "sde"
     assert math.isfinite(meta["metrics"]["bridge_loss"]) and meta["metrics"]["bridge_loss"] > 0
-    assert main(["train", *common, *train, "--regularizer", "sde", "--bridge", "ou"]) == 0
+    assert main(["train", *common, *train, "--regularizer", "sde", "--bridge", "ou", "--seed", "1"]) == 0
     assert "using the cached g" in capsys.readouterr().out
-    assert main(["fit", *common, "--bridge-type", "ou"]) == 0  # the PDF g of the same bridge: another key
+    assert main(["fit", *common, "--bridge", "ou"]) == 0  # the PDF g of the same bridge: another key
     assert "fitting the pdf g (ou bridge" in capsys.readouterr().out
 
 
@@ -152,17 +153,19 @@ def test_too_small_corpus_names_the_options(tmp_path, capsys):
     assert "sbpet train: error:" in err and "--shots 5" in err and "--val-per-class 2" in err
 
 
-@pytest.mark.parametrize("command", ["fit", "train", "study"])
+@pytest.mark.parametrize("command", ["fit", "train", "plot", "study"])
 @pytest.mark.parametrize(
     "option, value",
     [("--batch-size", "0"), ("--epochs", "0"), ("--lr", "-1"), ("--device", "tpu"), ("--dims", "abc"),
      ("--dims", "512,0"), ("--model-dir", "/no/such/folder"), ("--data-dir", "/no/such/folder"),
      ("--max-length", "0"), ("--fit-steps", "0"), ("--test-per-class", "0"), ("--shots", "0"),
-     ("--alpha", "-0.5")],
+     ("--alpha", "-0.5"), ("--seed", "-1"), ("--fit-seed", "-1"), ("--examples", "0"),
+     ("--model-dir", os.path.dirname(__file__)), ("--cache-dir", __file__)],
 )
 def test_bad_options_fail_at_parse_time_naming_the_option(command, option, value, capsys, monkeypatch):
     """Bad option values stop the command before it loads anything: exit status 2, a one-line
-    error naming the option, no traceback (a hub 'Repo id' error, ZeroDivisionError, ...)."""
+    error naming the option, no traceback (a hub 'Repo id' error, ZeroDivisionError, a NumPy
+    seed error after g was fitted, ...)."""
     parser_options = {a for act in build_parser()._subparsers._group_actions[0].choices[command]._actions
                       for a in act.option_strings}
     if option not in parser_options:

