@@ -212,3 +212,10 @@ if triton is not None:
     def accumulate_bias(ptr, out0, D_OUT, value, out_scale, BLOCK_OUT: tl.constexpr):
         o = out0 + tl.arange(0, BLOCK_OUT)
         tl.atomic_add(ptr + o, value * out_scale, mask=o < D_OUT)
+
+    @triton.jit
+    def segmented_add(value_a, start_a, value_b, start_b):
+        """Combine step of a segmented inclusive sum (``tl.associative_scan``): a row flagged as
+        the start of a segment drops what came before it. Associative, so the scan's fixed tree
+        gives the same bits every run."""
+        return tl.where(start_b, value_b, value_a + value_b), start_a | start_b

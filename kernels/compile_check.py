@@ -23,8 +23,10 @@ the check works with every Triton from 3.6 on:
   slots, CTA slots) against the target's limits (:data:`LIMITS`), with the limiting resource.
 
 Exit status 1 when a configuration fails to compile, needs more shared memory than one CTA may have
-(sm_80: 163 KB, sm_90: 227 KB), cannot launch at all (0 CTAs per SM) or when ptxas and cuobjdump
-disagree. The first line names the Triton version and the ptxas / cuobjdump used per target; the
+(sm_80: 163 KB, sm_90: 227 KB), cannot launch at all (0 CTAs per SM), when ptxas and cuobjdump
+disagree, or when a kernel that must be deterministic has an atomic instruction in its PTX (kernel 1
+and kernel 2's backward with g and the tail frozen: the dispatcher relies on it under
+``torch.use_deterministic_algorithms``). The first line names the Triton version and the ptxas / cuobjdump used per target; the
 last lines give counts and the worst registers / spills / occupancy per target and dtype. Triton's
 own cache (keyed by the kernel source and the ptxas version) makes a second run faster; the ptxas
 report runs every time. Must run without TRITON_INTERPRET (the kernels must be real JIT functions).
@@ -177,6 +179,7 @@ def _configs(quick: bool):
                                TRAIN_MAPPING=train_mapping, TRAIN_TAIL=train_tail)
                 yield (f"bridge_bwd {tag} {_blocks(bcfg)} w{bwarps}s{bstages} train_mapping={train_mapping} "
                        f"train_tail={train_tail}", "bridge_backward_kernel", dtype, bconsts, bwarps, bstages)
+    yield ("pair_sum BLOCK_D=128", "pair_sum_kernel", "float32", dict(BLOCK_D=128), 4, 1)
 
 
 def _blocks(cfg: dict) -> str:
@@ -196,8 +199,10 @@ def _signature(fn, states_dtype: str, constexprs: dict) -> tuple[dict, dict]:
             elif name in ("layer_offsets_ptr", "layer_strides_ptr", "batch_index_ptr", "seq_index_ptr",
                           "targets_ptr"):
                 ty = "i64"
-            elif name == "row_of_ptr":
+            elif name in ("row_of_ptr", "pair_ids_ptr"):
                 ty = "i32"
+            elif name == "pair_starts_ptr":
+                ty = "i64"
             else:
                 ty = "fp32"
             signature[name] = "*" + ty
@@ -398,6 +403,7 @@ def _compile_one(job):
     except Exception as exc:  # noqa: BLE001 - reported, then the exit status says it failed
         return dict(base, ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
     shared = int(compiled.metadata.shared) + cubin.get("SHARED", 0)
+    atomics = count_atomics(compiled.asm["ptx"])
     occ = occupancy(arch, ptxas.registers, num_warps, shared)
     error = None
     if shared > LIMITS[arch].smem_per_cta:
@@ -408,8 +414,24 @@ def _compile_one(job):
         error = f"ptxas -v says {ptxas.stack} bytes stack frame but Triton's cubin has STACK:{cubin.get('STACK')}"
     elif occ.ctas == 0:
         error = f"cannot launch: 0 CTAs per SM ({occ.limit})"
+    elif atomics and must_be_deterministic(kernel_name, constexprs):
+        error = f"{atomics} atomic instructions in a kernel that must be deterministic"
     return dict(base, ok=error is None, shared=shared, regs=ptxas.registers, spills=ptxas.spills,
-                warps=num_warps, ctas=occ.ctas, limit=occ.limit, seconds=time.time() - start, error=error)
+                warps=num_warps, ctas=occ.ctas, limit=occ.limit, atomics=atomics, seconds=time.time() - start,
+                error=error)
+
+
+def count_atomics(ptx: str) -> int:
+    """Atomic and reduction instructions (``atom.*``, ``red.*``) in a kernel's PTX."""
+    return len(re.findall(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", ptx, flags=re.M))
+
+
+def must_be_deterministic(kernel_name: str, constexprs: dict) -> bool:
+    """Kernels whose results may not depend on the order programs run in: kernel 1 both ways, the
+    pair sum, and kernel 2's backward when it trains neither g nor the tail."""
+    if kernel_name == "bridge_backward_kernel":
+        return not constexprs.get("TRAIN_MAPPING") and not constexprs.get("TRAIN_TAIL")
+    return True
 
 
 def _target_name(arch: int) -> str:
@@ -458,7 +480,7 @@ def main(argv=None) -> int:
                 w["ctas"] = min(w["ctas"], result["ctas"])
             if result["ok"]:
                 print(f"OK   {target:6s} {result['name']}: {result['regs']} registers x {result['warps'] * 32} threads, "
-                      f"{result['spills']} spill bytes, "
+                      f"{result['spills']} spill bytes, {result['atomics']} atomics, "
                       f"shared {result['shared'] / 1024:.1f} KB, {result['ctas']} CTAs/SM ({result['limit']}) "
                       f"({result['seconds']:.1f}s)", flush=True)
             else:

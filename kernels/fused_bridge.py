@@ -17,10 +17,13 @@ On-chip layout of the chain (M = BLOCK_M rows):
 
 The backward recomputes all of this (nothing per row is saved) and walks back down the chain:
 gradients of the latent chunk -> layer 3/4 -> layer 2 (in registers) -> a second pass over the
-layer-1 chunks that recomputes each chunk and produces the gradient of the context half (float32
-atomics into [L+1, B, d1]), the token-state rows (float32 [L+1, N, H], consumed by kernel 1's
-backward), and, when the mapping is trained, the weights (float32 atomics). The tail gradient is a
-float32 atomic scatter by label.
+layer-1 chunks that recomputes each chunk and produces the gradient of the context half (summed
+inside the tile per sequence and written once per (tile, sequence) pair, then summed over a
+sequence's pairs in order by ``pair_sum_kernel``), the token-state rows (float32 [L+1, N, H], owned
+by one program, consumed by kernel 1's backward), and, when the mapping is trained, the weights
+(float32 atomics). The tail gradient is a float32 atomic scatter by label. So with g and the tail
+frozen (PET training) the backward uses no atomics and gives the same bits on every run; training g
+or the tail brings the atomics back (the dispatcher knows: see ``deterministic``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ MAX_LINEAR = 4
 if triton is not None:
     from .bridge_chain import (
         accumulate, accumulate_bias, dot_acc, first_layer_chunk, gelu, gelu_grad, latent_grad, load_bias, load_tokens,
-        load_weight, load_weight_t, operand, residual, second_layer, token_rows,
+        load_weight, load_weight_t, operand, residual, second_layer, segmented_add, token_rows,
     )
     @triton.jit
     def bridge_forward_kernel(
@@ -120,11 +123,12 @@ if triton is not None:
         tail_ptr, mean_coef_ptr, inv_var_ptr,
         grad_loss_ptr, inv_pairs,
         grad_tokens_ptr,  # float32 [L+1, N, H], zeroed (out)
-        grad_context_half_ptr,  # float32 [L+1, B, D1], zeroed (out)
+        pair_ids_ptr,  # int32 [N]: the (tile, sequence) pair of each row (tile_sequence_pairs)
+        grad_pairs_ptr,  # float32 [L+1, num_pairs, D1] (out): the context half's gradient per pair
         grad_w1_ptr,  # float32 [D1, H] token half, zeroed (out, TRAIN_MAPPING)
         grad_w2_ptr, grad_b2_ptr, grad_w3_ptr, grad_b3_ptr, grad_w4_ptr, grad_b4_ptr,
         grad_tail_ptr,  # float32 [V, D], zeroed (out, TRAIN_TAIL)
-        N, B, H, D1, D2, D3, D4,
+        N, B, H, D1, D2, D3, D4, num_pairs,
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
@@ -206,6 +210,16 @@ if triton is not None:
             if TRAIN_MAPPING:
                 accumulate_bias(grad_b2_ptr, 0, D2, tl.sum(da2, axis=0), out_scale, P2)
 
+        # The context half's gradient is summed over the rows of each sequence inside this tile
+        # (a segmented scan: rows come sorted by sequence) and stored once per (tile, sequence)
+        # pair; the pairs are summed in a fixed order afterwards (pair_sum_kernel). No atomics.
+        local = tl.arange(0, BLOCK_M)
+        pair = tl.load(pair_ids_ptr + rows, mask=row_ok, other=-1)
+        pair_start = pair != tl.load(pair_ids_ptr + rows - 1, mask=row_ok & (local > 0), other=-2)
+        pair_end = row_ok & (pair != tl.load(pair_ids_ptr + rows + 1, mask=(rows + 1 < N) & (local < BLOCK_M - 1),
+                                            other=-3))
+        pair = pair.to(tl.int64)
+
         # Layer 1, chunk by chunk: recompute, take the gradient of the chunk's pre-activation and
         # push it to the context half, the token rows and W1's token half.
         for c0 in range(0, D1, BLOCK_D1):
@@ -224,7 +238,13 @@ if triton is not None:
             cols = c0 + tl.arange(0, BLOCK_D1)
             ok = row_ok[:, None] & (cols < D1)[None, :]
             da1 = tl.where(ok, da1, 0.0)
-            tl.atomic_add(grad_context_half_ptr + half_off[:, None] + cols[None, :], da1 * out_scale, mask=ok)
+            pair_sums, _ = tl.associative_scan(
+                (da1 * out_scale, tl.broadcast_to(pair_start[:, None], (BLOCK_M, BLOCK_D1))), 0, segmented_add)
+            pair_ptr = grad_pairs_ptr + ((layer * num_pairs + pair) * D1)[:, None] + cols[None, :]
+            tl.store(pair_ptr, pair_sums, mask=pair_end[:, None] & ok)
+            # The token rows belong to this program alone: read-add-write, the barrier making the
+            # previous chunk's writes visible to whichever thread reads them now.
+            tl.debug_barrier()
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
@@ -233,12 +253,24 @@ if triton is not None:
                 dx = dot_acc(da1, w1, None, DOT_PRECISION)
                 token_ptr = grad_tokens_ptr + (layer * N + rows.to(tl.int64))[:, None] * H + ks[None, :]
                 tok_ok = row_ok[:, None] & k_ok[None, :]
-                # Only this program touches these rows; atomics keep the chunk sums coherent.
-                tl.atomic_add(token_ptr, dx * out_scale, mask=tok_ok)
+                tl.store(token_ptr, tl.load(token_ptr, mask=tok_ok, other=0.0) + dx * out_scale, mask=tok_ok)
                 if TRAIN_MAPPING:
                     x = load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
                     accumulate(grad_w1_ptr, c0, k0, D1, H,
                                 dot_acc(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
+
+
+    @triton.jit
+    def pair_sum_kernel(grad_pairs_ptr, pair_starts_ptr, out_ptr, num_pairs, B, D1, BLOCK_D: tl.constexpr):
+        """grad_context_half[l, b] = the sum of sequence b's (tile, sequence) pairs, in pair order."""
+        layer = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ok = cols < D1
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for pair in range(tl.load(pair_starts_ptr + b), tl.load(pair_starts_ptr + b + 1)):
+            acc += tl.load(grad_pairs_ptr + (layer * num_pairs + pair) * D1 + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + (layer * B + b) * D1 + cols, acc, mask=ok)
 
 
 class BridgeConfig(dict):
@@ -363,6 +395,29 @@ def bridge_forward(
     return partial.sum()
 
 
+def tile_sequence_pairs(batch_index: torch.Tensor, block_m: int, batch: int):
+    """The (tile, sequence) pairs of the backward's context-half reduction, without a host sync.
+
+    Rows must come sorted by sequence (``nonzero`` over [B, S] labels gives them so). A pair starts
+    at every tile's first row and wherever the sequence changes, so there are at most
+    tiles + B - 1. Returns (int32 pair id of every row [N], number of pair slots, int64 [B + 1]
+    first pair of each sequence, the last entry the end)."""
+    device = batch_index.device
+    num_rows = batch_index.shape[0]
+    if num_rows > 1:
+        torch._assert_async(torch.all(batch_index[1:] >= batch_index[:-1]),
+                            "kernel 2's backward needs the regularised rows sorted by sequence")
+    starts = torch.ones(num_rows, dtype=torch.bool, device=device)
+    starts[1:] = batch_index[1:] != batch_index[:-1]
+    starts[::block_m] = True
+    pair_ids = torch.cumsum(starts, 0, dtype=torch.int32) - 1
+    num_pairs = min(num_rows, triton.cdiv(num_rows, block_m) + batch - 1)
+    pair_sequence = torch.full((num_pairs,), batch, dtype=torch.int64, device=device)
+    pair_sequence[pair_ids.long()] = batch_index  # every row of a pair writes the same value
+    pair_starts = torch.searchsorted(pair_sequence, torch.arange(batch + 1, device=device))
+    return pair_ids, num_pairs, pair_starts
+
+
 def bridge_backward(
     grad_loss: torch.Tensor,
     inv_pairs: float,
@@ -397,7 +452,8 @@ def bridge_backward(
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     f32 = dict(dtype=torch.float32, device=device)
     grad_tokens = torch.zeros((num_states, num_rows, hidden), **f32)
-    grad_context_half = torch.zeros((num_states, batch, dims[0]), **f32)
+    pair_ids, num_pairs, pair_starts = tile_sequence_pairs(batch_index, cfg["BLOCK_M"], batch)
+    grad_pairs = torch.empty((num_states, num_pairs, dims[0]), **f32)  # every used slot is written
     grad_w1 = torch.zeros((dims[0], hidden), **f32) if train_mapping else grad_tokens
     grad_ws = [torch.zeros(w.shape, **f32) if train_mapping else grad_tokens for w in weights[1:]]
     grad_bs = [torch.zeros(b.shape, **f32) if train_mapping else grad_tokens for b in biases[1:]]
@@ -413,11 +469,16 @@ def bridge_backward(
         w1_token, w1_token.stride(0), *_layer_args(weights, biases),
         tail, mean_coef, inv_var,
         grad_loss, float(inv_pairs),
-        grad_tokens, grad_context_half, grad_w1, *grad_layer_args, grad_tail,
-        num_rows, batch, hidden, *dims,
+        grad_tokens, pair_ids, grad_pairs, grad_w1, *grad_layer_args, grad_tail,
+        num_rows, batch, hidden, *dims, num_pairs,
         CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot,
         TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail),
         num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    grad_context_half = torch.empty((num_states, batch, dims[0]), **f32)
+    block_d = min(128, _pow2(dims[0]))
+    pair_sum_kernel[(num_states, batch, triton.cdiv(dims[0], block_d))](
+        grad_pairs, pair_starts, grad_context_half, num_pairs, batch, dims[0], BLOCK_D=block_d, num_warps=4,
     )
     return (
         grad_tokens,

@@ -20,8 +20,9 @@ accumulates into ``.grad``), and keeps the fastest for the process. Candidates r
 ``precision``: the precision is the user's, the speed is the dispatcher's. A candidate that
 fails is dropped with a warning. The choice is logged once at INFO (logger ``sbpet.dispatch``).
 ``SBPET_BACKEND=torch|triton|reference`` (or an explicit ``backend=``) forces a backend.
-Under ``torch.use_deterministic_algorithms(True)`` the Triton kernels (float32 atomics) are not
-candidates. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
+Under ``torch.use_deterministic_algorithms(True)`` the Triton kernels are candidates only for calls
+that train neither g nor the tail (PET training): that backward has no atomics and gives the same
+bits every run, while training g or the tail adds float32 atomics to the kernel. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
 counts (ranks see different batches; a collective per new key must be reached by all ranks
 together). During CUDA-graph capture a recorded choice, else the analytic one (torch), is used:
 never a timing.
@@ -95,31 +96,33 @@ def _forced_backend() -> str | None:
     return check_backend_name(forced, f"the environment variable {ENV_VAR}")
 
 
-def _triton_candidate(device: torch.device) -> bool:
+def _triton_candidate(device: torch.device, atomics: bool) -> bool:
     try:
         usable = _triton_module().triton_is_usable(device)
     except ImportError:
         return False
-    if usable and torch.are_deterministic_algorithms_enabled():
-        _log_once(("deterministic", device.type), "auto: the Triton kernels use float32 atomics (not "
-                  "deterministic): not a candidate under torch.use_deterministic_algorithms(True)")
+    if usable and atomics and torch.are_deterministic_algorithms_enabled():
+        _log_once(("deterministic", device.type), "auto: training g or the tail makes the Triton kernels "
+                  "use float32 atomics (not deterministic): not a candidate for such calls under "
+                  "torch.use_deterministic_algorithms(True)")
         return False
     return usable
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, atomics: bool = True) -> str:
     """Turn ``backend`` into what runs on ``device``: a backend name, or ``"auto"`` when timing
     will choose among several candidates (CUDA with Triton usable).
 
     ``"auto"`` honours ``SBPET_BACKEND``; on CPU (and wherever Triton cannot run) it is
-    ``"torch"``. An explicit backend that cannot run on ``device`` raises ValueError (never a
-    silent switch)."""
+    ``"torch"``. ``atomics``: the call trains g or the tail, so Triton would use float32 atomics;
+    such calls leave Triton out under ``torch.use_deterministic_algorithms(True)``. An explicit
+    backend that cannot run on ``device`` raises ValueError (never a silent switch)."""
     check_backend_name(backend)
     device = torch.device(device)
     if backend == "auto":
         backend = _forced_backend() or "auto"
     if backend == "auto":
-        return "auto" if device.type == "cuda" and _triton_candidate(device) else "torch"
+        return "auto" if device.type == "cuda" and _triton_candidate(device, atomics) else "torch"
     if backend == "triton":
         try:
             module = _triton_module()
@@ -212,13 +215,16 @@ def _bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def select(op: str, backend: str, device: torch.device, key: tuple, runners: Callable[[list[str]], dict]) -> Backend:
+def select(op: str, backend: str, device: torch.device, key: tuple, runners: Callable[[list[str]], dict],
+           atomics: bool = True) -> Backend:
     """The :class:`Backend` that runs operation ``op`` ("loss", "parts" or "capture").
 
     ``key`` describes the call (dtype, precision, sizes, grad flags); sizes that vary between
     batches are bucketed here (and dropped under DDP). ``runners(names)`` builds, for the
-    candidate names, callables that run the operation forward + backward on the call's inputs."""
-    name = resolve_backend(backend, device)
+    candidate names, callables that run the operation forward + backward on the call's inputs.
+    ``atomics``: see :func:`resolve_backend` (False for calls that train neither g nor the tail,
+    and for the capture, whose kernel has no atomics)."""
+    name = resolve_backend(backend, device, atomics)
     if name != "auto":
         return get_backend(name)
     candidates = ["torch", "triton"]

@@ -102,16 +102,21 @@ def test_environment_variable_forces_a_backend(monkeypatch):
         dispatch.resolve_backend("cuda", cpu)
 
 
-def test_deterministic_mode_drops_the_triton_candidate(monkeypatch):
+def test_deterministic_mode_drops_the_triton_candidate_only_with_atomics(monkeypatch):
+    """Under deterministic algorithms Triton stays a candidate for calls whose backward has no
+    atomics (g and tail frozen: PET training) and leaves for calls that train g or the tail."""
     pytest.importorskip("triton")
     from sbpet.backends import triton_backend
 
     monkeypatch.setattr(triton_backend, "triton_is_usable", lambda device: True)
     cuda = torch.device("cuda")
     assert dispatch.resolve_backend("auto", cuda) == "auto"
+    assert dispatch.resolve_backend("auto", cuda, atomics=False) == "auto"
     torch.use_deterministic_algorithms(True)
     try:
-        assert dispatch.resolve_backend("auto", cuda) == "torch"
+        assert dispatch.resolve_backend("auto", cuda) == "torch"  # the default assumes atomics
+        assert dispatch.resolve_backend("auto", cuda, atomics=True) == "torch"
+        assert dispatch.resolve_backend("auto", cuda, atomics=False) == "auto"
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -121,7 +126,7 @@ def fake_auto(monkeypatch):
     """``auto`` with torch and triton as candidates on CPU tensors, timed by a FakeTimer."""
     pytest.importorskip("triton")
     real = dispatch.resolve_backend
-    monkeypatch.setattr(dispatch, "resolve_backend", lambda b, d: "auto" if b == "auto" else real(b, d))
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda b, d, atomics=True: "auto" if b == "auto" else real(b, d))
 
     def install(times):
         timer = FakeTimer(times, ["torch", "triton"])

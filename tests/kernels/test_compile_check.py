@@ -23,7 +23,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from sbpet.kernels.compile_check import (  # noqa: E402
     LIMITS,
+    count_atomics,
     cubin_resources,
+    must_be_deterministic,
     occupancy,
     parse_ptxas_entry,
     resolve_cuobjdump,
@@ -44,6 +46,29 @@ def test_compile_check_every_configuration():
     assert "sm_80" in out.stdout and "sm_90a" in out.stdout
     assert all("CTAs/SM" in line for line in lines), out.stdout
     assert f"triton {triton.__version__}" in out.stdout.splitlines()[0]
+    # Kernel 2's backward: no atomic with g and the tail frozen (what the dispatcher relies on
+    # under deterministic algorithms), atomics once g trains (so the count reads real PTX).
+    frozen = [l for l in lines if "bridge_bwd" in l and "train_mapping=False train_tail=False" in l]
+    trained = [l for l in lines if "bridge_bwd" in l and "train_mapping=True" in l]
+    assert frozen and all(" 0 atomics" in l for l in frozen), "\n".join(frozen)
+    assert trained and all(" 0 atomics" not in l for l in trained), "\n".join(trained)
+    assert any(l.startswith("OK") and "pair_sum" in l for l in lines)
+
+
+def test_atomic_count_and_which_kernels_must_be_deterministic():
+    ptx = "\n".join([
+        "\tld.global.f32 %f1, [%rd1];",
+        "\t@%p1 atom.global.gpu.acq_rel.add.f32 %f2, [%rd2], %f1;",
+        "\t@!%p3 red.global.add.f32 [%rd3], %f1;",
+        "\tred.global.gpu.add.f32 [%rd3], %f1;",
+        "// atom.global in a comment does not count",
+    ])
+    assert count_atomics(ptx) == 3
+    assert must_be_deterministic("bridge_backward_kernel", dict(TRAIN_MAPPING=False, TRAIN_TAIL=False))
+    assert not must_be_deterministic("bridge_backward_kernel", dict(TRAIN_MAPPING=True, TRAIN_TAIL=False))
+    assert not must_be_deterministic("bridge_backward_kernel", dict(TRAIN_MAPPING=False, TRAIN_TAIL=True))
+    assert must_be_deterministic("context_backward_kernel", {})
+    assert must_be_deterministic("pair_sum_kernel", dict(BLOCK_D=128))
 
 
 def test_ptxas_parser_reads_the_kernel_entry():

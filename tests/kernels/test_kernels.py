@@ -142,6 +142,55 @@ def test_no_position_gives_exact_zero(device):
         assert grad is not None and torch.count_nonzero(grad) == 0, name
 
 
+@pytest.mark.parametrize("train_mapping", [False, True])
+def test_sequences_spanning_tiles(train_mapping, device):
+    """Every token regularised (the causal-LM pattern): a sequence's rows span several tiles of
+    16 and a tile holds the end of one sequence and the start of the next, so the context half's
+    per-(tile, sequence) sums and their ordered reduction are all exercised."""
+    case = make_case(num_states=2, batch=3, seq=37, hidden=20, dims=(24, 7), positions_per_seq=37, seed=11,
+                     device=device)
+    assert int((case[1] != -100).sum()) > 2 * 16
+    _compare(case, "ou", train_mapping=train_mapping, train_tail=False)
+    states, labels, mask, mapping, tail = case
+    expected = float64_bridge_loss(states, labels, mask, mapping, tail, "ou")
+    loss, _ = _loss_and_grads("triton", *case, bridge="ou", train_mapping=train_mapping, train_tail=False)
+    assert_close(loss, expected, torch.float32, "loss vs float64")
+
+
+def test_tile_sequence_pairs():
+    """Pair ids start at every tile and at every change of sequence; the slot count bounds them;
+    each sequence's pairs are contiguous; unsorted rows are refused."""
+    from sbpet.kernels.fused_bridge import tile_sequence_pairs
+
+    batch_index = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3, 3])
+    pair_ids, num_pairs, starts = tile_sequence_pairs(batch_index, 4, batch=5)
+    # tiles [0..3], [4..7], [8..9]
+    assert pair_ids.tolist() == [0, 0, 0, 1, 2, 3, 3, 3, 4, 4]
+    assert pair_ids.dtype == torch.int32 and num_pairs >= 5
+    assert starts.tolist() == [0, 1, 3, 3, 5, 5]  # sequence 2 and 4 have no rows
+    with pytest.raises(RuntimeError, match="sorted by sequence"):
+        tile_sequence_pairs(torch.tensor([1, 0]), 4, batch=2)
+
+
+@pytest.mark.parametrize("train_mapping", [False, True])
+def test_two_runs_give_the_same_bits(train_mapping, device):
+    """The states' gradients never depend on the order programs run in (no atomics reach them);
+    two runs are bitwise equal. With g frozen that is every output (the compile check shows that
+    backward has no atomic at all); a trained g's weight gradients still use atomics and are left
+    out. In the interpreter programs run in turn, so on CPU this guards the reduction's order; on
+    CUDA (gpu_check) it is the real test."""
+    case = make_case(num_states=2, batch=3, seq=23, hidden=20, dims=(24, 7), positions_per_seq=23, seed=3,
+                     device=device)
+    first = _loss_and_grads("triton", *case, train_mapping=train_mapping, train_tail=False)
+    second = _loss_and_grads("triton", *case, train_mapping=train_mapping, train_tail=False)
+    assert torch.equal(first[0], second[0])
+    for name, grad in first[1].items():
+        if train_mapping and not name.startswith("hidden_states"):
+            continue
+        assert (grad is None) == (second[1][name] is None), name
+        assert grad is None or torch.equal(grad, second[1][name]), name
+
+
 def test_strided_views_of_a_stacked_tensor(device):
     """Layers as slices of one stacked tensor, one with a non-unit H stride: read in place."""
     states, labels, mask, mapping, tail = make_case(num_states=3, dims=(24, 7), seed=9, device=device)
