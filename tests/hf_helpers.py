@@ -60,6 +60,89 @@ def classification_batch(batch=4, seq=11, seed=0, mask_token=True):
     return ids, mask, labels
 
 
+def collate(rows):
+    """Stack a list of example dicts into a batch."""
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+ACCUMULATION_KINDS = ("masked_lm", "seq_cls_lora", "seq_cls_bitfit", "causal_lm")
+
+
+def accumulation_setup(kind):
+    """(PET model, its base model, 4 examples, regulariser) for the gradient-accumulation checks:
+    a LoRA masked LM (BERT), a LoRA or BitFit sequence classifier (BERT), a LoRA causal LM
+    (GPT-2). Seeded, dropout off, the same number of regularised positions in every example."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import BertForMaskedLM, BertForSequenceClassification, GPT2LMHeadModel
+
+    from sbpet.hf import apply_bitfit, masked_lm_bridge_labels
+
+    torch.manual_seed(0)
+    if kind == "causal_lm":
+        base = GPT2LMHeadModel(tiny_gpt2_config())
+        model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["c_attn"]))
+        ids = torch.randint(5, VOCAB, (4, 9), generator=torch.Generator().manual_seed(3))  # no padding
+        data = [{"input_ids": ids[i], "attention_mask": torch.ones(9, dtype=torch.long), "labels": ids[i]}
+                for i in range(4)]
+        reg = tiny_regularizer(base, shift_labels=True)
+    else:
+        ids, mask, y = classification_batch(batch=4, seed=5)
+        bridge_labels = masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS)
+        if kind == "masked_lm":
+            base = BertForMaskedLM(tiny_bert_config())
+            model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"]))
+            labels = bridge_labels  # the [MASK] predicts the label word
+        elif kind == "seq_cls_bitfit":
+            model = base = BertForSequenceClassification(tiny_bert_config())
+            apply_bitfit(base)
+            labels = y
+        else:
+            base = BertForSequenceClassification(tiny_bert_config())
+            model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"]))
+            labels = y
+        data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i],
+                 "bridge_labels": bridge_labels[i]} for i in range(4)]
+        reg = tiny_regularizer(base)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model, base, data, reg
+
+
+def trainer_one_step(args, kind, batch_size, accumulation, capture="hooks", bridge_weight=2.0):
+    """One plain-SGD optimizer step of BridgeTrainer on :func:`accumulation_setup`'s 4 examples
+    in order, at ``batch_size`` x ``accumulation`` per process (``args``: TrainingArguments to
+    copy). Returns the accumulated gradients of the trainable parameters just before the step
+    (after any DDP/FSDP reduction) and the step's log entry."""
+    import dataclasses
+
+    from transformers import TrainerCallback
+
+    from sbpet.hf import BridgeTrainer
+
+    model, _, data, reg = accumulation_setup(kind)
+    args = dataclasses.replace(
+        args, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
+        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1,
+    )
+    grads = {}
+
+    class Recorder(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            for name, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2: DTensor
+                    grads[name] = grad.detach().cpu().clone()
+
+    trainer = BridgeTrainer(model=model, args=args, train_dataset=data, data_collator=collate, bridge=reg,
+                            bridge_weight=bridge_weight, capture=capture, callbacks=[Recorder()])
+    if trainer.accelerator.num_processes == 1:
+        trainer.get_train_dataloader = lambda: torch.utils.data.DataLoader(data, batch_size=batch_size,
+                                                                           collate_fn=collate)
+    trainer.train()
+    return grads, next(e for e in trainer.state.log_history if "bridge_loss" in e)
+
+
 WORDS = ("the cat dog sat on mat ran fast slow market shares rose fell team won lost game film "
          "star music vote party election minister phone software chip profit bank").split()
 
@@ -105,3 +188,47 @@ def tiny_model_and_corpus(root):
             with open(os.path.join(folder, f"{i:03d}.txt"), "w") as f:
                 f.write(text + " the cat sat\n")
     return model_dir, data_dir
+
+
+def classification_data(n=8, seed=0):
+    """n examples of the tiny prompt classification task as dicts (with bridge_labels)."""
+    from sbpet.hf import masked_lm_bridge_labels
+
+    ids, mask, y = classification_batch(batch=n, seed=seed)
+    labels = masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS)
+    return [
+        {"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": labels[i]}
+        for i in range(n)
+    ]
+
+
+def trainer_args(tmp_path, **kw):
+    """TrainingArguments for a few quick CPU steps (no saving, no logging integrations)."""
+    from transformers import TrainingArguments
+
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+                learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                remove_unused_columns=True, seed=0)
+    args.update(kw)
+    return TrainingArguments(**args)
+
+
+def pet_model(method):
+    """(PET model, its base) for "lora", "prompt", "ia3" or "bitfit" on a tiny BERT classifier."""
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from sbpet.hf import apply_bitfit
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config())
+    if method == "bitfit":
+        apply_bitfit(base)  # the new classifier head trains too
+        return base, base
+    config = {
+        "lora": LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"]),
+        "prompt": PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4),
+        "ia3": IA3Config(task_type=TaskType.SEQ_CLS, target_modules=["key", "value", "output.dense"],
+                         feedforward_modules=["output.dense"]),
+    }[method]
+    return get_peft_model(base, config), base

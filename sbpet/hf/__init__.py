@@ -23,6 +23,7 @@ _LAZY = {
     "BridgeTrainer": "trainer",
     "fit_mapping": "fitting",
     "apply_bitfit": "peft_utils",
+    "task_head_parameter_names": "peft_utils",
     "trainable_parameter_names": "peft_utils",
     "check_only_pet_trainable": "peft_utils",
 }

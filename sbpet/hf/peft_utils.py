@@ -1,4 +1,5 @@
-"""PET helpers: BitFit (train only the biases) and checks on which parameters train.
+"""PET helpers: BitFit (train only the biases, and a new task head) and checks on which
+parameters train.
 
 peft covers LoRA, prompt tuning, prefix tuning, p-tuning, IA3, ...; BitFit is not a peft method,
 so :func:`apply_bitfit` does it on any module.
@@ -10,12 +11,43 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["apply_bitfit", "trainable_parameter_names", "check_only_pet_trainable"]
+__all__ = ["apply_bitfit", "task_head_parameter_names", "trainable_parameter_names", "check_only_pet_trainable"]
 
 
-def apply_bitfit(model: nn.Module, extra_trainable: Iterable[str] = ()) -> list[str]:
-    """BitFit: freeze every parameter except the biases (and those whose name contains one of
-    ``extra_trainable``, e.g. a new classifier head). Returns the trainable parameter names.
+def task_head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of ``model``'s new task head: those outside its backbone
+    (``model.base_model``) when ``model`` is a transformers model with a task head that is not a
+    language-model head (``model.get_output_embeddings()`` is None).
+
+    That is the classifier ``from_pretrained`` initialises anew on top of a base checkpoint:
+    ``classifier`` of ``*ForSequenceClassification`` / ``*ForTokenClassification`` /
+    ``*ForMultipleChoice``, ``score`` of the decoder classifiers, ``qa_outputs`` of
+    ``*ForQuestionAnswering`` (peft trains the same modules in full, as ``modules_to_save``, for
+    its sequence-classification task type). A masked- or causal-LM head is pretrained and is not a
+    task head here; a backbone alone (``BertModel``) or a module that is not a transformers model
+    has none. The structure decides, not the weights' origin, so a classifier loaded from a
+    fine-tuned checkpoint is a task head too.
+
+    Example:
+        >>> task_head_parameter_names(BertForSequenceClassification(config))
+        ['classifier.weight', 'classifier.bias']
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return []
+    backbone = model.base_model
+    if backbone is model or model.get_output_embeddings() is not None:
+        return []
+    inside = {id(p) for p in backbone.parameters()}
+    return [name for name, param in model.named_parameters() if id(param) not in inside]
+
+
+def apply_bitfit(model: nn.Module, extra_trainable: Iterable[str] = (), train_head: bool = True) -> list[str]:
+    """BitFit: freeze every parameter except the biases, the new task head's parameters
+    (:func:`task_head_parameter_names`, e.g. a sequence classifier's ``classifier``; with
+    ``train_head``) and those whose name contains one of ``extra_trainable``. Returns the
+    trainable parameter names.
 
     Example:
         >>> layer = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
@@ -23,9 +55,10 @@ def apply_bitfit(model: nn.Module, extra_trainable: Iterable[str] = ()) -> list[
         ['0.bias', '1.bias']
     """
     extra = tuple(extra_trainable)
+    head = set(task_head_parameter_names(model)) if train_head else set()
     names = []
     for name, param in model.named_parameters():
-        train = name.endswith("bias") or any(key in name for key in extra)
+        train = name.endswith("bias") or name in head or any(key in name for key in extra)
         param.requires_grad_(train)
         if train:
             names.append(name)

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from transformers import Trainer
 
 from ..backends.dispatch import check_backend_name
-from .capture import BridgeCapture
+from .capture import BridgeCapture, align_to_states, num_virtual_tokens
 from ..core.precision import check_precision
+from ..core.validation import shift_labels_left
 
-__all__ = ["BridgeTrainer", "BRIDGE_LABELS_KEY"]
+__all__ = ["BridgeTrainer", "BRIDGE_LABELS_KEY", "REGULARIZER_DIR"]
 
 BRIDGE_LABELS_KEY = "bridge_labels"
+REGULARIZER_DIR = "sbpet_regularizer"
+
+logger = logging.getLogger(__name__)
 
 
 class BridgeTrainer(Trainer):
     """A drop-in ``transformers.Trainer`` that trains on ``task_loss + bridge_weight * R``.
 
     Args:
-        bridge: a fitted :class:`~sbpet.BridgeRegularizer` (None: a plain Trainer). It is moved
+        bridge: a fitted :class:`~sbpet.BridgeRegularizer` (None: a plain Trainer, with the
+            gradient-accumulation check of the task loss below). It is moved
             to the training device, frozen (``requires_grad_(False)``, eval mode) and never
             handed to the optimizer: only the PET parameters train.
         bridge_weight: alpha.
@@ -38,10 +46,27 @@ class BridgeTrainer(Trainer):
     Without it, a [B, S] ``labels`` (masked or causal LM) is used. Virtual tokens of prompt
     tuning are aligned automatically.
 
-    Logs ``task_loss`` and ``bridge_loss`` (R, unweighted) next to the Trainer's ``loss``
-    (= task_loss + alpha * bridge_loss). Gradient accumulation: R is a per-micro-batch mean and is
-    scaled exactly as the Trainer scales the task loss. Mixed precision: R is computed in float32
-    with autocast off. Evaluation reports the task loss.
+    Logs ``task_loss`` and ``bridge_loss`` (R, unweighted; both per optimizer step's batch)
+    next to the Trainer's ``loss`` (= task_loss + alpha * bridge_loss). Gradient accumulation: an
+    optimizer step over GA micro-batches accumulates the same gradient of task + alpha * R as one
+    batch of the same samples. R is a per-micro-batch mean (over regularised positions) scaled as
+    the Trainer scales the task loss; the task loss is divided by GA unless the model's loss really
+    divides by the Trainer's ``num_items_in_batch``, which is checked on the first training batch
+    (see :meth:`check_loss_uses_num_items`; transformers assumes it for any forward with
+    ``**kwargs``, but BERT's heads and the sequence-classification heads ignore it). Exact when the
+    micro-batches have equal numbers of regularised positions (one per sequence with
+    ``masked_lm_bridge_labels`` / ``classification_bridge_labels``). Mixed precision: R is
+    computed in float32 with autocast off.
+
+    Evaluation (``evaluate`` / ``predict``): ``eval_loss`` stays the task loss, as the Trainer
+    computes it; with a regulariser, batches that carry ``bridge_labels`` (or [B, S] ``labels``)
+    also give ``eval_bridge_loss``, R of the whole eval set with the same regulariser (the mean
+    over all its regularised positions), and ``eval_task_loss`` (= ``eval_loss``).
+
+    Checkpoints: :meth:`save_model` (so every checkpoint the Trainer writes, and
+    ``trainer.save_model()``) also writes the regulariser with ``save_pretrained`` into
+    ``<output_dir>/sbpet_regularizer`` (:data:`REGULARIZER_DIR`); ``train(resume_from_checkpoint=...)``
+    loads it back into ``bridge`` (see :meth:`load_regularizer`).
 
     Example:
         >>> trainer = BridgeTrainer(model=peft_model, args=TrainingArguments("out"),
@@ -86,6 +111,8 @@ class BridgeTrainer(Trainer):
                 self._bridge_capture = BridgeCapture(self.model, bridge, backend, precision)
         self._bridge_sums = None
         self._bridge_last_logged = 0
+        self._loss_kwargs_checked = False
+        self._eval_bridge_sums = None
 
     # Keep the bridge labels through the Trainer's removal of unused columns.
     def _set_signature_columns_if_needed(self):
@@ -101,20 +128,74 @@ class BridgeTrainer(Trainer):
             or self.compute_loss_func is not None
         )
 
-    def _bridge_labels(self, inputs, bridge_labels):
+    def _bridge_labels(self, inputs, bridge_labels, required=True):
         if bridge_labels is not None:
             return bridge_labels
         labels = inputs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() == 2:
             return labels
+        if not required:
+            return None
         raise ValueError(
             f"BridgeTrainer needs '{BRIDGE_LABELS_KEY}' [B, S] in each batch (see "
             "sbpet.hf.classification_bridge_labels / masked_lm_bridge_labels) or [B, S] 'labels'"
         )
 
+    def check_loss_uses_num_items(self, model, inputs, num_items_in_batch) -> None:
+        """Tell the Trainer whether the model's loss divides by ``num_items_in_batch``.
+
+        transformers' Trainer counts the labelled items of the whole accumulated batch, passes the
+        count to every forward whose signature has ``**kwargs`` and then, taking the loss as
+        normalised over that batch, skips its division by the gradient accumulation steps (and
+        multiplies by the process count when ``average_tokens_across_devices``). Many heads take
+        ``**kwargs`` but compute a plain per-batch mean (BERT's masked-LM head and the
+        sequence-classification heads: transformers issue #47688), so their task gradient came out
+        GA times too large while R, a per-batch mean, was divided by GA: the effective alpha was
+        alpha / GA. Called on the first training batch: the forward runs twice without gradients
+        in eval mode (no dropout, no RNG drawn) with ``num_items_in_batch`` n and 2n (the losses
+        summed over the processes, so all ranks decide alike); a loss that does not halve ignores
+        the count, and ``model_accepts_loss_kwargs`` is set to False before this step's loss is
+        scaled, so from then on the Trainer divides the task loss by GA and R follows it. Skipped
+        when the loss does not come from the model (``compute_loss_func``, label smoothing) or when
+        ``loss_is_scaled_for_ga`` is set; a batch whose probe loss is zero decides nothing.
+        """
+        if (self._loss_kwargs_checked or num_items_in_batch is None or not self.model_accepts_loss_kwargs
+                or self.compute_loss_func is not None or self.label_smoother is not None
+                or self.loss_is_scaled_for_ga is not None):
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                losses = []
+                for count in (num_items_in_batch, 2 * num_items_in_batch):
+                    outputs = model(**inputs, num_items_in_batch=count)
+                    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0]
+                    if not isinstance(loss, torch.Tensor):
+                        self._loss_kwargs_checked = True  # no loss from the model: nothing to decide
+                        return
+                    losses.append(loss.detach().float().reshape(()))
+        finally:
+            model.train(was_training)
+        pair = torch.stack(losses).nan_to_num(0.0, 0.0, 0.0)
+        if self.accelerator.num_processes > 1:
+            pair = self.accelerator.reduce(pair, "sum")
+        with_n, with_2n = pair.abs().tolist()
+        if with_2n == 0.0:
+            return  # nothing counted in this batch: decide on a later one
+        self._loss_kwargs_checked = True
+        if with_n < 1.5 * with_2n:
+            logger.info(
+                "%s's loss ignores num_items_in_batch: the Trainer divides it by the gradient "
+                "accumulation steps", type(self.accelerator.unwrap_model(model)).__name__,
+            )
+            self.model_accepts_loss_kwargs = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         bridge_labels = inputs.pop(BRIDGE_LABELS_KEY, None)
+        if model.training:
+            self.check_loss_uses_num_items(model, inputs, num_items_in_batch)
         if self.bridge is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         bridge_labels = self._bridge_labels(inputs, bridge_labels)
@@ -124,8 +205,6 @@ class BridgeTrainer(Trainer):
                 task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             bridge_loss = self._bridge_capture.loss()
         else:
-            from .capture import align_to_states, num_virtual_tokens
-
             inputs["output_hidden_states"] = True
             task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             labels, mask = align_to_states(
@@ -149,9 +228,120 @@ class BridgeTrainer(Trainer):
         self._bridge_sums = sums if self._bridge_sums is None else self._bridge_sums + sums
         return (loss, outputs) if return_outputs else loss
 
+    def _regularised_count(self, labels: torch.Tensor) -> torch.Tensor:
+        """How many positions of ``labels`` [B, S] R averages over (virtual tokens and the causal
+        shift applied as in the capture)."""
+        reg = self.bridge
+        labels, _ = align_to_states(labels, None, num_virtual_tokens(self.model), reg.ignore_index)
+        if reg.shift_labels:
+            labels = shift_labels_left(labels, reg.ignore_index)
+        return (labels != reg.ignore_index).sum()
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = {k: v for k, v in inputs.items() if k != BRIDGE_LABELS_KEY}
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        """``Trainer.prediction_step`` without ``bridge_labels`` in the model's inputs; with a
+        regulariser and regularised positions, R of the batch is added to the evaluation's sums."""
+        inputs = dict(inputs)
+        bridge_labels = self._bridge_labels(inputs, inputs.pop(BRIDGE_LABELS_KEY, None), required=False)
+        if self.bridge is None or bridge_labels is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        mask = inputs.get("attention_mask")
+        if self._bridge_capture is not None:
+            with self._bridge_capture.armed(bridge_labels, mask):
+                result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            with torch.no_grad():
+                bridge_loss = self._bridge_capture.loss()
+        else:
+            # The states come back in the model's output: read them with a hook and keep them out
+            # of the gathered predictions.
+            if ignore_keys is None:
+                config = getattr(self.model, "config", None)
+                ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"]))
+            ignore_keys = [*ignore_keys, "hidden_states"]
+            states = []
+            handle = model.register_forward_hook(lambda m, args, out: states.append(out["hidden_states"]))
+            try:
+                result = super().prediction_step(model, {**inputs, "output_hidden_states": True},
+                                                 prediction_loss_only, ignore_keys)
+            finally:
+                handle.remove()
+            device = states[-1][0].device
+            labels, mask = align_to_states(
+                bridge_labels.to(device), None if mask is None else mask.to(device),
+                num_virtual_tokens(model), self.bridge.ignore_index,
+            )
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                bridge_loss = self.bridge(states[-1], labels, mask, **self._bridge_options)
+        count = self._regularised_count(bridge_labels).to(bridge_loss.device).float()
+        sums = torch.stack([bridge_loss.detach().float() * count, count])
+        self._eval_bridge_sums = sums if self._eval_bridge_sums is None else self._eval_bridge_sums + sums
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """``Trainer.evaluation_loop`` plus ``<prefix>_bridge_loss`` (R over all the regularised
+        positions of the set, summed over the processes) and ``<prefix>_task_loss``."""
+        self._eval_bridge_sums = None
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.bridge is not None:
+            sums = self._eval_bridge_sums
+            if sums is None:
+                sums = torch.zeros(2, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums.to(self.args.device), "sum")
+            weighted, count = sums.tolist()
+            if count > 0:
+                output.metrics[f"{metric_key_prefix}_bridge_loss"] = weighted / count
+                if f"{metric_key_prefix}_loss" in output.metrics:
+                    output.metrics[f"{metric_key_prefix}_task_loss"] = output.metrics[f"{metric_key_prefix}_loss"]
+        self._eval_bridge_sums = None
+        return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` (used for every checkpoint too), then the regulariser with
+        ``save_pretrained`` into ``<output_dir>/sbpet_regularizer`` (main process only)."""
+        super().save_model(output_dir, _internal_call)
+        if self.bridge is not None and self.args.should_save:
+            self.bridge.save_pretrained(os.path.join(output_dir or self.args.output_dir, REGULARIZER_DIR))
+
+    def load_regularizer(self, checkpoint: str | os.PathLike) -> None:
+        """Load the regulariser saved in ``checkpoint`` (a Trainer checkpoint or ``save_model``
+        folder) into ``bridge`` in place, so a resumed run goes on with the g it was trained with.
+        While g is frozen (always, in BridgeTrainer) that is the same g; a different one given to
+        the resumed run is replaced, with a warning. A checkpoint without a regulariser keeps
+        ``bridge`` (warning); one of another kind or shape raises ValueError."""
+        from ..modules.regularizer import BridgeRegularizer
+
+        path = os.path.join(checkpoint, REGULARIZER_DIR)
+        if not os.path.isdir(path):
+            logger.warning("%s holds no %s: the run resumes with the regulariser it was given",
+                           checkpoint, REGULARIZER_DIR)
+            return
+        saved = BridgeRegularizer.from_pretrained(path)
+        if type(saved) is not type(self.bridge):
+            raise ValueError(f"{path} holds a {type(saved).__name__}, but this run's regulariser is a "
+                             f"{type(self.bridge).__name__}")
+        state = self.bridge.state_dict()
+        try:
+            differs = any(not torch.equal(value.cpu(), state[key].cpu()) for key, value in saved.state_dict().items())
+            self.bridge.load_state_dict(saved.state_dict())
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"the regulariser in {path} does not match this run's: {exc}") from exc
+        if differs:
+            logger.warning("the regulariser in %s differs from the one given: the resumed run uses the "
+                           "checkpoint's", path)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train``; resuming from a checkpoint also loads its regulariser
+        (:meth:`load_regularizer`)."""
+        if self.bridge is not None and resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if isinstance(checkpoint, bool):
+                from transformers.trainer_utils import get_last_checkpoint
+
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is not None:  # None: the Trainer raises its own error
+                self.load_regularizer(checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._bridge_sums is not None:

@@ -158,13 +158,20 @@ class BridgeRegularizer(nn.Module):
             json.dump(self.config, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, model=None, **overrides):
+    def from_pretrained(cls, directory: str | os.PathLike, model=None, *, trainable: bool = False, **overrides):
         """Load a regulariser saved with :meth:`save_pretrained`.
 
         ``model`` (a Hugging Face model or its config), if given, is checked against the saved
         hidden size, number of layers and vocabulary size. ``overrides`` replace config entries
         that do not change the weights' shapes (e.g. ``backend``). A missing, damaged or
         mismatching file raises ValueError naming what is wrong.
+
+        The module comes back in eval mode, as a transformers model does from ``from_pretrained``,
+        and frozen (``requires_grad`` False on g and on a trainable tail): a fitted g is a fixed
+        part of the loss during tuning (METHOD.md). ``trainable=True`` returns it as built
+        instead (train mode, g and a ``train_tail`` tail trainable) to train it further by hand;
+        :func:`~sbpet.fit_mapping` unfreezes what it fits either way, and
+        :class:`~sbpet.BridgeTrainer` freezes it either way.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -190,7 +197,11 @@ class BridgeRegularizer(nn.Module):
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{weights_path} is damaged: {exc}") from exc
         config.update(overrides)
-        return target._from_config_and_state(config, state, weights_path)
+        module = target._from_config_and_state(config, state, weights_path)
+        if not trainable:
+            module.requires_grad_(False)
+            module.eval()
+        return module
 
     # kind (the saved config's "kind") -> class; every subclass that sets ``kind`` registers
     # itself, so loading needs no import of the subclass's module from here.

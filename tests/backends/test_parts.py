@@ -114,17 +114,17 @@ def test_loss_from_parts_without_rows_is_exact_zero():
 
 def _trainer_step(backend, tmp_path):
     """One BridgeTrainer step (LoRA on a tiny BERT): loss, task/bridge split, LoRA gradients."""
-    from test_trainer import _args, _classification_data, _collate, _pet_model
+    from hf_helpers import classification_data, collate, pet_model, trainer_args
 
     from sbpet.hf.trainer import BridgeTrainer
 
-    model, base = _pet_model("lora")
+    model, base = pet_model("lora")
     from hf_helpers import tiny_regularizer
 
     reg = tiny_regularizer(base, dims=(24, 9, 6))
-    trainer = BridgeTrainer(model=model, args=_args(tmp_path), train_dataset=_classification_data(),
-                            data_collator=_collate, bridge=reg, bridge_weight=0.5, backend=backend)
-    batch = _collate(_classification_data()[:4])
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path), train_dataset=classification_data(),
+                            data_collator=collate, bridge=reg, bridge_weight=0.5, backend=backend)
+    batch = collate(classification_data()[:4])
     model.train()
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, batch)

@@ -221,14 +221,41 @@ def test_find_layers_and_errors():
 
 def test_bitfit_helper():
     model = BertForSequenceClassification(tiny_bert_config())
-    names = apply_bitfit(model, extra_trainable=["classifier"])
-    assert all(n.endswith("bias") or "classifier" in n for n in names)
-    assert "classifier.weight" in names
+    names = apply_bitfit(model, extra_trainable=["pooler.dense.weight"])
+    assert all(n.endswith("bias") or "classifier" in n or "pooler" in n for n in names)
+    assert "classifier.weight" in names and "bert.pooler.dense.weight" in names
     assert not model.bert.embeddings.word_embeddings.weight.requires_grad
     with pytest.raises(ValueError, match="no bias"):
         apply_bitfit(torch.nn.Linear(3, 3, bias=False))
     with pytest.raises(ValueError, match="not frozen"):
         check_only_pet_trainable(BertForSequenceClassification(tiny_bert_config()))
+
+
+def test_bitfit_keeps_the_new_task_head_trainable():
+    """A sequence classifier's new head trains in full (as peft's modules_to_save); a pretrained
+    LM head and the backbone get BitFit; train_head=False freezes the head's weights too."""
+    from transformers import BertForMaskedLM, BertForQuestionAnswering, BertModel, GPT2ForSequenceClassification
+
+    from sbpet.hf import task_head_parameter_names
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    names = apply_bitfit(model)
+    assert {"classifier.weight", "classifier.bias"} <= set(names)
+    assert all(n.endswith("bias") or n.startswith("classifier.") for n in names)
+    assert not model.bert.pooler.dense.weight.requires_grad
+    ids, mask, y = classification_batch()
+    model(input_ids=ids, attention_mask=mask, labels=y).loss.backward()
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
+    assert "classifier.weight" not in apply_bitfit(BertForSequenceClassification(tiny_bert_config()), train_head=False)
+    question_answering = BertForQuestionAnswering(tiny_bert_config())
+    assert task_head_parameter_names(question_answering) == ["qa_outputs.weight", "qa_outputs.bias"]
+    assert task_head_parameter_names(GPT2ForSequenceClassification(tiny_gpt2_config())) == ["score.weight"]
+    masked_lm = BertForMaskedLM(tiny_bert_config())
+    assert task_head_parameter_names(masked_lm) == []  # a pretrained LM head
+    assert "cls.predictions.transform.dense.weight" not in apply_bitfit(masked_lm)
+    assert task_head_parameter_names(BertModel(tiny_bert_config())) == []
+    assert task_head_parameter_names(torch.nn.Linear(2, 2)) == []
 
 
 def test_autocast_leaves_r_in_float32():

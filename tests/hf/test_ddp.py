@@ -1,6 +1,7 @@
 """Under DistributedDataParallel with 2 CPU processes (gloo), the regulariser's gradients on the
 PET parameters equal one process on the whole batch (one regularised [MASK] per sequence, so
-every rank has the same number of regularised positions)."""
+every rank has the same number of regularised positions), by hand and through BridgeTrainer
+(accelerate's MULTI_CPU DDP, with gradient accumulation)."""
 
 import os
 import sys
@@ -70,19 +71,78 @@ def _worker(rank, world, store, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_ddp_gradients_equal_single_process(tmp_path):
-    out = str(tmp_path / "ddp_grads.pt")
-    context = mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False)
-    deadline = time.monotonic() + 180
+def _spawn(worker, args, what, limit_s=180):
+    context = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the 2-process DDP run did not finish in 180 s")
+            pytest.fail(f"the 2-process {what} run did not finish in {limit_s} s")
+
+
+@pytest.mark.slow
+def test_ddp_gradients_equal_single_process(tmp_path):
+    out = str(tmp_path / "ddp_grads.pt")
+    _spawn(_worker, (2, str(tmp_path / "store"), out), "DDP")
     distributed = torch.load(out)
     model, reg, ids, mask, labels = _build()
     single = _grads(model, reg, ids, mask, labels)
     assert distributed.keys() == single.keys() and single
     for name, grad in single.items():
         torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+TRAINER_KINDS = ("seq_cls_lora", "causal_lm")  # a loss that ignores num_items_in_batch, one that uses it
+
+
+def _trainer_args(output_dir):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=output_dir, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, seed=0)
+
+
+def _trainer_worker(rank, world, store, out):
+    # accelerate sees a torchrun-style environment and the process group already set up (file
+    # rendezvous, as above), and takes it as MULTI_CPU: the Trainer wraps the model in DDP.
+    os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        from hf_helpers import trainer_one_step
+
+        results = {}
+        for kind in TRAINER_KINDS:
+            # 2 processes x batch 1 x GA 2: the 4 examples in one optimizer step
+            results[kind] = trainer_one_step(_trainer_args(f"{store}-{kind}-{rank}"), kind, 1, 2)
+        if rank == 0:
+            torch.save(results, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bridge_trainer_under_ddp_equals_single_process(tmp_path):
+    """BridgeTrainer on 2 processes, batch 1 and gradient accumulation 2 each, gives the gradient
+    (after DDP's reduction) and logs of one process at batch 4: for a sequence classifier, whose
+    loss ignores num_items_in_batch (without the check the Trainer scaled its task loss by
+    GA x processes = 4), and for a causal LM, whose loss divides by the count gathered over the
+    processes."""
+    from hf_helpers import trainer_one_step
+
+    out = str(tmp_path / "trainer_ddp.pt")
+    _spawn(_trainer_worker, (2, str(tmp_path / "store"), out), "BridgeTrainer DDP")
+    distributed = torch.load(out)
+    for kind in TRAINER_KINDS:
+        single_grads, single_log = trainer_one_step(_trainer_args(str(tmp_path / kind)), kind, 4, 1)
+        grads, log = distributed[kind]
+        assert grads.keys() == single_grads.keys() and grads
+        for name, grad in single_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{kind} {name}: {m}")
+        for key in ("loss", "task_loss", "bridge_loss"):
+            assert log[key] == pytest.approx(single_log[key], rel=1e-5), (kind, key)

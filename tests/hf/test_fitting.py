@@ -80,3 +80,26 @@ def test_fit_causal_lm_and_errors(tmp_path):
         fit_mapping(model, tokenizer, ["", "  "], reg, steps=1)
     with pytest.raises(ValueError, match="mask_probability"):
         fit_mapping(model, tokenizer, ["a b"], reg, steps=1, mask_probability=0)
+
+
+@pytest.mark.parametrize("kind", ["pdf", "sde"])
+def test_fit_continues_a_loaded_regulariser(kind, tmp_path):
+    """from_pretrained gives a frozen g in eval mode; fit_mapping still trains it (and a trainable
+    tail) and freezes it again when done."""
+    from sbpet.modules.sde import SDEBridgeRegularizer
+
+    model, tokenizer, texts, _ = _setup(tmp_path)
+    cfg = model.config
+    common = dict(word_embeddings=model.get_input_embeddings().weight, train_tail=True)
+    reg = (BridgeRegularizer(cfg.hidden_size, cfg.num_hidden_layers, dims=(24, 6), backend="torch", **common)
+           if kind == "pdf" else SDEBridgeRegularizer(cfg.hidden_size, cfg.num_hidden_layers, latent_size=6,
+                                                      width=16, seed=0, **common))
+    reg.save_pretrained(tmp_path / "g")
+    loaded = BridgeRegularizer.from_pretrained(tmp_path / "g", model=model)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    history = fit_mapping(model, tokenizer, texts, loaded, steps=4, batch_size=4, learning_rate=1e-2, progress=False)
+    assert len(history["loss"]) == 4
+    changed = [k for k, v in loaded.state_dict().items() if not torch.equal(v, before[k])]
+    assert "tail" in changed and any(k != "tail" for k in changed), changed
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())

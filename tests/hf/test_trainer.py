@@ -1,66 +1,42 @@
 """BridgeTrainer: a few steps with LoRA, prompt tuning, IA3 and BitFit (tiny BERT) and LoRA on a
-tiny GPT-2; logs; frozen g; gradient accumulation; bfloat16 autocast."""
+tiny GPT-2; logs; frozen g; gradient accumulation (masked LM, sequence classifier, causal LM);
+bfloat16 autocast; evaluation's bridge loss; the regulariser in checkpoints and on resuming."""
 
 import pytest
 import torch
 
-from hf_helpers import LABEL_WORDS, MASK_ID, classification_batch, tiny_bert_config, tiny_gpt2_config, tiny_regularizer
+from hf_helpers import (
+    ACCUMULATION_KINDS,
+    LABEL_WORDS,
+    accumulation_setup,
+    classification_batch,
+    classification_data,
+    collate,
+    pet_model,
+    tiny_gpt2_config,
+    tiny_regularizer,
+    trainer_args,
+    trainer_one_step,
+)
 
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
-from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
-from transformers import BertForSequenceClassification, GPT2LMHeadModel, TrainingArguments  # noqa: E402
+from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
+from transformers import GPT2LMHeadModel  # noqa: E402
 
-from sbpet.hf import causal_lm_bridge_labels, masked_lm_bridge_labels  # noqa: E402
-from sbpet.hf.peft_utils import apply_bitfit  # noqa: E402
+from sbpet.hf import causal_lm_bridge_labels  # noqa: E402
 from sbpet.hf.trainer import BridgeTrainer  # noqa: E402
-
-
-def _classification_data(n=8, seed=0):
-    ids, mask, y = classification_batch(batch=n, seed=seed)
-    labels = masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS)
-    return [
-        {"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": labels[i]}
-        for i in range(n)
-    ]
-
-
-def _collate(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def _args(tmp_path, **kw):
-    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
-                learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                remove_unused_columns=True, seed=0)
-    args.update(kw)
-    return TrainingArguments(**args)
-
-
-def _pet_model(method):
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(tiny_bert_config())
-    if method == "bitfit":
-        apply_bitfit(base, extra_trainable=["classifier"])
-        return base, base
-    config = {
-        "lora": LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value"]),
-        "prompt": PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4),
-        "ia3": IA3Config(task_type=TaskType.SEQ_CLS, target_modules=["key", "value", "output.dense"],
-                         feedforward_modules=["output.dense"]),
-    }[method]
-    return get_peft_model(base, config), base
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt", "ia3", "bitfit"])
 def test_bridge_trainer_trains_pet_only(method, tmp_path):
-    model, base = _pet_model(method)
+    model, base = pet_model(method)
     reg = tiny_regularizer(base)
     g_before = {k: v.clone() for k, v in reg.state_dict().items()}
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     pet_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = BridgeTrainer(model=model, args=_args(tmp_path), train_dataset=_classification_data(),
-                            data_collator=_collate, bridge=reg, bridge_weight=0.5)
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path), train_dataset=classification_data(),
+                            data_collator=collate, bridge=reg, bridge_weight=0.5)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "task_loss" in entry]
     assert len(logs) == 3
@@ -83,53 +59,127 @@ def test_bridge_trainer_causal_lm_and_bfloat16(tmp_path):
     ids, mask, _ = classification_batch(batch=8, mask_token=False)
     labels = causal_lm_bridge_labels(ids, mask)
     data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(8)]
-    trainer = BridgeTrainer(model=model, args=_args(tmp_path, bf16=True, max_steps=2), train_dataset=data,
-                            data_collator=_collate, bridge=reg, bridge_weight=0.1)
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, bf16=True, max_steps=2), train_dataset=data,
+                            data_collator=collate, bridge=reg, bridge_weight=0.1)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "bridge_loss" in entry]
     assert logs and all(torch.isfinite(torch.tensor(e["bridge_loss"])) for e in logs)
 
 
-def _one_sgd_step(tmp_path, batch_size, accumulation, capture="hooks"):
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(tiny_gpt2_config())
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["c_attn"],
-                                            init_lora_weights="gaussian"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    reg = tiny_regularizer(base, shift_labels=True)
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(5, 97, (4, 9), generator=gen)  # no padding: equal N per micro-batch
-    data = [{"input_ids": ids[i], "attention_mask": torch.ones(9, dtype=torch.long), "labels": ids[i]} for i in range(4)]
-    args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                 max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0)
-    trainer = BridgeTrainer(model=model, args=args, train_dataset=data, data_collator=_collate, bridge=reg,
-                            bridge_weight=2.0, capture=capture)
-    trainer.get_train_dataloader = lambda: torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=_collate)
-    trainer.train()
-    log = next(e for e in trainer.state.log_history if "bridge_loss" in e)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, log
+def _one_step(tmp_path, kind, batch_size, accumulation, **kw):
+    return trainer_one_step(trainer_args(tmp_path), kind, batch_size, accumulation, **kw)
 
 
-def test_gradient_accumulation_matches_whole_batch(tmp_path):
-    whole, whole_log = _one_sgd_step(tmp_path / "a", 4, 1)
-    accumulated, acc_log = _one_sgd_step(tmp_path / "b", 2, 2)
-    via_states, _ = _one_sgd_step(tmp_path / "c", 2, 2, capture="hidden_states")
+def _batch_losses(kind):
+    """The task loss and R of the whole batch of 4 at the initial weights, computed directly."""
+    model, _, data, reg = accumulation_setup(kind)
+    batch = collate(data)
+    bridge_labels = batch.pop("bridge_labels", batch["labels"])
+    model.train()
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return out.loss.item(), reg(out.hidden_states, bridge_labels, batch["attention_mask"]).item()
+
+
+@pytest.mark.parametrize("kind", ACCUMULATION_KINDS)
+def test_gradient_accumulation_matches_whole_batch(kind, tmp_path):
+    """One optimizer step at batch 4 / GA 1 and at batch 2 / GA 2 (the same samples) accumulate
+    the same gradient of task + alpha * R, whether or not the model's loss uses the Trainer's
+    num_items_in_batch (BERT's heads ignore it, GPT-2's uses it), and log the same per-batch
+    task_loss and bridge_loss."""
+    whole, whole_log = _one_step(tmp_path / "a", kind, 4, 1)
+    accumulated, acc_log = _one_step(tmp_path / "b", kind, 2, 2)
+    assert whole.keys() == accumulated.keys() and whole
     for name in whole:
-        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(via_states[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert acc_log["bridge_loss"] == pytest.approx(whole_log["bridge_loss"], rel=1e-4)
-    assert acc_log["task_loss"] == pytest.approx(whole_log["task_loss"], rel=1e-4)
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    task, bridge = _batch_losses(kind)
+    assert acc_log["task_loss"] == pytest.approx(whole_log["task_loss"], rel=1e-5)
+    for log in (whole_log, acc_log):
+        assert log["bridge_loss"] == pytest.approx(bridge, rel=1e-5)  # the batch's R, not R / GA
+        if kind != "causal_lm":  # GPT-2's task loss is normalised by the Trainer's own token count
+            assert log["task_loss"] == pytest.approx(task, rel=1e-5)
+
+
+def test_gradient_accumulation_via_hidden_states(tmp_path):
+    whole, _ = _one_step(tmp_path / "a", "seq_cls_lora", 4, 1)
+    via_states, _ = _one_step(tmp_path / "b", "seq_cls_lora", 2, 2, capture="hidden_states")
+    for name in whole:
+        torch.testing.assert_close(via_states[name], whole[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def test_bridge_trainer_errors(tmp_path):
-    model, base = _pet_model("lora")
+    model, base = pet_model("lora")
     reg = tiny_regularizer(base)
     with pytest.raises(ValueError, match="capture"):
-        BridgeTrainer(model=model, args=_args(tmp_path), bridge=reg, capture="nope")
-    trainer = BridgeTrainer(model=model, args=_args(tmp_path), bridge=reg)
+        BridgeTrainer(model=model, args=trainer_args(tmp_path), bridge=reg, capture="nope")
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path), bridge=reg)
     ids, mask, y = classification_batch()
     model.train()
     with pytest.raises(ValueError, match="bridge_labels"):
         trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": y})
+
+
+@pytest.mark.parametrize("capture", ["hooks", "hidden_states"])
+def test_evaluate_reports_bridge_and_task_loss(capture, tmp_path):
+    """eval_bridge_loss is R of the whole eval set (uneven batches of 3, 3 and 2), with the
+    regulariser used in training; eval_task_loss is the task loss (eval_loss)."""
+    model, base = pet_model("lora")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    reg = tiny_regularizer(base)
+    data = classification_data(n=8, seed=2)
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, per_device_eval_batch_size=3), train_dataset=data,
+                            eval_dataset=data, data_collator=collate, bridge=reg, bridge_weight=0.5, capture=capture)
+    metrics = trainer.evaluate()
+    batch = collate(data)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    output_hidden_states=True)
+        want = reg(out.hidden_states, batch["bridge_labels"], batch["attention_mask"]).item()
+    assert metrics["eval_bridge_loss"] == pytest.approx(want, rel=1e-5)
+    assert metrics["eval_task_loss"] == metrics["eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    predictions = trainer.predict(data)
+    assert predictions.predictions.shape == (8, len(LABEL_WORDS))  # no hidden states among the predictions
+    assert predictions.metrics["test_bridge_loss"] == pytest.approx(want, rel=1e-5)
+    plain = BridgeTrainer(model=model, args=trainer_args(tmp_path), eval_dataset=data, data_collator=collate)
+    assert "eval_bridge_loss" not in plain.evaluate()
+
+
+def test_checkpoints_hold_the_regulariser_and_resume(tmp_path, caplog):
+    from sbpet.hf.trainer import REGULARIZER_DIR
+    from sbpet.modules.regularizer import BridgeRegularizer
+
+    def trainer_for(model, reg, **kw):
+        args = trainer_args(tmp_path / "out", save_strategy="steps", save_steps=2, **kw)
+        return BridgeTrainer(model=model, args=args, train_dataset=classification_data(), data_collator=collate,
+                             bridge=reg, bridge_weight=0.5)
+
+    model, base = pet_model("lora")
+    reg = tiny_regularizer(base)
+    trainer = trainer_for(model, reg, max_steps=2)
+    trainer.train()
+    saved = tmp_path / "out" / "checkpoint-2" / REGULARIZER_DIR
+    assert (saved / "sbpet_config.json").is_file() and (saved / "sbpet_model.safetensors").is_file()
+    loaded = BridgeRegularizer.from_pretrained(saved, model=base)
+    assert loaded.config == reg.config
+    for key, value in reg.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.cpu()), key
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / REGULARIZER_DIR / "sbpet_model.safetensors").is_file()
+
+    # Resume with another g: the run goes on with the checkpoint's, and says so.
+    model, base = pet_model("lora")
+    other = tiny_regularizer(base, dims=(24, 6))
+    torch.nn.init.normal_(other.mapping.layers[0].weight)
+    resumed = trainer_for(model, other, max_steps=3)
+    with caplog.at_level("WARNING", logger="sbpet.hf.trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3
+    assert "differs" in caplog.text
+    for key, value in reg.state_dict().items():
+        assert torch.equal(other.state_dict()[key].cpu(), value.cpu()), key
+    wrong = tiny_regularizer(base, dims=(24, 5))
+    with pytest.raises(ValueError, match="does not match"):
+        trainer_for(model, wrong, max_steps=4).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))

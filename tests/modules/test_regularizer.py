@@ -46,6 +46,25 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(states, labels, mask), reg(states, labels, mask), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["pdf", "sde"])
+def test_from_pretrained_is_frozen_and_in_eval_mode(kind, tmp_path):
+    """Loaded like a transformers model (eval mode) and frozen, g and a trainable tail alike;
+    trainable=True gives the module as built."""
+    from sbpet.modules.sde import SDEBridgeRegularizer
+
+    tail = torch.randn(20, 3)
+    reg = (sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=tail, train_tail=True) if kind == "pdf"
+           else SDEBridgeRegularizer(8, 2, latent_size=3, width=5, tail=tail, train_tail=True))
+    reg.save_pretrained(tmp_path)
+    loaded = sbpet.BridgeRegularizer.from_pretrained(tmp_path)
+    assert type(loaded) is type(reg)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    assert isinstance(loaded.tail, nn.Parameter)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    as_built = sbpet.BridgeRegularizer.from_pretrained(tmp_path, trainable=True)
+    assert as_built.training and all(p.requires_grad for p in as_built.parameters())
+
+
 def test_load_errors(tmp_path):
     tail = torch.randn(20, 3)
     reg = sbpet.BridgeRegularizer(8, 2, dims=(6, 3), tail=tail)
