@@ -232,3 +232,20 @@ def pet_model(method):
                          feedforward_modules=["output.dense"]),
     }[method]
     return get_peft_model(base, config), base
+
+
+def spawn_workers(worker, args, what, nprocs=2, limit_s=180):
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; fail the test (killing them)
+    if they have not finished after ``limit_s`` seconds."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs}-process {what} run did not finish in {limit_s} s")

@@ -5,17 +5,17 @@ every rank has the same number of regularised positions), by hand and through Br
 
 import os
 import sys
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # spawned workers import this module and the shared helpers (tests/) by name
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_helpers import spawn_workers  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -71,20 +71,10 @@ def _worker(rank, world, store, out):
         dist.destroy_process_group()
 
 
-def _spawn(worker, args, what, limit_s=180):
-    context = mp.spawn(worker, args=args, nprocs=2, join=False)
-    deadline = time.monotonic() + limit_s
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process {what} run did not finish in {limit_s} s")
-
-
 @pytest.mark.slow
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = str(tmp_path / "ddp_grads.pt")
-    _spawn(_worker, (2, str(tmp_path / "store"), out), "DDP")
+    spawn_workers(_worker, (2, str(tmp_path / "store"), out), "DDP")
     distributed = torch.load(out)
     model, reg, ids, mask, labels = _build()
     single = _grads(model, reg, ids, mask, labels)
@@ -136,7 +126,7 @@ def test_bridge_trainer_under_ddp_equals_single_process(tmp_path):
     from hf_helpers import trainer_one_step
 
     out = str(tmp_path / "trainer_ddp.pt")
-    _spawn(_trainer_worker, (2, str(tmp_path / "store"), out), "BridgeTrainer DDP")
+    spawn_workers(_trainer_worker, (2, str(tmp_path / "store"), out), "BridgeTrainer DDP")
     distributed = torch.load(out)
     for kind in TRAINER_KINDS:
         single_grads, single_log = trainer_one_step(_trainer_args(str(tmp_path / kind)), kind, 4, 1)

@@ -21,17 +21,17 @@ What runs where (torch 2.13, accelerate 1.15, transformers 5.23):
 import os
 import socket
 import sys
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # spawned workers import this module and the shared helpers (tests/) by name
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_helpers import spawn_workers  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -124,22 +124,12 @@ def _worker(rank, world, store, out):
         dist.destroy_process_group()
 
 
-def _spawn(worker, args, nprocs, what, limit_s=180):
-    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + limit_s
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {nprocs}-process {what} run did not finish in {limit_s} s")
-
-
 @pytest.mark.slow
 def test_fsdp_on_cpu_equals_single_process(tmp_path):
     from sbpet.hf import BridgeCapture
 
     out = str(tmp_path / "fsdp.pt")
-    _spawn(_worker, (2, str(tmp_path / "store"), out), 2, "FSDP")
+    spawn_workers(_worker, (2, str(tmp_path / "store"), out), "FSDP", nprocs=2)
     sharded = torch.load(out)
     model, reg, ids, mask, y, labels = _build()
     loss = _loss(model, BridgeCapture(model, reg), ids, mask, y, labels)
@@ -204,8 +194,8 @@ def test_bridge_trainer_fsdp_option_equals_single_process(tmp_path):
 
     world = min(2, torch.cuda.device_count())
     out = str(tmp_path / "trainer_fsdp.pt")
-    _spawn(_trainer_worker, (world, str(tmp_path / "store"), _free_port(), out), world, "BridgeTrainer FSDP",
-           limit_s=300)
+    spawn_workers(_trainer_worker, (world, str(tmp_path / "store"), _free_port(), out), "BridgeTrainer FSDP",
+                  nprocs=world, limit_s=300)
     sharded = torch.load(out)
     for kind in TRAINER_KINDS:
         single_grads, single_log = trainer_one_step(_trainer_args(str(tmp_path / kind)), kind, 4, 1)
