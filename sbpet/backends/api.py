@@ -29,16 +29,18 @@ def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, pre
     per key; see :mod:`sbpet.dispatch`)."""
     states = inputs.hidden_states
     batch, seq, hidden = states[0].shape
+    flags = _grad_flags(mapping, tail, *states)
     key = (
         states[0].dtype, precision, len(states), hidden, tuple(mapping.dims),
-        *dispatch.shape_key(batch, seq, inputs.targets.numel()), _grad_flags(mapping, tail, *states),
+        *dispatch.shape_key(batch, seq, inputs.targets.numel()), flags,
     )
 
     args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,
             mean_coef, variance, precision)
     params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
     runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args), states, params)
-    return dispatch.select("loss", backend, states[0].device, key, runners)
+    # training g or the tail makes kernel 2 use atomics (not a deterministic candidate)
+    return dispatch.select("loss", backend, states[0].device, key, runners, atomics=flags[1] or flags[2])
 
 
 def bridge_loss(
@@ -99,6 +101,8 @@ def bridge_loss(
         raise TypeError(f"mapping must be a BridgeMapping, got {type(mapping).__name__}")
     if not isinstance(tail, torch.Tensor) or tail.dim() != 2:
         raise ValueError(f"tail must be a [V, D] tensor, got {getattr(tail, 'shape', tail)!r}")
+    if not tail.dtype.is_floating_point:
+        raise TypeError(f"tail must be floating point (points in g's latent space), got {tail.dtype}")
     if tail.shape[1] != mapping.latent_size:
         raise ValueError(
             f"tail has {tail.shape[1]} columns but the mapping's latent size is {mapping.latent_size}"

@@ -59,27 +59,37 @@ class _ContextAndTokens(torch.autograd.Function):
     [L+1, N, H] of the regularised positions, with a one-pass-per-layer backward."""
 
     @staticmethod
-    def forward(ctx, mask_weights, batch_index, seq_index, *hidden_states):
+    def forward(ctx, mask_weights, batch_index, seq_index, wide_rows, *hidden_states):
         contexts = torch.stack([layer_context(h, mask_weights) for h in hidden_states])
         tokens = torch.stack([h[batch_index, seq_index] for h in hidden_states])
+        if wide_rows:
+            tokens = tokens.to(mask_weights.dtype)
         ctx.save_for_backward(mask_weights, batch_index, seq_index)
         ctx.states_dtype = hidden_states[0].dtype
         return contexts, tokens
 
     @staticmethod
     def backward(ctx, grad_contexts, grad_tokens):
+        # Every element is computed in float32 (float64) and rounded to the states' dtype once, as
+        # the reference and the triton kernel do: a product and a sum in 16 bits would round up to
+        # four times. The multiply writes the 16-bit gradient directly (no float32 copy of a layer);
+        # the regularised rows, distinct positions (``nonzero``), are summed in float32 and written
+        # (their gradient arrives in float32 with ``wide_rows``, else already rounded once).
         mask_weights, batch_index, seq_index = ctx.saved_tensors
-        dtype = ctx.states_dtype
-        weights = mask_weights.to(dtype)[:, :, None]
+        dtype, acc = ctx.states_dtype, mask_weights.dtype
+        row_weights = mask_weights[batch_index, seq_index][:, None]
         grads = []
-        for layer, needed in enumerate(ctx.needs_input_grad[3:]):
+        for layer, needed in enumerate(ctx.needs_input_grad[4:]):
             if not needed:
                 grads.append(None)
                 continue
-            grad = weights * grad_contexts[layer].to(dtype)[:, None, :]
-            grad.index_put_((batch_index, seq_index), grad_tokens[layer].to(dtype), accumulate=True)
+            share = grad_contexts[layer].to(acc)
+            grad = share.new_empty((*mask_weights.shape, share.shape[-1]), dtype=dtype)
+            torch.mul(mask_weights[:, :, None], share[:, None, :], out=grad)
+            rows = torch.addcmul(grad_tokens[layer].to(acc), row_weights, share[batch_index])
+            grad[batch_index, seq_index] = rows.to(dtype)
             grads.append(grad)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +119,13 @@ class _Mapping(torch.autograd.Function):
             pre.append(matmul(acts[-1], w.T, precision) + b)
         ctx.precision = precision
         ctx.num_linear = len(weights)
-        # The weight gradients need the activations; a frozen g (PET training) does not keep them.
+        # The weight gradients need the activations and the token rows; a frozen g (PET training)
+        # keeps neither.
         ctx.saved_acts = any(ctx.needs_input_grad[4:])
         saved_acts = acts if ctx.saved_acts else []
-        ctx.save_for_backward(batch_index, contexts, tokens, *params, *pre[:-1], *saved_acts)
+        ctx.tokens_dtype = tokens.dtype
+        saved_tokens = tokens if ctx.saved_acts else tokens.new_empty(0)
+        ctx.save_for_backward(batch_index, contexts, saved_tokens, *params, *pre[:-1], *saved_acts)
         return pre[-1]
 
     @staticmethod
@@ -140,7 +153,7 @@ class _Mapping(torch.autograd.Function):
         if needs[2]:
             grad_contexts = matmul(grad_half, w1[:, :hidden], precision).to(contexts.dtype)
         if needs[3]:
-            grad_tokens = matmul(grad, w1[:, hidden:], precision).to(tokens.dtype)
+            grad_tokens = matmul(grad, w1[:, hidden:], precision).to(ctx.tokens_dtype)
         if train:
             rows = grad.reshape(-1, grad.shape[-1])
             half_rows = grad_half.reshape(-1, grad.shape[-1])
@@ -172,7 +185,10 @@ def torch_bridge_loss(
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
     :func:`sbpet.reference.reference_bridge_loss`."""
-    contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index)
+    # Float32 rows when the states need a gradient: each element of it is then rounded to the
+    # states' dtype once (the rows would be widened for g's products anyway).
+    wide_rows = any(h.requires_grad for h in hidden_states)
+    contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows)
     return bridge_loss_from_parts(
         contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision
     )
@@ -186,9 +202,10 @@ def capture_layer(states, attention_mask, batch_index, seq_index):
     return contexts[0], tokens[0]
 
 
-def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index):
+def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows: bool = False):
     """METHOD.md steps 1-2 for a list of layers: contexts [len, B, H] (float32 or float64) and the
-    token rows [len, N, H] (input dtype) of the regularised positions, differentiable.
+    token rows [len, N, H] (input dtype; float32 or float64 with ``wide_rows``) of the
+    regularised positions, differentiable.
 
     Called on all L+1 layers at once by :func:`torch_bridge_loss`, or on one layer at a time by
     the forward hooks of :class:`sbpet.hf.BridgeCapture` (so only these small tensors are kept).
@@ -196,7 +213,7 @@ def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index):
     acc = _accumulation_dtype(hidden_states[0].dtype)
     mask = attention_mask.to(acc)
     mask_weights = mask / mask.sum(dim=1, keepdim=True)
-    return _ContextAndTokens.apply(mask_weights, batch_index, seq_index, *hidden_states)
+    return _ContextAndTokens.apply(mask_weights, batch_index, seq_index, wide_rows, *hidden_states)
 
 
 def bridge_loss_from_parts(

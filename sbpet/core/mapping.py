@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .validation import check_int
 
 __all__ = ["BridgeMapping", "resolve_tail", "tail_from_embeddings"]
 
@@ -26,12 +28,14 @@ class BridgeMapping(nn.Module):
 
     def __init__(self, hidden_size: int, dims: Sequence[int] = (1024, 256, 128)):
         super().__init__()
-        dims = tuple(int(d) for d in dims)
-        if int(hidden_size) < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        if not dims or any(d < 1 for d in dims):
+        # Strict ints: int() would truncate 2.5 and read "53" as the widths (5, 3) without a word.
+        hidden_size = check_int(hidden_size, "hidden_size", minimum=1)
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Iterable):
+            raise TypeError(f"dims must be a non-empty sequence of positive ints, got {dims!r}")
+        dims = tuple(check_int(d, f"dims[{i}]", minimum=1) for i, d in enumerate(dims))
+        if not dims:
             raise ValueError(f"dims must be a non-empty sequence of positive ints, got {dims!r}")
-        self.hidden_size = int(hidden_size)
+        self.hidden_size = hidden_size
         self.dims = dims
         sizes = (2 * self.hidden_size, *dims)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))

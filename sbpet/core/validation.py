@@ -1,18 +1,19 @@
 """Input checks at the public boundary (docs/METHOD.md "Conventions").
 
-Backends assume valid input: this module checks shapes, dtypes and devices once, with messages
-that name the argument, and finds the regularised positions (the one host synchronisation the
-loss needs).
+Backends assume valid input: this module checks shapes, dtypes, devices, label ranges and the
+finiteness of the real tokens' states once, with messages that name the argument, and finds the
+regularised positions (the one host synchronisation the loss needs; every value check shares it).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BridgeInputs", "validate_inputs", "shift_labels_left"]
+__all__ = ["BridgeInputs", "check_int", "validate_inputs", "shift_labels_left"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,6 +37,21 @@ class BridgeInputs:
         return len(self.hidden_states)
 
 
+def check_int(value, name: str, minimum: int | None = None) -> int:
+    """``value`` as an int (Python or numpy integers, 0-d integer tensors), else TypeError naming
+    ``name``; ValueError when it is below ``minimum``. Floats, strings and bools are refused rather
+    than truncated or parsed: ``int(2.5)`` would silently build something else than asked."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
 def shift_labels_left(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Causal-LM pairing: position s gets label s+1; the last position is ignored."""
     shifted = torch.full_like(labels, ignore_index)
@@ -50,6 +66,8 @@ def _as_layer_list(hidden_states) -> list[torch.Tensor]:
                 "hidden_states as one tensor must be stacked [L+1, B, S, H], "
                 f"got shape {tuple(hidden_states.shape)}"
             )
+        if hidden_states.shape[0] == 0:
+            raise ValueError("hidden_states is empty: expected L+1 >= 1 stacked states [L+1, B, S, H]")
         return list(hidden_states.unbind(0))
     if isinstance(hidden_states, (list, tuple)):
         if not hidden_states:
@@ -80,13 +98,17 @@ def validate_inputs(
     Raises ValueError/TypeError naming the argument for: hidden states of different shapes,
     dtypes or devices, a wrong number of states (``num_layers + 1``) or hidden size, labels or
     attention_mask of the wrong shape, type or device, a sequence whose attention mask is all
-    zero, and labels outside ``[0, vocab_size)`` other than ``ignore_index``.
-    ``attention_mask=None`` means every token is real.
+    zero, labels outside ``[0, vocab_size)`` other than ``ignore_index``, a non-int
+    ``ignore_index`` or ``num_layers``, and a NaN or infinity in the states of a real token (mask
+    nonzero; padded positions may hold anything). ``attention_mask=None`` means every token is real.
     """
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if num_layers is not None:
+        num_layers = check_int(num_layers, "num_layers", minimum=0)
     states = _as_layer_list(hidden_states)
     first = states[0]
-    if first.dim() != 3:
-        raise ValueError(f"hidden_states[0] must be [B, S, H], got shape {tuple(first.shape)}")
+    if first.dim() != 3 or first.shape[2] == 0:
+        raise ValueError(f"hidden_states[0] must be [B, S, H], H >= 1, got shape {tuple(first.shape)}")
     if first.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden_states must be floating point, got {first.dtype}")
     for i, h in enumerate(states[1:], start=1):
@@ -139,12 +161,21 @@ def validate_inputs(
         labels = shift_labels_left(labels, ignore_index)
     regularised = labels != ignore_index
     real = attention_mask != 0  # boolean from here on: every real token weighs the same
-    # One host sync for all three checks.
-    empty_rows, below, above = torch.stack(
+    with torch.no_grad():
+        # A NaN / inf at a real token would make R (and every gradient) NaN without a word. The sum
+        # of each position's state is not finite then (or when finite values overflow float32,
+        # where R would too): one read of each layer, no temporary of its size, the cheapest
+        # reduction there is. Padded positions are left out: they may hold anything.
+        acc = torch.promote_types(first.dtype, torch.float32)
+        row_sums = torch.stack([h.sum(dim=-1, dtype=acc) for h in states])
+        nonfinite = (real & ~torch.isfinite(row_sums)).sum()
+    # One host sync for all four checks.
+    empty_rows, below, above, bad_states = torch.stack(
         [
             real.sum(dim=1).eq(0).sum(),
             (regularised & (labels < 0)).sum(),
             (regularised & (labels >= vocab_size)).sum(),
+            nonfinite,
         ]
     ).tolist()
     if empty_rows:
@@ -157,6 +188,13 @@ def validate_inputs(
         raise ValueError(
             f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
             f"found {bad.numel()} outside, e.g. {bad[:5].tolist()}"
+        )
+    if bad_states:
+        layer, row, pos = (real & ~torch.isfinite(row_sums)).nonzero()[0].tolist()
+        raise ValueError(
+            f"hidden_states are not finite (NaN, inf or too large to sum) at {bad_states} real "
+            f"token(s) (attention_mask nonzero), first at hidden_states[{layer}][{row}, {pos}]: "
+            "R would be NaN or inf"
         )
     batch_index, seq_index = regularised.nonzero(as_tuple=True)
     return BridgeInputs(states, real, batch_index, seq_index, labels[batch_index, seq_index])

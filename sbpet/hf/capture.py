@@ -311,7 +311,7 @@ class BridgeCapture:
         runners = dispatch.runners_for(lambda b, xs: b.capture_layer(xs[0], mask, batch_index, seq_index), [states])
         # The model may run under autocast; the context is accumulated in float32 regardless.
         with torch.autocast(device.type, enabled=False):
-            backend = dispatch.select("capture", self.backend, device, key, runners)
+            backend = dispatch.select("capture", self.backend, device, key, runners, atomics=False)
             self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
 
     def _first_layer_hook(self, module, args, kwargs):
@@ -359,7 +359,8 @@ class BridgeCapture:
             lambda b, xs: b.loss_from_parts(xs[:num_states], xs[num_states:], *args), [*contexts, *tokens], params
         )
         with torch.autocast(device.type, enabled=False):
-            backend = dispatch.select("parts", self.backend, device, key, runners)
+            # training g or the tail makes kernel 2 use atomics (not a deterministic candidate)
+            backend = dispatch.select("parts", self.backend, device, key, runners, atomics=key[-2] or key[-1])
             loss = backend.loss_from_parts(contexts, tokens, *args)
         if reg.full_nll and targets.numel():
             import math

@@ -15,6 +15,7 @@ from ..backends.dispatch import check_backend_name
 from ..core.mapping import BridgeMapping, resolve_tail
 from ..core.seeding import check_seed, seeded_init
 from ..core.precision import check_precision
+from ..core.validation import check_int
 
 __all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -78,8 +79,8 @@ class BridgeRegularizer(nn.Module):
         seed: int | None = None,
     ):
         super().__init__()
-        if int(num_layers) < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        num_layers = check_int(num_layers, "num_layers", minimum=0)
+        ignore_index = check_int(ignore_index, "ignore_index")
         check_backend_name(backend)
         check_precision(precision)
         check_seed(seed)

@@ -29,7 +29,7 @@ from ..core.bridges import Bridge, get_bridge
 from ..core.mapping import resolve_tail
 from ..core.seeding import check_seed, seeded_init
 from ..core.spline import solver_grid
-from ..core.validation import validate_inputs
+from ..core.validation import check_int, validate_inputs
 from .regularizer import BridgeRegularizer
 
 __all__ = [
@@ -80,12 +80,11 @@ class DriftNetwork(nn.Module):
     def __init__(self, hidden_size: int, latent_size: int, width: int = 128, depth: int = 2,
                  init_scale: float = 1e-2, seed: int | None = None):
         super().__init__()
-        for name, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
-                            ("width", width), ("depth", depth)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.hidden_size, self.latent_size = int(hidden_size), int(latent_size)
-        self.width, self.depth = int(width), int(depth)
+        hidden_size, latent_size, width, depth = (
+            check_int(value, name, minimum=1) for name, value in (
+                ("hidden_size", hidden_size), ("latent_size", latent_size), ("width", width), ("depth", depth)))
+        self.hidden_size, self.latent_size = hidden_size, latent_size
+        self.width, self.depth = width, depth
         self.norm = nn.LayerNorm(self.hidden_size, elementwise_affine=False)
         with seeded_init(seed):
             self.input = nn.Linear(1 + self.latent_size + self.hidden_size, self.width)
@@ -307,8 +306,8 @@ class SDEBridgeRegularizer(BridgeRegularizer):
         # BridgeRegularizer.__init__ builds the PDF mapping g; this sibling only shares its
         # public surface and save/load, so it starts from nn.Module.
         nn.Module.__init__(self)
-        if int(num_layers) < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        num_layers = check_int(num_layers, "num_layers", minimum=0)
+        ignore_index = check_int(ignore_index, "ignore_index")
         _check_solver_options(steps_per_layer, method)
         check_seed(seed)
         if latent_size is None:

@@ -180,3 +180,38 @@ def test_capture_auto_times_capture_and_parts(fake_auto):
     # Every layer has the same shapes: one timing for the capture, one for the loss.
     assert len(timer.calls) == 4
     capture.remove()
+
+
+@pytest.mark.parametrize("train_g", [False, True])
+def test_every_route_says_whether_its_backward_uses_atomics(train_g, monkeypatch):
+    """The hooks (capture and parts) and bridge_loss tell the dispatcher whether the call trains g
+    or the tail, which decides Triton's candidacy under deterministic algorithms."""
+    pytest.importorskip("transformers")
+    from transformers import BertForSequenceClassification
+
+    from hf_helpers import LABEL_WORDS, MASK_ID, classification_batch, tiny_bert_config, tiny_regularizer
+    from sbpet.hf import BridgeCapture, masked_lm_bridge_labels
+
+    seen = []
+    real = dispatch.select
+
+    def spy(op, backend, device, key, runners, atomics=True):
+        seen.append((op, atomics))
+        return real(op, backend, device, key, runners, atomics)
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    reg = tiny_regularizer(model)
+    reg.mapping.requires_grad_(train_g)
+    capture = BridgeCapture(model, reg, backend="torch")
+    ids, mask, y = classification_batch()
+    labels = masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS)
+    with capture.armed(labels, mask):
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    capture.loss()
+    reg(out.hidden_states, labels, mask, backend="torch")
+    capture.remove()
+    assert {op for op, _ in seen} == {"capture", "parts", "loss"}
+    assert all(atomics is False for op, atomics in seen if op == "capture")
+    assert all(atomics is train_g for op, atomics in seen if op != "capture")
