@@ -249,3 +249,17 @@ def spawn_workers(worker, args, what, nprocs=2, limit_s=180):
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {nprocs}-process {what} run did not finish in {limit_s} s")
+
+
+def init_gloo(rank, world, store):
+    """Join a CPU (gloo) process group of ``world`` processes: loopback only, a file rendezvous at
+    ``store`` (no port to race for) and a timeout, so a broken run fails instead of hanging CI."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))

@@ -5,7 +5,6 @@ every rank has the same number of regularised positions), by hand and through Br
 
 import os
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_helpers import spawn_workers  # noqa: E402
+from hf_helpers import init_gloo, spawn_workers  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -52,13 +51,7 @@ def _grads(model, reg, ids, mask, labels):
 
 
 def _worker(rank, world, store, out):
-    # Loopback only, a file rendezvous (no port to race for) and a timeout, so a broken run fails
-    # instead of hanging CI.
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
+    init_gloo(rank, world, store)
     try:
         model, reg, ids, mask, labels = _build()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -96,12 +89,9 @@ def _trainer_args(output_dir):
 def _trainer_worker(rank, world, store, out):
     # accelerate sees a torchrun-style environment and the process group already set up (file
     # rendezvous, as above), and takes it as MULTI_CPU: the Trainer wraps the model in DDP.
-    os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
+    init_gloo(rank, world, store)
     try:
         from hf_helpers import trainer_one_step
 

@@ -21,7 +21,6 @@ What runs where (torch 2.13, accelerate 1.15, transformers 5.23):
 import os
 import socket
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_helpers import spawn_workers  # noqa: E402
+from hf_helpers import init_gloo, spawn_workers  # noqa: E402
 
 pytest.importorskip("peft")
 
@@ -97,12 +96,7 @@ def _full_grads(sharded, flavour):
 
 
 def _worker(rank, world, store, out):
-    # Loopback only, a file rendezvous (no port to race for) and a timeout, as in test_ddp.py.
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
-    )
+    init_gloo(rank, world, store)
     try:
         from sbpet.hf import BridgeCapture
 

@@ -146,7 +146,7 @@ def _wrapper(path, real, log):
     return str(path)
 
 
-def test_ptxas_is_the_one_triton_resolves(tmp_path, monkeypatch):
+def test_ptxas_is_the_one_triton_resolves(tmp_path, monkeypatch, real_triton_language):
     """resolve_ptxas follows Triton's own rule (TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH,
     else the wheel's binary), and the ptxas -v report runs exactly that ptxas."""
     from triton.backends.compiler import GPUTarget
