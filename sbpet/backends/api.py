@@ -26,7 +26,7 @@ def _grad_flags(mapping: BridgeMapping, tail: torch.Tensor, *tensors: torch.Tens
 
 def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision) -> dispatch.Backend:
     """The backend computing R from validated whole hidden states (``auto`` times candidates once
-    per key; see :mod:`sbpet.dispatch`)."""
+    per key; see :mod:`sbpet.backends.dispatch`)."""
     states = inputs.hidden_states
     batch, seq, hidden = states[0].shape
     flags = _grad_flags(mapping, tail, *states)
@@ -69,17 +69,17 @@ def bridge_loss(
         attention_mask: [B, S], nonzero for real tokens (None: all real).
         mapping: the mapping g (:class:`BridgeMapping` for hidden size H).
         tail: [V, D] tail points (e.g. from :func:`tail_from_embeddings`), D = g's latent size.
-        bridge: ``"brownian"``, ``"ou"`` or a :class:`~sbpet.bridges.Bridge`.
+        bridge: ``"brownian"``, ``"ou"`` or a :class:`~sbpet.core.bridges.Bridge`.
         ignore_index: label value of positions that are not regularised (-100).
         shift_labels: causal LMs: pair the state at position s with ``labels[:, s + 1]``.
         full_nll: add the log-variance and 2*pi terms, making R a true negative log-likelihood
             per (layer, position) pair.
         backend: ``"auto"`` (on CUDA the fastest of torch and triton, timed once per shape
-            bucket; on CPU torch; see :mod:`sbpet.dispatch`), ``"reference"``, ``"torch"`` or
+            bucket; on CPU torch; see :mod:`sbpet.backends.dispatch`), ``"reference"``, ``"torch"`` or
             ``"triton"``. ``SBPET_BACKEND`` overrides ``"auto"``.
         precision: how g's matrix products run, in every backend: ``"fp32"`` (default),
             ``"tf32"`` or ``"bf16"`` (bf16 operands, float32 accumulation); see
-            :mod:`sbpet.precision`.
+            :mod:`sbpet.core.precision`.
         num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
 
     Returns:

@@ -75,7 +75,7 @@ def reference_bridge_loss(
         tail: [V, D] tail points.
         mean_coef, variance: [L+1] bridge marginals at the layer times (METHOD.md step 6).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's products run
-            (:mod:`sbpet.precision`).
+            (:mod:`sbpet.core.precision`).
 
     Returns:
         Scalar R (float32, or float64 for float64 inputs): the mean over the (L+1) * N pairs of

@@ -1,13 +1,13 @@
 """The fast pure-PyTorch backend (CPU, and GPUs without Triton).
 
-Same contract as :func:`sbpet.reference.reference_bridge_loss`. What it does differently:
+Same contract as :func:`sbpet.backends.reference.reference_bridge_loss`. What it does differently:
 - works on the per-layer tensors where they lie: no stack of all hidden states and no float32
   copy of them (a low-precision layer is upcast a bounded chunk at a time);
 - the context is a matmul of each layer with the mask weights, accumulated in float32;
 - the first Linear is split (METHOD.md step 3): its context half runs once per (layer, sequence) and is
   added to the token half of each regularised position;
 - the rows of all layers go through the mapping in one batched call, with a written-out backward
-  whose products run at the user's ``precision`` like the forward's (:mod:`sbpet.precision`);
+  whose products run at the user's ``precision`` like the forward's (:mod:`sbpet.core.precision`);
 - one custom backward writes each layer's gradient in one pass: the context share broadcast to
   every real token plus the token rows, instead of summing separately built gradients.
 """
@@ -184,7 +184,7 @@ def torch_bridge_loss(
     precision: str = "fp32",
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
-    :func:`sbpet.reference.reference_bridge_loss`."""
+    :func:`sbpet.backends.reference.reference_bridge_loss`."""
     # Float32 rows when the states need a gradient: each element of it is then rounded to the
     # states' dtype once (the rows would be widened for g's products anyway).
     wide_rows = any(h.requires_grad for h in hidden_states)
@@ -231,7 +231,7 @@ def bridge_loss_from_parts(
         targets: int64 [N] label ids in [0, V).
         mapping: :class:`~sbpet.BridgeMapping` g; tail: [V, D] tail points.
         mean_coef, variance: [L+1] bridge marginals (``bridge.marginals(L + 1)``).
-        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's dots run (:mod:`sbpet.precision`).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's dots run (:mod:`sbpet.core.precision`).
 
     Returns:
         Scalar R; exactly 0 (zero gradients) when N == 0. Gradients flow to ``contexts``,
@@ -239,7 +239,7 @@ def bridge_loss_from_parts(
 
     Example:
         >>> import torch, sbpet
-        >>> from sbpet.torch_backend import bridge_loss_from_parts
+        >>> from sbpet.backends.torch_backend import bridge_loss_from_parts
         >>> g = sbpet.BridgeMapping(16, dims=(8, 4))
         >>> tail = sbpet.tail_from_embeddings(torch.randn(30, 16), 4)
         >>> contexts, tokens = torch.randn(3, 2, 16), torch.randn(3, 5, 16)

@@ -1,6 +1,6 @@
 """The Triton backend: the fused kernels of :mod:`sbpet.kernels` behind two custom ops.
 
-Same contract as :func:`sbpet.reference.reference_bridge_loss`. ``sbpet::triton_bridge_forward``
+Same contract as :func:`sbpet.backends.reference.reference_bridge_loss`. ``sbpet::triton_bridge_forward``
 and ``sbpet::triton_bridge_backward`` are registered with ``torch.library.custom_op`` (so a
 ``torch.compile``d function sees two opaque ops with fake implementations, and an autograd formula
 joins them); this file only wires tensors: the context half of the first Linear and its small
@@ -172,7 +172,7 @@ def triton_bridge_loss(
     precision="fp32",
 ):
     """The bridge regulariser R with the fused Triton kernels. Same arguments and result as
-    :func:`sbpet.reference.reference_bridge_loss` (float32 scalar; 0 with zero gradients when
+    :func:`sbpet.backends.reference.reference_bridge_loss` (float32 scalar; 0 with zero gradients when
     N == 0). Inputs are validated by :func:`sbpet.bridge_loss`.
 
     Example (CPU, interpreter):

@@ -197,7 +197,7 @@ def triton_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail
                            precision="fp32"):
     """R with kernel 2 from the parts: contexts (L+1 float32 [B, H], or [L+1, B, H]) and L+1
     token-row tensors [N, H] (read where they lie: no stacked copy). Same result as
-    :func:`sbpet.torch_backend.bridge_loss_from_parts`."""
+    :func:`sbpet.backends.torch_backend.bridge_loss_from_parts`."""
     if isinstance(contexts, (list, tuple)):
         contexts = torch.stack(list(contexts))
     weights = [layer.weight for layer in mapping.layers]

@@ -162,7 +162,7 @@ class Setup:
 
     def split(self, test_per_class: int | None = None):
         """(pool, test) for ``test_per_class`` (default ``args.test_per_class``); see
-        :func:`~sbpet.demo.held_out_split`."""
+        :func:`~sbpet.cli.demo.held_out_split`."""
         count = self.args.test_per_class if test_per_class is None else int(test_per_class)
         if count not in self._tests:
             self._tests[count] = demo.held_out_split(self.examples, count, seed=TEST_SPLIT_SEED)
@@ -175,7 +175,7 @@ class Setup:
 
     def sample(self, shots: int, seed: int):
         """(train, validation) of a run: ``shots`` and ``args.val_per_class`` per class from the
-        pool, drawn with ``seed`` (see :func:`~sbpet.demo.few_shot_sample`)."""
+        pool, drawn with ``seed`` (see :func:`~sbpet.cli.demo.few_shot_sample`)."""
         return demo.few_shot_sample(self.split()[0], shots, self.args.val_per_class, seed)
 
     def encode(self, rows):

@@ -4,10 +4,10 @@ The grid is PET method x regulariser x shots x alpha x seed; "none" (the vanilla
 PET, shots and seed, every other regulariser once per alpha. The design:
 
 - **Paired.** For a seed, every regulariser and alpha trains on the same few-shot sample, from the
-  same PET initialisation, with the same data order (:func:`~sbpet.experiment.train_few_shot`
+  same PET initialisation, with the same data order (:func:`~sbpet.cli.experiment.train_few_shot`
   seeds everything with the run's seed), so the difference to the vanilla run of the same seed
   is the regulariser's effect.
-- **One test split** for the whole study (:data:`~sbpet.experiment.TEST_SPLIT_SEED`), never used
+- **One test split** for the whole study (:data:`~sbpet.cli.experiment.TEST_SPLIT_SEED`), never used
   for choosing anything; g is fitted once per regulariser kind and bridge on the rest of the
   corpus (unlabelled) and cached. Each seed draws its own validation split from the training
   pool; alpha is chosen per PET, shots and regulariser by mean validation accuracy.

@@ -7,7 +7,7 @@ a tuple of all of them. The regulariser only needs, per layer, the context (a ma
 step 1) and the rows of the N regularised tokens (METHOD.md step 2). :class:`BridgeCapture` computes
 exactly these two small tensors inside a forward hook on the embedding output and on each layer,
 with autograd, and then computes R from the parts. Both steps go through the dispatcher
-(:mod:`sbpet.dispatch`: ``capture_layer`` and ``loss_from_parts`` of the chosen backend, so the
+(:mod:`sbpet.backends.dispatch`: ``capture_layer`` and ``loss_from_parts`` of the chosen backend, so the
 Triton kernels run here on CUDA). Same loss and gradients as the ``output_hidden_states`` path
 (tested), without keeping or stacking the layers.
 
@@ -185,7 +185,7 @@ class BridgeCapture:
         regularizer: a :class:`~sbpet.BridgeRegularizer` (the PDF regulariser); its
             ``shift_labels`` (causal LMs) and ``ignore_index`` apply.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for the capture and the
-            loss (None: the regulariser's ``backend``); see :mod:`sbpet.dispatch`.
+            loss (None: the regulariser's ``backend``); see :mod:`sbpet.backends.dispatch`.
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
             regulariser's ``precision``).
 

@@ -165,7 +165,7 @@ def fit_mapping(
             With ``resume`` an existing checkpoint there is loaded and the run continues from
             its step with the same data order; a checkpoint from different settings is an error.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
-            regulariser's ``backend``; see :mod:`sbpet.dispatch`).
+            regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: g's products while fitting; ``"fp32"`` by default whatever the regulariser's
             own setting, because R of a fitted g is a cancelling difference (README "Precision").
 

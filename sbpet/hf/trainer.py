@@ -31,7 +31,7 @@ class BridgeTrainer(Trainer):
             handed to the optimizer: only the PET parameters train.
         bridge_weight: alpha.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for R (None: the
-            regulariser's ``backend``; see :mod:`sbpet.dispatch`).
+            regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
             regulariser's ``precision``, "fp32" unless set; README "Precision").
         capture: ``"hooks"`` (:class:`~sbpet.hf.BridgeCapture`, only the contexts and the
