@@ -92,12 +92,12 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning,
                       stacklevel=2)
         module = importlib.import_module(new)
-        self._own_spec = module.__spec__
+        spec.loader_state = module.__spec__
         return module
 
     def exec_module(self, module):
         # the import system has set the old name's spec on the module: give it its own back.
-        module.__spec__ = self._own_spec
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):

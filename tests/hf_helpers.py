@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest
 import torch
 
 import sbpet
@@ -239,7 +240,6 @@ def spawn_workers(worker, args, what, nprocs=2, limit_s=180):
     if they have not finished after ``limit_s`` seconds."""
     import time
 
-    import pytest
     import torch.multiprocessing as mp
 
     context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
@@ -263,3 +263,16 @@ def init_gloo(rank, world, store):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+
+
+def assert_trainer_steps_match(results, kinds, one_process):
+    """Each of ``kinds``: the gradients and logs (loss, task_loss, bridge_loss) of a multi-process
+    step (``results[kind]`` = (grads, log)) equal ``one_process(kind)``'s."""
+    for kind in kinds:
+        single_grads, single_log = one_process(kind)
+        grads, log = results[kind]
+        assert grads.keys() == single_grads.keys() and grads
+        for name, grad in single_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{kind} {name}: {m}")
+        for key in ("loss", "task_loss", "bridge_loss"):
+            assert log[key] == pytest.approx(single_log[key], rel=1e-5), (kind, key)

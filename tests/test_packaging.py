@@ -20,3 +20,27 @@ def test_import_kernels_does_not_find_this_project(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_old_flat_module_paths_still_import(tmp_path):
+    """sbpet 0.1.0's flat paths (sbpet.regularizer, sbpet.dispatch, ...) give the module at its new
+    path, the same object, with a DeprecationWarning naming the new path; the module keeps its own
+    name and spec. Run in a fresh process: the first import is the one that warns."""
+    code = (
+        "import warnings\n"
+        "import sbpet\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import sbpet.regularizer as old\n"
+        "    from sbpet.dispatch import resolve_backend\n"
+        "import sbpet.modules.regularizer as new, sbpet.backends.dispatch as dispatch\n"
+        "assert old is new and resolve_backend is dispatch.resolve_backend\n"
+        "assert new.__name__ == new.__spec__.name == 'sbpet.modules.regularizer', new.__spec__\n"
+        "messages = [str(w.message) for w in caught if w.category is DeprecationWarning]\n"
+        "assert messages == ['sbpet.regularizer moved to sbpet.modules.regularizer; import it from there',\n"
+        "                    'sbpet.dispatch moved to sbpet.backends.dispatch; import it from there'], messages\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

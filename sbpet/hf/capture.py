@@ -347,11 +347,11 @@ class BridgeCapture:
         batch_index, targets = batch_index.to(device), targets.to(device)
         mean_coef, variance = reg.bridge.marginals(num_states)
         args = (batch_index, targets, reg.mapping, reg.tail, mean_coef, variance, self.precision)
+        trains = (any(p.requires_grad for p in reg.mapping.parameters()), bool(reg.tail.requires_grad))
         key = (
             tokens[0].dtype, self.precision, num_states, contexts[0].shape[-1], tuple(reg.mapping.dims),
             *dispatch.shape_key(contexts[0].shape[0], targets.numel()),
-            any(t.requires_grad for t in (*contexts, *tokens)),
-            any(p.requires_grad for p in reg.mapping.parameters()), bool(reg.tail.requires_grad),
+            any(t.requires_grad for t in (*contexts, *tokens)), *trains,
         )
 
         params = [p for p in reg.mapping.parameters() if p.requires_grad] + [reg.tail]
@@ -360,7 +360,7 @@ class BridgeCapture:
         )
         with torch.autocast(device.type, enabled=False):
             # training g or the tail makes kernel 2 use atomics (not a deterministic candidate)
-            backend = dispatch.select("parts", self.backend, device, key, runners, atomics=key[-2] or key[-1])
+            backend = dispatch.select("parts", self.backend, device, key, runners, atomics=any(trains))
             loss = backend.loss_from_parts(contexts, tokens, *args)
         if reg.full_nll and targets.numel():
             import math
