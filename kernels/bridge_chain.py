@@ -141,6 +141,30 @@ if triton is not None:
         return acc + half
 
     @triton.jit
+    def layer1_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                      w1_ptr, w1_stride, a1_ptr, a1_rows, c0, H, D1,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
+                      CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr, A1_SAVED: tl.constexpr):
+        """Layer 1's pre-activation, columns c0..c0+BLOCK_D1, in float32: read from the saved a1
+        ([rows, D1] at row ``a1_rows``, written by :mod:`.layer_gemm`) or computed here."""
+        if A1_SAVED:
+            cols = c0 + tl.arange(0, BLOCK_D1)
+            ok = row_ok[:, None] & (cols < D1)[None, :]
+            return tl.load(a1_ptr + a1_rows[:, None] * D1 + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        else:
+            return first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                                     w1_ptr, w1_stride, c0, H, D1,
+                                     BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
+
+    @triton.jit
+    def stored(x, ptr, DOT_PRECISION: tl.constexpr):
+        """``x`` as it is stored in a buffer of the dots' operand dtype (a1, da1): cast to 16 bits,
+        or rounded to bf16 in a float32 buffer under the interpreter's emulation."""
+        if DOT_PRECISION == "bf16_emulated":
+            x = round_mantissa(x, 16)
+        return x.to(ptr.dtype.element_ty)
+
+    @triton.jit
     def load_weight_t(w_ptr, out0, in0, D_OUT, D_IN,
                        BLOCK_IN: tl.constexpr, BLOCK_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """W[out0:out0+BLOCK_OUT, in0:in0+BLOCK_IN]^T [BLOCK_IN, BLOCK_OUT], as a dot operand."""
@@ -165,15 +189,16 @@ if triton is not None:
 
     @triton.jit
     def second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                      w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
+                      w1_ptr, w1_stride, a1_ptr, a1_rows, w2_ptr, b2_ptr, H, D1, D2,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
-                      P2: tl.constexpr, CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      P2: tl.constexpr, CONTIGUOUS_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      A1_SAVED: tl.constexpr):
         """Pre-activation of layer 2 [M, P2], accumulated over the layer-1 chunks."""
         a2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
         for c0 in range(0, D1, BLOCK_D1):
-            a1 = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                                    w1_ptr, w1_stride, c0, H, D1,
-                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
+            a1 = layer1_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                               w1_ptr, w1_stride, a1_ptr, a1_rows, c0, H, D1,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION, A1_SAVED)
             w2 = load_weight_t(w2_ptr, 0, c0, D2, D1, BLOCK_D1, P2, DOT_PRECISION)
             a2 = dot_acc(gelu(a1), w2, a2, DOT_PRECISION)
         return a2 + load_bias(b2_ptr, 0, D2, P2)[None, :]

@@ -175,9 +175,9 @@ if triton is not None:
         mask_ptr,  # float32 [B, S]
         inv_count_ptr,  # float32 [B]
         row_of_ptr,  # int32 [B, S]: row of the regularised position (b, s) in [0, N), or -1
-        grad_tokens_ptr,  # float32 [L+1, N, H]
+        grad_tokens_ptr,  # float32 [L+1, N, H] (HAS_TOKENS)
         B, S, H, N,
-        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, HAS_TOKENS: tl.constexpr,
     ):
         """One program: a [BLOCK_S, BLOCK_H] tile of one (layer, sequence); writes it once."""
         pid = tl.program_id(0)
@@ -192,9 +192,10 @@ if triton is not None:
         weight = tl.load(mask_ptr + b * S + seq, mask=seq_ok, other=0.0) * tl.load(inv_count_ptr + b)
         grad_context = tl.load(grad_context_ptr + (layer * B + b) * H + cols, mask=col_ok, other=0.0)
         grad = weight[:, None] * grad_context[None, :]
-        row = tl.load(row_of_ptr + b * S + seq, mask=seq_ok, other=-1).to(tl.int64)
-        token_ptr = grad_tokens_ptr + (layer * N + row)[:, None] * H + cols[None, :]
-        grad += tl.load(token_ptr, mask=ok & (row >= 0)[:, None], other=0.0)
+        if HAS_TOKENS:
+            row = tl.load(row_of_ptr + b * S + seq, mask=seq_ok, other=-1).to(tl.int64)
+            token_ptr = grad_tokens_ptr + (layer * N + row)[:, None] * H + cols[None, :]
+            grad += tl.load(token_ptr, mask=ok & (row >= 0)[:, None], other=0.0)
         out_ptr = grad_states_ptr + ((layer * B + b) * S + seq.to(tl.int64))[:, None] * H + cols[None, :]
         tl.store(out_ptr, grad.to(grad_states_ptr.dtype.element_ty), mask=ok)
 
@@ -250,26 +251,28 @@ def context_backward(
     inv_count: torch.Tensor,
     batch_index: torch.Tensor,
     seq_index: torch.Tensor,
-    grad_tokens: torch.Tensor,
+    grad_tokens: torch.Tensor | None,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every layer's gradient [L+1, B, S, H] in ``dtype``: the context share on every token plus
-    ``grad_tokens`` [L+1, N, H] at the regularised positions (assumed distinct, as labels give)."""
+    ``grad_tokens`` [L+1, N, H] at the regularised positions (assumed distinct, as labels give);
+    ``grad_tokens=None``: the context share alone (the GEMM strategy writes the rows after)."""
     num_states, batch, hidden = grad_context.shape
     seq = mask.shape[1]
     num_rows = batch_index.shape[0]
     device = grad_context.device
-    row_of = row_lookup(batch, seq, batch_index, seq_index)
+    has_tokens = grad_tokens is not None
+    row_of = row_lookup(batch, seq, batch_index, seq_index) if has_tokens else mask
     grad_states = out
     if grad_states is None:
         grad_states = torch.empty((num_states, batch, seq, hidden), dtype=dtype, device=device)
     cfg = context_config(hidden)
     grid = (triton.cdiv(seq, cfg["BLOCK_S"]) * triton.cdiv(hidden, cfg["BLOCK_H"]), batch, num_states)
     context_backward_kernel[grid](
-        grad_states, grad_context.contiguous(), mask, inv_count, row_of, grad_tokens,
+        grad_states, grad_context.contiguous(), mask, inv_count, row_of, grad_tokens if has_tokens else mask,
         batch, seq, hidden, num_rows,
-        BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
+        BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], HAS_TOKENS=has_tokens,
         num_warps=cfg["bwd_num_warps"],
     )
     return grad_states

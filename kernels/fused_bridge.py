@@ -28,9 +28,12 @@ or the tail brings the atomics back (the dispatcher knows: see ``deterministic``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .bridge_chain import PRECISIONS, dot_precision  # noqa: F401  (re-exported)
+from . import segments
 from .context import LayerTable, interpreting
 
 try:
@@ -41,52 +44,56 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
 
 __all__ = [
-    "BridgeConfig", "bridge_config", "bridge_forward", "bridge_backward", "dot_precision", "MAX_LINEAR", "PRECISIONS",
+    "BridgeConfig", "ChainGrads", "bridge_config", "bridge_forward", "bridge_backward", "dot_precision", "MAX_LINEAR",
+    "PRECISIONS",
 ]
 
 MAX_LINEAR = 4
 
 if triton is not None:
     from .bridge_chain import (
-        accumulate, accumulate_bias, dot_acc, first_layer_chunk, gelu, gelu_grad, latent_grad, load_bias, load_tokens,
-        load_weight, load_weight_t, operand, residual, second_layer, segmented_add, token_rows,
+        accumulate, accumulate_bias, dot_acc, gelu, gelu_grad, latent_grad, layer1_chunk, load_bias, load_tokens,
+        load_weight, load_weight_t, operand, residual, second_layer, segmented_add, stored, token_rows,
     )
     @triton.jit
     def bridge_forward_kernel(
         states_ptr, layer_offsets_ptr, layer_strides_ptr,
         batch_index_ptr, seq_index_ptr, targets_ptr,
-        context_half_ptr,  # float32 [L+1, B, D1]
+        context_half_ptr,  # float32 [G, B, D1]
         w1_ptr, w1_stride,  # token half W1[:, H:] (row stride 2H)
+        a1_ptr,  # [G, N, D1] layer 1's saved pre-activation (A1_SAVED)
         w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
-        tail_ptr, mean_coef_ptr, inv_var_ptr,
-        partial_ptr,  # float32 [L+1, num_tiles] (out)
-        N, B, H, D1, D2, D3, D4,
+        tail_ptr, mean_coef_ptr, inv_var_ptr,  # mean_coef, inv_var [G]
+        partial_ptr,  # float32 [G, num_tiles] (out)
+        layer0, N, B, H, D1, D2, D3, D4,
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
         CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        A1_SAVED: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        layer = tl.program_id(1).to(tl.int64)
+        layer = tl.program_id(1).to(tl.int64)  # within the launch's group of layers (G of them)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
+        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         half_off = (layer * B + b) * D1
+        a1_rows = layer * N + rows.to(tl.int64)
         targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         mean_coef = tl.load(mean_coef_ptr + layer)
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NUM_LINEAR == 1:
             for c0 in range(0, D1, BLOCK_D1):
-                z = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                                       w1_ptr, w1_stride, c0, H, D1,
-                                       BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
+                z = layer1_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                                  w1_ptr, w1_stride, a1_ptr, a1_rows, c0, H, D1,
+                                  BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION, A1_SAVED)
                 r = residual(z, c0, D1, tail_ptr, targets, mean_coef, row_ok, BLOCK_D1)
                 sq += tl.sum(r * r, axis=1)
         else:
             a2 = second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                               w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
+                               w1_ptr, w1_stride, a1_ptr, a1_rows, w2_ptr, b2_ptr, H, D1, D2,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION, A1_SAVED)
             if NUM_LINEAR == 2:
                 r = residual(a2, 0, D2, tail_ptr, targets, mean_coef, row_ok, P2)
                 sq += tl.sum(r * r, axis=1)
@@ -119,29 +126,31 @@ if triton is not None:
         batch_index_ptr, seq_index_ptr, targets_ptr,
         context_half_ptr,
         w1_ptr, w1_stride,
+        a1_ptr,  # [G, N, D1] layer 1's pre-activation, replaced by its unscaled gradient (A1_SAVED)
         w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
         tail_ptr, mean_coef_ptr, inv_var_ptr,
         grad_loss_ptr, inv_pairs,
-        grad_tokens_ptr,  # float32 [L+1, N, H], zeroed (out)
+        grad_tokens_ptr,  # float32 [G, N, H], zeroed (out, unless A1_SAVED)
         pair_ids_ptr,  # int32 [N]: the (tile, sequence) pair of each row (tile_sequence_pairs)
-        grad_pairs_ptr,  # float32 [L+1, num_pairs, D1] (out): the context half's gradient per pair
+        grad_pairs_ptr,  # float32 [G, num_pairs, D1] (out): the context half's gradient per pair
         grad_w1_ptr,  # float32 [D1, H] token half, zeroed (out, TRAIN_MAPPING)
         grad_w2_ptr, grad_b2_ptr, grad_w3_ptr, grad_b3_ptr, grad_w4_ptr, grad_b4_ptr,
         grad_tail_ptr,  # float32 [V, D], zeroed (out, TRAIN_TAIL)
-        N, B, H, D1, D2, D3, D4, num_pairs,
+        layer0, N, B, H, D1, D2, D3, D4, num_pairs,
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
         CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        TRAIN_MAPPING: tl.constexpr, TRAIN_TAIL: tl.constexpr,
+        TRAIN_MAPPING: tl.constexpr, TRAIN_TAIL: tl.constexpr, A1_SAVED: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        layer = tl.program_id(1).to(tl.int64)
+        layer = tl.program_id(1).to(tl.int64)  # within the launch's group of layers (G of them)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer,
+        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         half_off = (layer * B + b) * D1
+        a1_rows = layer * N + rows.to(tl.int64)
         targets = tl.load(targets_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         mean_coef = tl.load(mean_coef_ptr + layer)
         # d R / d z = (z - mean) / var_l * grad / pairs. The chain carries the unscaled r / var_l
@@ -154,14 +163,14 @@ if triton is not None:
         # Walk down to the gradient of layer 2's pre-activation (da2, kept on chip).
         if NUM_LINEAR == 2:
             a2 = second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                               w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
+                               w1_ptr, w1_stride, a1_ptr, a1_rows, w2_ptr, b2_ptr, H, D1, D2,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION, A1_SAVED)
             da2 = latent_grad(a2, 0, D2, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale, row_ok,
                                P2, TRAIN_TAIL)
         if NUM_LINEAR >= 3:
             a2 = second_layer(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                               w1_ptr, w1_stride, w2_ptr, b2_ptr, H, D1, D2,
-                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION)
+                               w1_ptr, w1_stride, a1_ptr, a1_rows, w2_ptr, b2_ptr, H, D1, D2,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, P2, CONTIGUOUS_H, DOT_PRECISION, A1_SAVED)
             g2 = gelu(a2)
             dg2 = tl.zeros([BLOCK_M, P2], dtype=tl.float32)
             if NUM_LINEAR == 3:
@@ -223,9 +232,9 @@ if triton is not None:
         # Layer 1, chunk by chunk: recompute, take the gradient of the chunk's pre-activation and
         # push it to the context half, the token rows and W1's token half.
         for c0 in range(0, D1, BLOCK_D1):
-            a1 = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
-                                    w1_ptr, w1_stride, c0, H, D1,
-                                    BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION)
+            a1 = layer1_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, half_off,
+                               w1_ptr, w1_stride, a1_ptr, a1_rows, c0, H, D1,
+                               BLOCK_M, BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION, A1_SAVED)
             if NUM_LINEAR == 1:
                 da1 = latent_grad(a1, c0, D1, tail_ptr, grad_tail_ptr, targets, mean_coef, inv_var, out_scale,
                                    row_ok, BLOCK_D1, TRAIN_TAIL)
@@ -242,35 +251,37 @@ if triton is not None:
                 (da1 * out_scale, tl.broadcast_to(pair_start[:, None], (BLOCK_M, BLOCK_D1))), 0, segmented_add)
             pair_ptr = grad_pairs_ptr + ((layer * num_pairs + pair) * D1)[:, None] + cols[None, :]
             tl.store(pair_ptr, pair_sums, mask=pair_end[:, None] & ok)
-            # The token rows belong to this program alone: read-add-write, the barrier making the
-            # previous chunk's writes visible to whichever thread reads them now.
             tl.debug_barrier()
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                w1 = operand(tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
-                                      mask=(cols < D1)[:, None] & k_ok[None, :], other=0.0), DOT_PRECISION)
-                dx = dot_acc(da1, w1, None, DOT_PRECISION)
-                token_ptr = grad_tokens_ptr + (layer * N + rows.to(tl.int64))[:, None] * H + ks[None, :]
-                tok_ok = row_ok[:, None] & k_ok[None, :]
-                tl.store(token_ptr, tl.load(token_ptr, mask=tok_ok, other=0.0) + dx * out_scale, mask=tok_ok)
-                if TRAIN_MAPPING:
-                    x = load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
-                    accumulate(grad_w1_ptr, c0, k0, D1, H,
-                                dot_acc(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
-
+            if A1_SAVED:
+                # da1 replaces a1 in place (this program owns these rows; every thread has read the
+                # chunk before the barrier). The token rows' and W1's gradients are GEMMs on it.
+                tl.store(a1_ptr + a1_rows[:, None] * D1 + cols[None, :], stored(da1, a1_ptr, DOT_PRECISION), mask=ok)
+            else:
+                _token_rows_grad(states_ptr, row_off, stride_h, row_ok, rows, layer, N, H, D1, da1, cols,
+                                 w1_ptr, w1_stride, grad_tokens_ptr, grad_w1_ptr, c0, out_scale,
+                                 BLOCK_K, BLOCK_D1, CONTIGUOUS_H, DOT_PRECISION, TRAIN_MAPPING)
 
     @triton.jit
-    def pair_sum_kernel(grad_pairs_ptr, pair_starts_ptr, out_ptr, num_pairs, B, D1, BLOCK_D: tl.constexpr):
-        """grad_context_half[l, b] = the sum of sequence b's (tile, sequence) pairs, in pair order."""
-        layer = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1)
-        cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-        ok = cols < D1
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for pair in range(tl.load(pair_starts_ptr + b), tl.load(pair_starts_ptr + b + 1)):
-            acc += tl.load(grad_pairs_ptr + (layer * num_pairs + pair) * D1 + cols, mask=ok, other=0.0)
-        tl.store(out_ptr + (layer * B + b) * D1 + cols, acc, mask=ok)
+    def _token_rows_grad(states_ptr, row_off, stride_h, row_ok, rows, layer, N, H, D1, da1, cols,
+                         w1_ptr, w1_stride, grad_tokens_ptr, grad_w1_ptr, c0, out_scale,
+                         BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, CONTIGUOUS_H: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, TRAIN_MAPPING: tl.constexpr):
+        """The fused strategy's token rows (and W1 token half) gradient of one layer-1 chunk. The
+        rows belong to this program alone: read-add-write, the caller's barrier making the previous
+        chunk's writes visible to whichever thread reads them now."""
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            w1 = operand(tl.load(w1_ptr + cols.to(tl.int64)[:, None] * w1_stride + ks[None, :],
+                                  mask=(cols < D1)[:, None] & k_ok[None, :], other=0.0), DOT_PRECISION)
+            dx = dot_acc(da1, w1, None, DOT_PRECISION)
+            token_ptr = grad_tokens_ptr + (layer * N + rows.to(tl.int64))[:, None] * H + ks[None, :]
+            tok_ok = row_ok[:, None] & k_ok[None, :]
+            tl.store(token_ptr, tl.load(token_ptr, mask=tok_ok, other=0.0) + dx * out_scale, mask=tok_ok)
+            if TRAIN_MAPPING:
+                x = load_tokens(states_ptr, row_off, stride_h, row_ok, k0, H, BLOCK_K, CONTIGUOUS_H, DOT_PRECISION)
+                accumulate(grad_w1_ptr, c0, k0, D1, H,
+                            dot_acc(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
 
 
 class BridgeConfig(dict):
@@ -362,16 +373,19 @@ def bridge_forward(
     mean_coef: torch.Tensor,
     inv_var: torch.Tensor,
     precision: str = "fp32",
+    a1: torch.Tensor | None = None,
+    layer0: int = 0,
 ) -> torch.Tensor:
     """METHOD.md steps 2-7: the sum over (layer, row) of ``|z - mean_coef_l e|^2 / (2 var_l)``
     (float32 scalar, not yet divided by the number of pairs). N must be > 0.
 
     weights/biases: the mapping's contiguous Linear parameters; ``context_half`` float32
-    [L+1, B, d1] = ``context @ W1[:, :H]^T + b1``; mean_coef, inv_var float32 [L+1] on the device.
-    ``table`` locates row ``n`` of layer ``l`` at ``(batch_index[n], seq_index[n])`` of that layer's
-    tensor: the hidden states themselves (:func:`.context.layer_table`) or captured token rows
-    (:func:`.context.rows_table`, with ``seq_index = arange(N)``). ``precision``: see
-    :func:`dot_precision`.
+    [G, B, d1] = ``context @ W1[:, :H]^T + b1``; mean_coef, inv_var float32 [G] on the device, for
+    the ``num_states`` = G layers ``layer0 ..`` of ``table``. ``table`` locates row ``n`` of layer
+    ``l`` at ``(batch_index[n], seq_index[n])`` of that layer's tensor: the hidden states themselves
+    (:func:`.context.layer_table`) or captured token rows (:func:`.context.rows_table`, with
+    ``seq_index = arange(N)``). ``precision``: see :func:`dot_precision`. ``a1`` [G, N, d1] (the
+    GEMM strategy, :mod:`.layer_gemm`): layer 1's pre-activation, read instead of computed.
     """
     batch, hidden = context_half.shape[1], weights[0].shape[1] // 2
     num_rows = batch_index.shape[0]
@@ -386,36 +400,36 @@ def bridge_forward(
     bridge_forward_kernel[(num_tiles, num_states)](
         table.base, table.offsets, table.strides,
         batch_index, seq_index, targets, context_half,
-        w1_token, w1_token.stride(0), *_layer_args(weights, biases),
+        w1_token, w1_token.stride(0), partial if a1 is None else a1, *_layer_args(weights, biases),
         tail, mean_coef, inv_var, partial,
-        num_rows, batch, hidden, *dims,
-        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot,
+        layer0, num_rows, batch, hidden, *dims,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot, A1_SAVED=a1 is not None,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return partial.sum()
 
 
-def tile_sequence_pairs(batch_index: torch.Tensor, block_m: int, batch: int):
-    """The (tile, sequence) pairs of the backward's context-half reduction, without a host sync.
+@dataclass
+class ChainGrads:
+    """float32 gradient accumulators of kernel 2's backward, shared by the launches of one call
+    (the GEMM strategy launches once per group of layers): W1's token half, W2..Wk, b2..bk (when
+    the mapping trains) and the tail (when it trains); ``None`` / empty otherwise."""
 
-    Rows must come sorted by sequence (``nonzero`` over [B, S] labels gives them so). A pair starts
-    at every tile's first row and wherever the sequence changes, so there are at most
-    tiles + B - 1. Returns (int32 pair id of every row [N], number of pair slots, int64 [B + 1]
-    first pair of each sequence, the last entry the end)."""
-    device = batch_index.device
-    num_rows = batch_index.shape[0]
-    if num_rows > 1:
-        torch._assert_async(torch.all(batch_index[1:] >= batch_index[:-1]),
-                            "kernel 2's backward needs the regularised rows sorted by sequence")
-    starts = torch.ones(num_rows, dtype=torch.bool, device=device)
-    starts[1:] = batch_index[1:] != batch_index[:-1]
-    starts[::block_m] = True
-    pair_ids = torch.cumsum(starts, 0, dtype=torch.int32) - 1
-    num_pairs = min(num_rows, triton.cdiv(num_rows, block_m) + batch - 1)
-    pair_sequence = torch.full((num_pairs,), batch, dtype=torch.int64, device=device)
-    pair_sequence[pair_ids.long()] = batch_index  # every row of a pair writes the same value
-    pair_starts = torch.searchsorted(pair_sequence, torch.arange(batch + 1, device=device))
-    return pair_ids, num_pairs, pair_starts
+    w1_token: torch.Tensor | None
+    ws: list
+    bs: list
+    tail: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, weights, biases, tail, train_mapping: bool, train_tail: bool, w1_token: bool = True):
+        f32 = dict(dtype=torch.float32, device=tail.device)
+        hidden = weights[0].shape[1] // 2
+        return cls(
+            torch.zeros((weights[0].shape[0], hidden), **f32) if train_mapping and w1_token else None,
+            [torch.zeros(w.shape, **f32) for w in weights[1:]] if train_mapping else [],
+            [torch.zeros(b.shape, **f32) for b in biases[1:]] if train_mapping else [],
+            torch.zeros(tail.shape, **f32) if train_tail else None,
+        )
 
 
 def bridge_backward(
@@ -435,11 +449,16 @@ def bridge_backward(
     train_mapping: bool,
     train_tail: bool,
     precision: str = "fp32",
+    a1: torch.Tensor | None = None,
+    layer0: int = 0,
+    grads: ChainGrads | None = None,
 ):
-    """Gradients of ``grad_loss * inv_pairs * bridge_forward(...)``.
+    """Gradients of ``grad_loss * inv_pairs * bridge_forward(...)`` (same layer group arguments).
 
-    Returns float32 (grad_tokens [L+1, N, H], grad_context_half [L+1, B, d1],
-    grad_w1_token [d1, H] or None, [grad W2..Wk], [grad b2..bk], grad_tail [V, D] or None).
+    Returns (float32 grad_tokens [G, N, H], or None with ``a1``, which is then overwritten with
+    layer 1's unscaled gradient ``da1`` (times ``grad_loss * inv_pairs`` it is the gradient);
+    float32 grad_context_half [G, B, d1]; the :class:`ChainGrads`, ``grads`` when given (added to),
+    whose W1 token half stays untouched with ``a1``).
     """
     batch, hidden = context_half.shape[1], weights[0].shape[1] // 2
     num_rows = batch_index.shape[0]
@@ -451,40 +470,28 @@ def bridge_backward(
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     f32 = dict(dtype=torch.float32, device=device)
-    grad_tokens = torch.zeros((num_states, num_rows, hidden), **f32)
-    pair_ids, num_pairs, pair_starts = tile_sequence_pairs(batch_index, cfg["BLOCK_M"], batch)
+    grads = grads or ChainGrads.zeros(weights, biases, tail, train_mapping, train_tail, w1_token=a1 is None)
+    grad_tokens = torch.zeros((num_states, num_rows, hidden), **f32) if a1 is None else None
+    pair_ids, num_pairs, pair_starts = segments.tile_sequence_pairs(batch_index, cfg["BLOCK_M"], batch)
     grad_pairs = torch.empty((num_states, num_pairs, dims[0]), **f32)  # every used slot is written
-    grad_w1 = torch.zeros((dims[0], hidden), **f32) if train_mapping else grad_tokens
-    grad_ws = [torch.zeros(w.shape, **f32) if train_mapping else grad_tokens for w in weights[1:]]
-    grad_bs = [torch.zeros(b.shape, **f32) if train_mapping else grad_tokens for b in biases[1:]]
+    unused = grad_pairs  # the pointer of every absent output (never written: constexpr flags)
     grad_layer_args = []
     for i in range(MAX_LINEAR - 1):
-        grad_layer_args += [grad_ws[i], grad_bs[i]] if i < len(grad_ws) else [grad_tokens, grad_tokens]
-    grad_tail = torch.zeros(tail.shape, **f32) if train_tail else grad_tokens
+        grad_layer_args += [grads.ws[i], grads.bs[i]] if i < len(grads.ws) else [unused, unused]
     w1_token = weights[0][:, hidden:]
     num_tiles = triton.cdiv(num_rows, cfg["BLOCK_M"])
     bridge_backward_kernel[(num_tiles, num_states)](
         table.base, table.offsets, table.strides,
         batch_index, seq_index, targets, context_half,
-        w1_token, w1_token.stride(0), *_layer_args(weights, biases),
+        w1_token, w1_token.stride(0), unused if a1 is None else a1, *_layer_args(weights, biases),
         tail, mean_coef, inv_var,
         grad_loss, float(inv_pairs),
-        grad_tokens, pair_ids, grad_pairs, grad_w1, *grad_layer_args, grad_tail,
-        num_rows, batch, hidden, *dims, num_pairs,
+        unused if a1 is not None else grad_tokens, pair_ids, grad_pairs,
+        unused if grads.w1_token is None else grads.w1_token, *grad_layer_args,
+        unused if grads.tail is None else grads.tail,
+        layer0, num_rows, batch, hidden, *dims, num_pairs,
         CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot,
-        TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail),
+        TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail), A1_SAVED=a1 is not None,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
-    grad_context_half = torch.empty((num_states, batch, dims[0]), **f32)
-    block_d = min(128, _pow2(dims[0]))
-    pair_sum_kernel[(num_states, batch, triton.cdiv(dims[0], block_d))](
-        grad_pairs, pair_starts, grad_context_half, num_pairs, batch, dims[0], BLOCK_D=block_d, num_warps=4,
-    )
-    return (
-        grad_tokens,
-        grad_context_half,
-        grad_w1 if train_mapping else None,
-        grad_ws if train_mapping else [],
-        grad_bs if train_mapping else [],
-        grad_tail if train_tail else None,
-    )
+    return grad_tokens, segments.sum_pairs(grad_pairs, pair_starts, batch), grads

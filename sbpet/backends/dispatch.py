@@ -14,12 +14,15 @@ backend module itself. A backend offers three functions with one contract:
 
 ``auto`` (the default): on CPU the torch backend. On CUDA, the first call of an operation for a
 new key (operation, device, dtype, precision, shape bucket, which inputs need a gradient) times
-every candidate (torch and each Triton strategy) forward + backward with CUDA events after a
+every candidate (torch and each Triton strategy: :data:`TRITON_CANDIDATES` for the losses, kernel
+1 alone for the capture) forward + backward with CUDA events after a
 warm-up, on the call's own inputs (gradients taken with ``torch.autograd.grad``, so nothing
 accumulates into ``.grad``), and keeps the fastest for the process. Candidates run at the same
 ``precision``: the precision is the user's, the speed is the dispatcher's. A candidate that
 fails is dropped with a warning. The choice is logged once at INFO (logger ``sbpet.dispatch``).
-``SBPET_BACKEND=torch|triton|reference`` (or an explicit ``backend=``) forces a backend.
+``SBPET_BACKEND=torch|triton|reference`` (or an explicit ``backend=``) forces a backend; an explicit
+"triton" runs kernel 2's strategy named by ``SBPET_TRITON_STRATEGY`` (default "gemm", see
+:func:`sbpet.backends.triton_host.triton_strategy`).
 Under ``torch.use_deterministic_algorithms(True)`` the Triton kernels are candidates only for calls
 that train neither g nor the tail (PET training): that backward has no atomics and gives the same
 bits every run, while training g or the tail adds float32 atomics to the kernel. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
@@ -30,6 +33,7 @@ never a timing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "BACKENDS", "ENV_VAR", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
+    "BACKENDS", "ENV_VAR", "TRITON_CANDIDATES", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
     "cuda_event_timer", "runners_for", "shape_key", "fwd_bwd_runner",
 ]
 
@@ -49,6 +53,8 @@ logger = logging.getLogger("sbpet.dispatch")
 BACKENDS = ("auto", "reference", "torch", "triton")
 ENV_VAR = "SBPET_BACKEND"
 ANALYTIC_CHOICE = "torch"
+# ``auto``'s Triton candidates for the losses: "triton:<strategy>" runs kernel 2 with that strategy.
+TRITON_CANDIDATES = ("triton:gemm", "triton:fused")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ def _triton_module():
 
 
 def get_backend(name: str) -> Backend:
-    """The :class:`Backend` called ``name`` ("reference", "torch" or "triton")."""
+    """The :class:`Backend` called ``name`` ("reference", "torch" or "triton"; "triton:gemm" /
+    "triton:fused" pin kernel 2's strategy, as ``auto`` times them)."""
     if name == "reference":
         from . import reference as ref
 
@@ -77,9 +84,11 @@ def get_backend(name: str) -> Backend:
         from . import torch_backend as tb
 
         return Backend(name, tb.torch_bridge_loss, tb.capture_layer, tb.bridge_loss_from_parts)
-    if name == "triton":
+    if name == "triton" or name in TRITON_CANDIDATES:
         tr = _triton_module()
-        return Backend(name, tr.triton_bridge_loss, tr.triton_capture_layer, tr.triton_loss_from_parts)
+        strategy = name.partition(":")[2] or None
+        return Backend(name, functools.partial(tr.triton_bridge_loss, strategy=strategy), tr.triton_capture_layer,
+                       functools.partial(tr.triton_loss_from_parts, strategy=strategy))
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
@@ -227,7 +236,7 @@ def select(op: str, backend: str, device: torch.device, key: tuple, runners: Cal
     name = resolve_backend(backend, device, atomics)
     if name != "auto":
         return get_backend(name)
-    candidates = ["torch", "triton"]
+    candidates = ["torch", "triton"] if op == "capture" else ["torch", *TRITON_CANDIDATES]
     full_key = (op, str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", *key)
     return get_backend(selector.choose(full_key, lambda: runners(candidates)))
 

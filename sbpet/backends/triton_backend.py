@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .triton_host import (  # noqa: F401  (the checks are part of this backend's face)
-    check_triton_available, context_half, kernel2_backward, prepare_states, triton_is_usable, zero_parameter_grads,
+    check_triton_available, kernel2_backward, kernel2_forward, prepare_states, triton_is_usable, triton_strategy,
+    zero_parameter_grads,
 )
 from .triton_parts import triton_capture_layer, triton_loss_from_parts  # noqa: F401  (the parts ops)
 
@@ -35,10 +36,10 @@ def _bridge_forward(
     mean_coef: torch.Tensor,
     variance: torch.Tensor,
     precision: str,
+    strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (R as a float32 scalar, the float32 contexts [L+1, B, H] saved for backward)."""
     from ..kernels import context as context_kernels
-    from ..kernels import fused_bridge
 
     num_states = len(hidden_states)
     num_rows = batch_index.shape[0]
@@ -48,17 +49,18 @@ def _bridge_forward(
     contexts = context_kernels.context_forward(table, num_states, mask, inv_count)
     if num_rows == 0:
         return torch.zeros((), dtype=torch.float32, device=tail.device), contexts
-    half = context_half(contexts, weights[0], biases[0], precision)
-    total = fused_bridge.bridge_forward(
-        table, num_states, batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(),
-        half, weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var, precision,
-    )
-    return total / (num_states * num_rows), contexts
+    loss = kernel2_forward(strategy, table, num_states, batch_index, seq_index, targets, contexts, weights, biases,
+                           tail, mean_coef_d, inv_var, precision, _states_bytes(hidden_states))
+    return loss, contexts
+
+
+def _states_bytes(hidden_states) -> int:
+    return sum(h.numel() * h.element_size() for h in hidden_states)
 
 
 @_bridge_forward.register_fake
 def _(hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance,
-      precision):
+      precision, strategy):
     batch, _, hidden = hidden_states[0].shape
     loss = tail.new_empty((), dtype=torch.float32)
     contexts = tail.new_empty((len(hidden_states), batch, hidden), dtype=torch.float32)
@@ -82,6 +84,7 @@ def _bridge_backward(
     train_mapping: bool,
     train_tail: bool,
     precision: str,
+    strategy: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Returns (grad of every layer stacked [L+1, B, S, H] in the states' dtype, grads of the
     weights and biases (empty lists unless train_mapping), grad of the tail (an empty tensor
@@ -98,10 +101,16 @@ def _bridge_backward(
     table, mask, inv_count, mean_coef_d, inv_var, weights = prepare_states(
         hidden_states, attention_mask, weights, mean_coef, variance
     )
-    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(
-        grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d, inv_var,
-        contexts, train_mapping, train_tail, precision,
-    )
+    args = (grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d, inv_var,
+            contexts, train_mapping, train_tail, precision, strategy)
+    if strategy == "gemm":
+        grad_states = torch.empty((num_states, batch, seq, hidden), dtype=dtype, device=device)
+        _, _, out_ws, out_bs, grad_tail = kernel2_backward(
+            *args, _states_bytes(hidden_states), lambda layer: hidden_states[layer][batch_index, seq_index],
+            grad_states, (batch * seq * hidden, seq * hidden, hidden), (mask, inv_count),
+        )
+        return grad_states, out_ws, out_bs, grad_tail
+    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args)
     grad_states = context_kernels.context_backward(
         grad_contexts, mask, inv_count, batch_index, seq_index, grad_tokens, dtype
     )
@@ -110,7 +119,7 @@ def _bridge_backward(
 
 @_bridge_backward.register_fake
 def _(grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail,
-      mean_coef, variance, contexts, train_mapping, train_tail, precision):
+      mean_coef, variance, contexts, train_mapping, train_tail, precision, strategy):
     batch, seq, hidden = hidden_states[0].shape
     grad_states = hidden_states[0].new_empty((len(hidden_states), batch, seq, hidden))
     grad_ws = [torch.empty_like(w) for w in weights] if train_mapping else []
@@ -121,9 +130,9 @@ def _(grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets,
 
 def _setup_context(ctx, inputs, output):
     hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance, \
-        precision = inputs
+        precision, strategy = inputs
     _, contexts = output
-    ctx.precision = precision
+    ctx.precision, ctx.strategy = precision, strategy
     ctx.mark_non_differentiable(contexts)
     ctx.num_states = len(hidden_states)
     ctx.num_linear = len(weights)
@@ -145,14 +154,14 @@ def _backward(ctx, grad_loss, grad_contexts):
     tail, mean_coef, variance, contexts = saved
     grad_states, grad_ws, grad_bs, grad_tail = torch.ops.sbpet.triton_bridge_backward(
         grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases,
-        tail, mean_coef, variance, contexts, ctx.train_mapping, ctx.train_tail, ctx.precision,
+        tail, mean_coef, variance, contexts, ctx.train_mapping, ctx.train_tail, ctx.precision, ctx.strategy,
     )
     layer_grads = [g if need else None for g, need in zip(grad_states.unbind(0), ctx.states_need_grad)]
     weight_grads = list(grad_ws) if ctx.train_mapping else [None] * k
     bias_grads = list(grad_bs) if ctx.train_mapping else [None] * k
     return (
         layer_grads, None, None, None, None, weight_grads, bias_grads,
-        grad_tail if ctx.train_tail else None, None, None, None,
+        grad_tail if ctx.train_tail else None, None, None, None, None,
     )
 
 
@@ -170,10 +179,12 @@ def triton_bridge_loss(
     mean_coef,
     variance,
     precision="fp32",
+    strategy=None,
 ):
-    """The bridge regulariser R with the fused Triton kernels. Same arguments and result as
+    """The bridge regulariser R with the Triton kernels. Same arguments and result as
     :func:`sbpet.backends.reference.reference_bridge_loss` (float32 scalar; 0 with zero gradients when
-    N == 0). Inputs are validated by :func:`sbpet.bridge_loss`.
+    N == 0). Inputs are validated by :func:`sbpet.bridge_loss`. ``strategy``: kernel 2's
+    ("gemm" or "fused"; None: :func:`.triton_host.triton_strategy`).
 
     Example (CPU, interpreter):
         >>> # TRITON_INTERPRET=1 python -c "import sbpet; ..."; backend="triton" in sbpet.bridge_loss
@@ -182,6 +193,6 @@ def triton_bridge_loss(
     biases = [layer.bias for layer in mapping.layers]
     loss, _ = torch.ops.sbpet.triton_bridge_forward(
         list(hidden_states), attention_mask, batch_index, seq_index, targets, weights, biases, tail,
-        mean_coef, variance, precision,
+        mean_coef, variance, precision, triton_strategy(strategy),
     )
     return loss

@@ -11,8 +11,9 @@ import torch
 from ..core.precision import matmul
 
 __all__ = [
-    "check_triton_available", "context_half", "device_marginals", "device_vector", "interpreting", "kernel2_backward",
-    "prepare_states", "triton_is_usable", "zero_parameter_grads",
+    "STRATEGIES", "STRATEGY_ENV", "check_triton_available", "context_half", "context_half_grads", "device_marginals",
+    "device_vector", "interpreting", "kernel2_backward", "kernel2_forward", "prepare_states", "triton_is_usable",
+    "triton_strategy", "zero_parameter_grads",
 ]
 
 
@@ -100,32 +101,87 @@ def context_half(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return (matmul(context, weight[:, :hidden].T, precision) + bias.float()).contiguous()
 
 
-def kernel2_backward(grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d,
-                      inv_var, contexts, train_mapping, train_tail, precision):
-    """Kernel 2's backward plus the small torch products of the context half (shared by the
-    whole-states and the parts ops). Returns float32 grad_tokens [L+1, N, H], float32
-    grad_contexts [L+1, B, H], the weight and bias grads (empty unless train_mapping) and the
-    tail grad (an empty tensor unless train_tail)."""
+STRATEGIES = ("gemm", "fused")
+STRATEGY_ENV = "SBPET_TRITON_STRATEGY"
+
+
+def triton_strategy(strategy: str | None = None) -> str:
+    """Which kernel-2 strategy runs: ``strategy`` when given, else ``SBPET_TRITON_STRATEGY``, else
+    "gemm" (layer 1 as large-tile GEMMs, :mod:`.triton_gemm`; the model in benchmarks/NOTES.md
+    predicts it ahead of the fused kernel at every suite shape). "fused": everything on chip
+    (:mod:`sbpet.kernels.fused_bridge`), no buffer of size [N, d1]. ``auto`` times both."""
+    chosen = strategy or os.environ.get(STRATEGY_ENV, "").strip() or "gemm"
+    if chosen not in STRATEGIES:
+        source = "strategy" if strategy else f"the environment variable {STRATEGY_ENV}"
+        raise ValueError(f"{source} must be one of {STRATEGIES}, got {chosen!r}")
+    return chosen
+
+
+def kernel2_forward(strategy, table, num_states, batch_index, seq_index, targets, contexts, weights, biases, tail,
+                    mean_coef_d, inv_var, precision, states_bytes):
+    """R (float32 scalar) by kernel 2 with ``strategy``; N > 0."""
     from ..kernels import fused_bridge
+    from . import triton_gemm
+
+    num_rows = batch_index.shape[0]
+    half = context_half(contexts, weights[0], biases[0], precision)
+    args = (table, num_states, batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(), half,
+            weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var, precision)
+    if strategy == "gemm":
+        total = triton_gemm.gemm_forward(*args, states_bytes)
+    else:
+        total = fused_bridge.bridge_forward(*args)
+    return total / (num_states * num_rows)
+
+
+def kernel2_backward(grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d,
+                      inv_var, contexts, train_mapping, train_tail, precision, strategy="fused", states_bytes=0,
+                      rows_of=None, out=None, out_strides=None, states_context=None):
+    """Kernel 2's backward plus the small torch products of the context half (shared by the
+    whole-states and the parts ops). Returns float32 grad_tokens [L+1, N, H] (None with the "gemm"
+    strategy, which writes the rows' gradients into ``out`` itself: see
+    :func:`.triton_gemm.gemm_backward` for ``rows_of``, ``out``, ``out_strides`` and
+    ``states_context``), float32 grad_contexts [L+1, B, H], the weight and bias grads (empty unless
+    train_mapping) and the tail grad (an empty tensor unless train_tail)."""
+    from ..kernels import fused_bridge
+    from . import triton_gemm
 
     num_states, _, hidden = contexts.shape
     num_rows = batch_index.shape[0]
     half = context_half(contexts, weights[0], biases[0], precision)
-    grad_tokens, grad_half, grad_w1_token, grad_ws, grad_bs, grad_tail = fused_bridge.bridge_backward(
-        grad_loss.to(torch.float32).reshape(()).contiguous(), 1.0 / (num_states * num_rows), table, num_states,
-        batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(),
-        half, weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var,
-        train_mapping, train_tail, precision,
-    )
-    # Context half: half = contexts @ W1c^T + b1, so its gradient flows to the contexts (and W1c, b1).
-    grad_contexts = matmul(grad_half, weights[0][:, :hidden], precision)
+    grad_loss = grad_loss.to(torch.float32).reshape(()).contiguous()
+    args = (batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(), half)
+    params = (weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var)
+    if strategy == "gemm":
+        grad_tokens = None
+        grad_half, grad_contexts, grads = triton_gemm.gemm_backward(
+            grad_loss, table, *args, contexts, *params, train_mapping, train_tail, precision, states_bytes,
+            rows_of, out, out_strides, states_context,
+        )
+    else:
+        grad_tokens, grad_half, grads = fused_bridge.bridge_backward(
+            grad_loss, 1.0 / (num_states * num_rows), table, num_states, *args, *params,
+            train_mapping, train_tail, precision,
+        )
+        grad_contexts = matmul(grad_half, weights[0][:, :hidden], precision)
+    out_ws, out_bs, grad_tail = context_half_grads(
+        grad_half, contexts, weights, biases, tail, grads, train_mapping, train_tail, precision)
+    return grad_tokens, grad_contexts, out_ws, out_bs, grad_tail
+
+
+def context_half_grads(grad_half, contexts, weights, biases, tail, grads, train_mapping, train_tail, precision):
+    """The context half's share of the parameter gradients (half = contexts @ W1c^T + b1, so its
+    gradient flows to W1c and b1) joined with kernel 2's ``ChainGrads``: the weight and bias grads
+    in the parameters' dtypes (empty unless train_mapping), the tail grad (an empty tensor unless
+    train_tail)."""
+    hidden = contexts.shape[-1]
     out_ws, out_bs = [], []
     if train_mapping:
         flat_half = grad_half.reshape(-1, grad_half.shape[-1])
         grad_w1_context = matmul(flat_half.T, contexts.reshape(-1, hidden), precision)
-        out_ws.append(torch.cat([grad_w1_context, grad_w1_token], dim=1).to(weights[0].dtype))
+        out_ws.append(torch.cat([grad_w1_context, grads.w1_token], dim=1).to(weights[0].dtype))
         out_bs.append(flat_half.sum(dim=0).to(biases[0].dtype))
-        out_ws += [g.to(w.dtype) for g, w in zip(grad_ws, weights[1:])]
-        out_bs += [g.to(b.dtype) for g, b in zip(grad_bs, biases[1:])]
-    grad_tail = grad_tail.to(tail.dtype) if train_tail else tail.new_empty(0)
-    return grad_tokens, grad_contexts, out_ws, out_bs, grad_tail
+        out_ws += [g.to(w.dtype) for g, w in zip(grads.ws, weights[1:])]
+        out_bs += [g.to(b.dtype) for g, b in zip(grads.bs, biases[1:])]
+    grad_tail = grads.tail.to(tail.dtype) if train_tail else tail.new_empty(0)
+    return out_ws, out_bs, grad_tail

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_host import context_half, device_marginals, kernel2_backward, zero_parameter_grads
+from .triton_host import device_marginals, kernel2_backward, kernel2_forward, triton_strategy, zero_parameter_grads
 
 __all__ = ["triton_capture_layer", "triton_loss_from_parts"]
 
@@ -91,27 +91,27 @@ def _parts_forward(
     mean_coef: torch.Tensor,
     variance: torch.Tensor,
     precision: str,
+    strategy: str,
 ) -> torch.Tensor:
     """R (float32 scalar) from float32 contexts [L+1, B, H] and L+1 token-row tensors [N, H]."""
     from ..kernels import context as context_kernels
-    from ..kernels import fused_bridge
 
     num_states, num_rows = contexts.shape[0], batch_index.shape[0]
     if num_rows == 0:
         return torch.zeros((), dtype=torch.float32, device=tail.device)
     mean_coef_d, inv_var = device_marginals(mean_coef, variance, tail.device)
     weights = [w.contiguous() for w in weights]
-    half = context_half(contexts, weights[0], biases[0], precision)
     seq_index = torch.arange(num_rows, device=batch_index.device)
-    total = fused_bridge.bridge_forward(
-        context_kernels.rows_table(tokens), num_states, batch_index.contiguous(), seq_index, targets.contiguous(),
-        half, weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var, precision,
-    )
-    return total / (num_states * num_rows)
+    return kernel2_forward(strategy, context_kernels.rows_table(tokens), num_states, batch_index, seq_index, targets,
+                           contexts, weights, biases, tail, mean_coef_d, inv_var, precision, _tokens_bytes(tokens))
+
+
+def _tokens_bytes(tokens) -> int:
+    return sum(t.numel() * t.element_size() for t in tokens)
 
 
 @_parts_forward.register_fake
-def _(contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision):
+def _(contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision, strategy):
     return tail.new_empty((), dtype=torch.float32)
 
 
@@ -130,6 +130,7 @@ def _parts_backward(
     train_mapping: bool,
     train_tail: bool,
     precision: str,
+    strategy: str,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """(float32 grad of the contexts [L+1, B, H], grad of the token rows stacked [L+1, N, H] in
     their dtype, weight and bias grads (empty unless train_mapping), tail grad (empty unless
@@ -146,16 +147,21 @@ def _parts_backward(
     mean_coef_d, inv_var = device_marginals(mean_coef, variance, tail.device)
     weights = [w.contiguous() for w in weights]
     seq_index = torch.arange(num_rows, device=batch_index.device)
-    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(
-        grad_loss, context_kernels.rows_table(tokens), batch_index, seq_index, targets, weights, biases, tail,
-        mean_coef_d, inv_var, contexts, train_mapping, train_tail, precision,
-    )
+    args = (grad_loss, context_kernels.rows_table(tokens), batch_index, seq_index, targets, weights, biases, tail,
+            mean_coef_d, inv_var, contexts, train_mapping, train_tail, precision, strategy)
+    if strategy == "gemm":
+        grad_tokens = torch.empty((num_states, num_rows, hidden), dtype=dtype, device=contexts.device)
+        _, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(
+            *args, _tokens_bytes(tokens), lambda layer: tokens[layer], grad_tokens, (num_rows * hidden, 0, hidden),
+        )
+        return grad_contexts, grad_tokens, out_ws, out_bs, grad_tail
+    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args)
     return grad_contexts, grad_tokens.to(dtype), out_ws, out_bs, grad_tail
 
 
 @_parts_backward.register_fake
 def _(grad_loss, contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance,
-      train_mapping, train_tail, precision):
+      train_mapping, train_tail, precision, strategy):
     num_states, _, hidden = contexts.shape
     grad_tokens = tokens[0].new_empty((num_states, batch_index.shape[0], hidden))
     grad_ws = [torch.empty_like(w) for w in weights] if train_mapping else []
@@ -165,8 +171,8 @@ def _(grad_loss, contexts, tokens, batch_index, targets, weights, biases, tail, 
 
 
 def _parts_setup(ctx, inputs, output):
-    contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision = inputs
-    ctx.precision = precision
+    contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision, strategy = inputs
+    ctx.precision, ctx.strategy = precision, strategy
     ctx.num_states, ctx.num_linear = len(tokens), len(weights)
     ctx.train_mapping = any(p.requires_grad for p in (*weights, *biases))
     ctx.train_tail = tail.requires_grad
@@ -180,13 +186,13 @@ def _parts_autograd(ctx, grad_loss):
     weights, biases, (tail, mean_coef, variance) = saved[:k], saved[k : 2 * k], saved[2 * k :]
     grad_contexts, grad_tokens, grad_ws, grad_bs, grad_tail = torch.ops.sbpet.triton_parts_backward(
         grad_loss, contexts, list(tokens), batch_index, targets, list(weights), list(biases), tail, mean_coef,
-        variance, ctx.train_mapping, ctx.train_tail, ctx.precision,
+        variance, ctx.train_mapping, ctx.train_tail, ctx.precision, ctx.strategy,
     )
     return (
         grad_contexts, list(grad_tokens.unbind(0)), None, None,
         list(grad_ws) if ctx.train_mapping else [None] * k,
         list(grad_bs) if ctx.train_mapping else [None] * k,
-        grad_tail if ctx.train_tail else None, None, None, None,
+        grad_tail if ctx.train_tail else None, None, None, None, None,
     )
 
 
@@ -194,14 +200,16 @@ _parts_forward.register_autograd(_parts_autograd, setup_context=_parts_setup)
 
 
 def triton_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
-                           precision="fp32"):
+                           precision="fp32", strategy=None):
     """R with kernel 2 from the parts: contexts (L+1 float32 [B, H], or [L+1, B, H]) and L+1
     token-row tensors [N, H] (read where they lie: no stacked copy). Same result as
-    :func:`sbpet.backends.torch_backend.bridge_loss_from_parts`."""
+    :func:`sbpet.backends.torch_backend.bridge_loss_from_parts`. ``strategy``: kernel 2's ("gemm" or
+    "fused"; None: :func:`.triton_host.triton_strategy`)."""
     if isinstance(contexts, (list, tuple)):
         contexts = torch.stack(list(contexts))
     weights = [layer.weight for layer in mapping.layers]
     biases = [layer.bias for layer in mapping.layers]
     return torch.ops.sbpet.triton_parts_forward(
         contexts.float(), list(tokens), batch_index, targets, weights, biases, tail, mean_coef, variance, precision,
+        triton_strategy(strategy),
     )

@@ -128,34 +128,38 @@ def fake_auto(monkeypatch):
     real = dispatch.resolve_backend
     monkeypatch.setattr(dispatch, "resolve_backend", lambda b, d, atomics=True: "auto" if b == "auto" else real(b, d))
 
-    def install(times):
-        timer = FakeTimer(times, ["torch", "triton"])
+    def install(times, order=("torch", *dispatch.TRITON_CANDIDATES)):
+        timer = FakeTimer(times, order)
         monkeypatch.setattr(dispatch, "selector", dispatch.Selector(timer=timer))
         return timer
 
     return install
 
 
-@pytest.mark.parametrize("fastest", ["torch", "triton"])
+@pytest.mark.parametrize("fastest", ["torch", *dispatch.TRITON_CANDIDATES])
 def test_bridge_loss_auto_uses_the_timed_choice(fake_auto, fastest, monkeypatch):
+    """``auto`` times torch and each of kernel 2's strategies, and runs the fastest: the strategy
+    that ran is the one chosen."""
     from sbpet.backends import triton_backend
 
-    timer = fake_auto({"torch": 1.0 if fastest == "torch" else 9.0, "triton": 1.0 if fastest == "triton" else 9.0})
+    timer = fake_auto({name: 1.0 if name == fastest else 9.0 for name in ("torch", *dispatch.TRITON_CANDIDATES)})
     used = []
-    for name in ("triton_bridge_loss",):
-        original = getattr(triton_backend, name)
-        monkeypatch.setattr(triton_backend, name, lambda *a, _o=original, **k: used.append(1) or _o(*a, **k))
+    original = triton_backend.triton_bridge_loss
+    monkeypatch.setattr(triton_backend, "triton_bridge_loss",
+                        lambda *a, **k: used.append(k["strategy"]) or original(*a, **k))
     states, labels, mask, mapping, tail = make_case(dims=(12, 5), seed=2)
     states = [h.requires_grad_(True) for h in states]
     loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="auto")
     # Timing took gradients with autograd.grad: nothing accumulated in .grad.
     assert all(p.grad is None for p in mapping.parameters()) and all(h.grad is None for h in states)
-    assert timer.calls == ["torch", "triton"]
-    assert len(used) == 1 + (fastest == "triton")  # once timed, once more if chosen
+    assert timer.calls == ["torch", *dispatch.TRITON_CANDIDATES]
+    # Each strategy once timed, the chosen one once more.
+    chosen = [fastest.partition(":")[2]] if fastest != "torch" else []
+    assert used == ["gemm", "fused", *chosen]
     expected = sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="torch")
     assert torch.allclose(loss, expected, rtol=1e-5)
     sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="auto")
-    assert len(timer.calls) == 2  # same key: no new timing
+    assert len(timer.calls) == 3  # same key: no new timing
 
 
 def test_capture_auto_times_capture_and_parts(fake_auto):
@@ -165,7 +169,8 @@ def test_capture_auto_times_capture_and_parts(fake_auto):
     from hf_helpers import LABEL_WORDS, MASK_ID, classification_batch, tiny_bert_config, tiny_regularizer
     from sbpet.hf import BridgeCapture, masked_lm_bridge_labels
 
-    timer = fake_auto({"torch": 5.0, "triton": 1.0})
+    timer = fake_auto({"torch": 5.0, "triton": 1.0, "triton:gemm": 1.0, "triton:fused": 2.0},
+                      ["torch", "triton", "torch", *dispatch.TRITON_CANDIDATES])
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_bert_config())
     reg = tiny_regularizer(model)
@@ -176,9 +181,10 @@ def test_capture_auto_times_capture_and_parts(fake_auto):
     loss = capture.loss()
     loss.backward()
     ops = {key[0] for key in dispatch.selector.choices}
-    assert ops == {"capture", "parts"} and set(dispatch.selector.choices.values()) == {"triton"}
+    assert ops == {"capture", "parts"}
+    assert sorted(dispatch.selector.choices.values()) == ["triton", "triton:gemm"]
     # Every layer has the same shapes: one timing for the capture, one for the loss.
-    assert len(timer.calls) == 4
+    assert len(timer.calls) == 5
     capture.remove()
 
 

@@ -27,7 +27,11 @@ _CLIP = torch.nn.utils.clip_grad_norm_
 
 @pytest.fixture
 def triton_spy(monkeypatch):
-    """Counts calls of the Triton backend's parts functions (and its whole-states loss)."""
+    """Counts calls of the Triton backend's parts functions (and its whole-states loss), and of the
+    GEMM strategy's forward and backward (kernel 2's default strategy: a route that reached Triton
+    but not that strategy fails too)."""
+    from sbpet.backends import triton_gemm
+
     calls = {"capture_layer": 0, "loss_from_parts": 0, "loss": 0}
     originals = {
         "capture_layer": triton_backend.triton_capture_layer,
@@ -45,6 +49,10 @@ def triton_spy(monkeypatch):
     monkeypatch.setattr(triton_backend, "triton_capture_layer", wrap("capture_layer"))
     monkeypatch.setattr(triton_backend, "triton_loss_from_parts", wrap("loss_from_parts"))
     monkeypatch.setattr(triton_backend, "triton_bridge_loss", wrap("loss"))
+    for name in ("gemm_forward", "gemm_backward"):
+        originals[name] = getattr(triton_gemm, name)
+        calls[name] = 0
+        monkeypatch.setattr(triton_gemm, name, wrap(name))
     return calls
 
 
@@ -77,7 +85,7 @@ def test_capture_layer_matches_torch(backend):
 
 
 @pytest.mark.parametrize("dims", [(16,), (24, 7), (20, 9, 5)])
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", [*dispatch.TRITON_CANDIDATES, "reference"])
 def test_loss_from_parts_matches_torch(backend, dims):
     """R and every gradient (contexts, rows, g, tail) from the parts: the token rows are separate
     per-layer tensors that kernel 2 reads where they lie."""
@@ -136,10 +144,11 @@ def _trainer_step(backend, tmp_path):
 def test_bridge_trainer_step_on_triton_equals_torch(tmp_path, triton_spy):
     pytest.importorskip("peft")
     loss_t, bridge_t, grads_t = _trainer_step("torch", tmp_path / "t")
-    assert triton_spy == {"capture_layer": 0, "loss_from_parts": 0, "loss": 0}
+    assert set(triton_spy.values()) == {0}
     loss_k, bridge_k, grads_k = _trainer_step("triton", tmp_path / "k")
     # 4 hidden states (3 layers + embeddings) captured by kernel 1, one loss from kernel 2.
-    assert triton_spy == {"capture_layer": 4, "loss_from_parts": 1, "loss": 0}
+    assert triton_spy == {"capture_layer": 4, "loss_from_parts": 1, "loss": 0, "gemm_forward": 1,
+                          "gemm_backward": 1}
     assert_close(bridge_k, bridge_t, torch.float32, "bridge loss", **SLACK)
     assert_close(loss_k, loss_t, torch.float32, "training loss", **SLACK)
     assert grads_t and grads_k.keys() == grads_t.keys()
@@ -176,6 +185,7 @@ def test_fit_mapping_steps_on_triton_equal_torch(tmp_path, triton_spy, monkeypat
     losses_t, grads_t = _fit_two_steps("torch", tmp_path / "t", monkeypatch)
     losses_k, grads_k = _fit_two_steps("triton", tmp_path / "k", monkeypatch)
     assert triton_spy["capture_layer"] == 2 * 4 and triton_spy["loss_from_parts"] == 2
+    assert triton_spy["gemm_forward"] == triton_spy["gemm_backward"] == 2
     assert len(grads_t) == len(grads_k) == 2 and len(grads_t[0]) == 6  # 3 weights + 3 biases
     for a, e in zip(losses_k, losses_t):
         assert abs(a - e) <= 1e-5 * abs(e) + 1e-6, (losses_k, losses_t)
@@ -189,4 +199,4 @@ def test_regularizer_forward_and_function_reach_triton(triton_spy):
     reg = sbpet.BridgeRegularizer(states[0].shape[-1], len(states) - 1, dims=(12, 5), tail=tail, backend="triton")
     reg(states, labels, mask)
     sbpet.bridge_loss(states, labels, mask, mapping, tail, backend="triton")
-    assert triton_spy["loss"] == 2
+    assert triton_spy["loss"] == triton_spy["gemm_forward"] == 2

@@ -24,8 +24,10 @@ triton = pytest.importorskip("triton")
 
 import sbpet  # noqa: E402
 from helpers import TOLERANCES, assert_close, float64_bridge_loss, make_case  # noqa: E402
-from sbpet.backends import triton_backend  # noqa: E402
+from sbpet.backends import triton_backend, triton_gemm  # noqa: E402
+from sbpet.backends.triton_host import STRATEGIES, STRATEGY_ENV  # noqa: E402
 from sbpet.kernels import context as context_kernels  # noqa: E402
+from sbpet.kernels import layer_gemm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -46,6 +48,13 @@ TRITON_TOLERANCES = {
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True, params=STRATEGIES)
+def strategy(request, monkeypatch):
+    """Every test runs with each of kernel 2's strategies (backend="triton" reads the variable)."""
+    monkeypatch.setenv(STRATEGY_ENV, request.param)
+    return request.param
 
 
 def _loss_and_grads(backend, states, labels, mask, mapping, tail, bridge="brownian",
@@ -160,7 +169,7 @@ def test_sequences_spanning_tiles(train_mapping, device):
 def test_tile_sequence_pairs():
     """Pair ids start at every tile and at every change of sequence; the slot count bounds them;
     each sequence's pairs are contiguous; unsorted rows are refused."""
-    from sbpet.kernels.fused_bridge import tile_sequence_pairs
+    from sbpet.kernels.segments import tile_sequence_pairs
 
     batch_index = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3, 3])
     pair_ids, num_pairs, starts = tile_sequence_pairs(batch_index, 4, batch=5)
@@ -262,7 +271,7 @@ def test_torch_compile_matches_eager(device):
         assert_close(a, b, torch.float32, f"compiled grad mapping param {i}")
 
 
-def test_custom_op_schema():
+def test_custom_op_schema(strategy):
     """The registered ops pass torch's custom-op checks (fake kernels, autograd registration)."""
     states, labels, mask, mapping, tail = make_case(dims=(12, 5), seed=12, batch=1, seq=5, hidden=16)
     batch_index, seq_index = (labels != -100).nonzero(as_tuple=True)
@@ -274,7 +283,8 @@ def test_custom_op_schema():
     if ON_GPU:
         args = tuple([a.cuda() for a in x] if isinstance(x, list) else x.cuda() for x in args)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32"), test_utils=checks)
+    torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32", strategy),
+                          test_utils=checks)
     # The parts interface's two ops: per-layer capture (kernel 1) and the loss from parts (kernel 2).
     states, mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance = args
     torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index),
@@ -283,7 +293,7 @@ def test_custom_op_schema():
     tokens = [h.detach()[batch_index, seq_index].requires_grad_(True) for h in states]
     torch.library.opcheck(torch.ops.sbpet.triton_parts_forward.default,
                           (contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance,
-                           "bf16"), test_utils=checks)
+                           "bf16", strategy), test_utils=checks)
 
 
 def test_device_checks():
@@ -312,3 +322,53 @@ def test_cpu_refused_without_interpreter():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refused" in out.stdout
+
+
+@pytest.mark.parametrize("budget", [0.0, 1e9])
+@pytest.mark.parametrize("train_mapping", [False, True])
+def test_gemm_layer_groups(budget, train_mapping, monkeypatch, device, strategy):
+    """The GEMM strategy launches once per group of layers (a1 of a group within the budget): one
+    layer per group (budget 0) and all layers in one group give the reference's results, and the
+    group split is what the launches used."""
+    if strategy != "gemm":
+        pytest.skip("the GEMM strategy's groups")
+    monkeypatch.setattr(triton_gemm, "GROUP_BUDGET", budget)
+    launches = []
+    real = layer_gemm.first_layer
+
+    def spy(table, layer0, num_layers, *args, **kwargs):
+        launches.append((layer0, num_layers))
+        return real(table, layer0, num_layers, *args, **kwargs)
+
+    monkeypatch.setattr(layer_gemm, "first_layer", spy)
+    case = make_case(num_states=3, batch=3, seq=19, hidden=21, dims=(20, 9, 5), positions_per_seq=19, seed=4,
+                     device=device)
+    _compare(case, "ou", train_mapping=train_mapping, train_tail=train_mapping)
+    expected = [(0, 1), (1, 1), (2, 1)] if budget == 0.0 else [(0, 3)]
+    assert launches == expected * 2  # forward, then the backward's recompute
+
+
+def test_layer_groups_and_configs():
+    """Group sizes follow the budget; the GPU block sizes switch at FEW_ROWS and by operand width."""
+    assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 10**9) == [(0, 5)]
+    assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 0) == [(l, l + 1) for l in range(5)]
+    # 320 bytes of a1 per layer; 5% of 12,800 bytes = 640 bytes: two layers per group.
+    assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 12_800) == [(0, 2), (2, 4), (4, 5)]
+    few = layer_gemm.gemm_config(32, "bf16", interpret=False)
+    many = layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "bf16", interpret=False)
+    wide = layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "fp32", interpret=False)
+    assert few["BLOCK_M"] == 16 and many["BLOCK_M"] == 128 and wide["BLOCK_M"] == 64
+    assert many["BLOCK_M"] % 64 == 0 and wide["BLOCK_M"] % 64 == 0  # Hopper wgmma tiles
+
+
+def test_token_weight_cast_once_per_version():
+    """W1's token half in the operand dtype is cast once per weight version."""
+    weight = torch.randn(6, 10)
+    first = triton_gemm.token_weight(weight, 5, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first.float(), weight[:, 5:].bfloat16().float())
+    assert triton_gemm.token_weight(weight, 5, torch.bfloat16) is first
+    with torch.no_grad():
+        weight.add_(1.0)  # an optimizer step bumps the version
+    again = triton_gemm.token_weight(weight, 5, torch.bfloat16)
+    assert again is not first and torch.equal(again.float(), weight[:, 5:].bfloat16().float())
+    assert triton_gemm.token_weight(weight, 5, torch.float32).data_ptr() == weight[:, 5:].data_ptr()

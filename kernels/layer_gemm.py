@@ -1,0 +1,201 @@
+"""The GEMM strategy's two large products (METHOD.md step 3, layer 1's token half), for many rows.
+
+The fused strategy (:mod:`.fused_bridge`) keeps everything on chip and so recomputes layer 1 in the
+backward with small row tiles (16-64 rows, one CTA per SM). Here layer 1 is a GEMM with large tiles
+instead, and the rest of g (layers 2..k, the residual, the loss, and their backward down to layer
+1's gradient) is kernel 2 run on the saved pre-activation (``A1_SAVED``):
+
+- :func:`first_layer`: ``a1[g, n] = h[layer0 + g][b_n, s_n] @ W1[:, H:]^T + half[g, b_n]``
+  (gathering the regularised rows where they lie, the context half added in the epilogue), stored
+  in the dots' operand dtype (bfloat16 at precision "bf16", float32 otherwise);
+- :func:`token_grads`: ``dX[g, n] = da1[g, n] @ W1[:, H:] * grad / pairs``, plus the context share
+  ``mask[b, s] / count[b] * grad_context[g, b]`` in the epilogue, stored once in the states' dtype
+  at the row's place in the states' gradient (or in a [G, N, H] rows tensor for the parts route).
+  Each output element is written by one program: no atomics, no float32 [L+1, N, H] buffer.
+
+Both launch a grid of (row tiles x column tiles, layers of the group), the row tiles grouped
+(GROUP_M) so that programs running together share their W1 tiles in L2. Block sizes by the rows
+per layer (:func:`gemm_config`): 128 x 128 tiles (64 rows with float32 operands) for many rows; for
+a few dozen rows (the GLUE shapes) 16-row tiles and narrow columns, so that d1 (and H) split over
+enough programs to fill the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .bridge_chain import dot_precision
+from .context import LayerTable, interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+__all__ = ["GemmConfig", "gemm_config", "operand_dtype", "first_layer", "token_grads", "FEW_ROWS"]
+
+# Rows per layer below which the few-rows blocks are used.
+FEW_ROWS = 256
+
+if triton is not None:
+    from .bridge_chain import dot_acc, first_layer_chunk, operand, stored, token_rows
+
+    @triton.jit
+    def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of program ``pid``: GROUP_M row tiles walk the columns together."""
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+    @triton.jit
+    def first_layer_kernel(
+        states_ptr, layer_offsets_ptr, layer_strides_ptr,
+        batch_index_ptr, seq_index_ptr,
+        context_half_ptr,  # float32 [G, B, D1]
+        w1_ptr, w1_stride,  # token half W1[:, H:] [D1, H] (row stride w1_stride)
+        a1_ptr,  # [G, N, D1] (out), the dots' operand dtype
+        layer0, N, B, H, D1,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        layer = tl.program_id(1).to(tl.int64)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(D1, BLOCK_N), GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
+                                           batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
+        c0 = pid_n * BLOCK_N
+        a1 = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, (layer * B + b) * D1,
+                               w1_ptr, w1_stride, c0, H, D1, BLOCK_M, BLOCK_K, BLOCK_N, CONTIGUOUS_H, DOT_PRECISION)
+        cols = c0 + tl.arange(0, BLOCK_N)
+        out = a1_ptr + (layer * N + rows.to(tl.int64))[:, None] * D1 + cols[None, :]
+        tl.store(out, stored(a1, a1_ptr, DOT_PRECISION), mask=row_ok[:, None] & (cols < D1)[None, :])
+
+    @triton.jit
+    def token_grad_kernel(
+        da1_ptr,  # [G, N, D1] layer 1's unscaled gradient, the dots' operand dtype
+        w1_ptr, w1_stride,
+        out_ptr, out_layer_stride, out_b_stride, out_s_stride,  # the row's place (b, s) in layer g
+        batch_index_ptr, seq_index_ptr,
+        grad_context_ptr,  # float32 [G, B, H] (ADD_CONTEXT)
+        mask_ptr,  # float32 [B, S] (ADD_CONTEXT)
+        inv_count_ptr,  # float32 [B] (ADD_CONTEXT)
+        grad_loss_ptr, inv_pairs,
+        N, B, S, H, D1,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        ADD_CONTEXT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        layer = tl.program_id(1).to(tl.int64)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        da1_rows = (layer * N + rows.to(tl.int64)) * D1
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D1, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D1
+            da1 = tl.load(da1_ptr + da1_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w1_ptr + ks.to(tl.int64)[:, None] * w1_stride + cols[None, :],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = dot_acc(operand(da1, DOT_PRECISION), operand(w, DOT_PRECISION), acc, DOT_PRECISION)
+        acc = acc * (tl.load(grad_loss_ptr).to(tl.float32) * inv_pairs)
+        b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        ok = row_ok[:, None] & col_ok[None, :]
+        if ADD_CONTEXT:
+            weight = tl.load(mask_ptr + b * S + s, mask=row_ok, other=0.0) * tl.load(inv_count_ptr + b)
+            share = tl.load(grad_context_ptr + ((layer * B + b) * H)[:, None] + cols[None, :], mask=ok, other=0.0)
+            acc += weight[:, None] * share
+        out = out_ptr + (layer * out_layer_stride + b * out_b_stride + s * out_s_stride)[:, None] + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class GemmConfig(dict):
+    """Launch parameters of the GEMM strategy's kernels (constexprs plus num_warps / num_stages)."""
+
+
+def gemm_config(rows: int, precision: str, interpret: bool | None = None) -> GemmConfig:
+    """Block sizes of :func:`first_layer` and :func:`token_grads`, keyed on the rows per layer and
+    the dots' operand width.
+
+    Many rows, 16-bit operands: 128 x 128 tiles, BLOCK_K 64, 3 stages (96 KB of shared memory), 8
+    warps: the tile shape Hopper's wgmma and Ampere's mma need to reach their rates. float32
+    operands (tf32x3 / tf32 dots) take half the rows and BLOCK_K 32 (same shared memory). Fewer
+    than :data:`FEW_ROWS` rows per layer: 16 x 64 tiles and 4 warps, so that the columns give the
+    GPU enough programs (a few dozen rows per layer fill 1-2 row tiles). Under the interpreter every
+    block is 16 so that odd test sizes run several tiles and K steps."""
+    interpret = interpreting() if interpret is None else interpret
+    if interpret:
+        return GemmConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    wide = dot_precision(precision=precision).split("_")[0] not in ("bf16", "fp16")  # "_emulated": the GPU's
+    if rows < FEW_ROWS:
+        return GemmConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64 if not wide else 32, GROUP_M=1, num_warps=4,
+                          num_stages=3)
+    return GemmConfig(BLOCK_M=64 if wide else 128, BLOCK_N=128, BLOCK_K=32 if wide else 64, GROUP_M=8,
+                      num_warps=8, num_stages=3)
+
+
+def operand_dtype(precision: str) -> torch.dtype:
+    """The dtype a1 and da1 are stored in: the dots' operand dtype (bfloat16 at "bf16"; float32
+    for "fp32" / "tf32", whose dots round on chip). Under the interpreter bfloat16 is emulated in a
+    float32 buffer (values rounded to bf16 by the kernels)."""
+    dot = dot_precision(precision=precision)
+    if dot == "bf16":
+        return torch.bfloat16
+    if dot == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+def _launch(cfg: GemmConfig):
+    launch = dict(cfg)
+    return launch, launch.pop("num_warps"), launch.pop("num_stages")
+
+
+def first_layer(table: LayerTable, layer0: int, num_layers: int, batch_index, seq_index, context_half, w1_token,
+                precision: str, out: torch.Tensor) -> torch.Tensor:
+    """Layer 1's pre-activation of layers ``layer0 .. layer0 + G - 1`` into ``out`` [G, N, d1]
+    (:func:`operand_dtype`). ``context_half`` float32 [G, B, d1]; ``w1_token`` [d1, H], unit stride
+    along H, in the dots' operand dtype or float32."""
+    num_rows, width = out.shape[1], out.shape[2]
+    hidden = w1_token.shape[1]
+    cfg = gemm_config(num_rows, precision)
+    launch, num_warps, num_stages = _launch(cfg)
+    grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]), num_layers)
+    first_layer_kernel[grid](
+        table.base, table.offsets, table.strides, batch_index, seq_index, context_half,
+        w1_token, w1_token.stride(0), out, layer0, num_rows, context_half.shape[1], hidden, width,
+        CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot_precision(precision=precision),
+        num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return out
+
+
+def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tensor, inv_pairs: float,
+                batch_index, seq_index, out: torch.Tensor, out_strides, precision: str,
+                context=None) -> torch.Tensor:
+    """Write ``da1 @ w1_token * grad_loss * inv_pairs`` of every row to ``out`` at element offset
+    ``g * out_strides[0] + b_n * out_strides[1] + s_n * out_strides[2]`` (H contiguous), in
+    ``out``'s dtype. ``context`` = (float32 grad_context [G, B, H], mask [B, S], inv_count [B])
+    adds each row's context share first (the whole-states route); None leaves it out (the parts
+    route, whose context gradient is returned apart)."""
+    num_layers, num_rows, width = da1.shape
+    hidden = w1_token.shape[1]
+    cfg = gemm_config(num_rows, precision)
+    launch, num_warps, num_stages = _launch(cfg)
+    grad_context, mask, inv_count = context if context is not None else (da1, da1, da1)
+    batch, seq = (mask.shape[0], mask.shape[1]) if context is not None else (1, 1)
+    grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(hidden, cfg["BLOCK_N"]), num_layers)
+    token_grad_kernel[grid](
+        da1, w1_token, w1_token.stride(0), out, *out_strides, batch_index, seq_index,
+        grad_context, mask, inv_count, grad_loss, float(inv_pairs),
+        num_rows, batch, seq, hidden, width,
+        ADD_CONTEXT=context is not None, DOT_PRECISION=dot_precision(precision=precision),
+        num_warps=num_warps, num_stages=num_stages, **launch,
+    )
+    return out
