@@ -24,9 +24,10 @@ the check works with every Triton from 3.6 on:
 
 Exit status 1 when a configuration fails to compile, needs more shared memory than one CTA may have
 (sm_80: 163 KB, sm_90: 227 KB), cannot launch at all (0 CTAs per SM), when ptxas and cuobjdump
-disagree, or when a kernel that must be deterministic has an atomic instruction in its PTX (kernel 1
-and kernel 2's backward with g and the tail frozen: the dispatcher relies on it under
-``torch.use_deterministic_algorithms``). The first line names the Triton version and the ptxas / cuobjdump used per target; the
+disagree, when a kernel that must be deterministic has an atomic instruction in its PTX (kernel 1,
+the GEMM strategy's kernels and kernel 2's backward with g and the tail frozen: the dispatcher relies
+on it under ``torch.use_deterministic_algorithms``), or when a GEMM-strategy kernel with 16-bit dots
+spills. The first line names the Triton version and the ptxas / cuobjdump used per target; the
 last lines give counts and the worst registers / spills / occupancy per target and dtype. Triton's
 own cache (keyed by the kernel source and the ptxas version) makes a second run faster; the ptxas
 report runs every time. Must run without TRITON_INTERPRET (the kernels must be real JIT functions).
@@ -59,6 +60,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from .check_configs import configs
 
 TARGETS = (80, 90)
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -127,75 +130,23 @@ def occupancy(arch: int, registers: int, num_warps: int, shared: int) -> Occupan
     return Occupancy(ctas, limit, by_registers, by_shared, by_threads)
 
 
-# (hidden, dims, [(states dtype, precision)]): the launcher's kernel is fixed by the user's
-# ``precision`` (dots and blocks) and the states' dtype (the token tile's loads). The paper's mapping
-# is built for every pair; the other shapes (which pick the other block branches) for float32 states
-# at the default "fp32" and 16-bit states at "fp32" (the default: tf32x3 dots on widened tiles) and
-# "bf16". "tf32" shares "fp32"'s blocks.
-_EVERY_PAIR = tuple((dtype, precision) for dtype in ("float32", "float16", "bfloat16")
-                    for precision in ("fp32", "tf32", "bf16"))
-_BRANCH_PAIRS = (("float32", "fp32"), ("bfloat16", "fp32"), ("bfloat16", "bf16"))
-BRIDGE_SHAPES = [
-    (4096, (1024, 256, 128), _EVERY_PAIR),  # paper: P2 = 256 -> BLOCK_M 32
-    (1024, (128,), _BRANCH_PAIRS),  # 1 layer
-    (768, (512, 64), _BRANCH_PAIRS),  # 2 layers, P2 = 64 -> BLOCK_M 64, BLOCK_D1 64
-    (4096, (1024, 512, 128), _BRANCH_PAIRS),  # P2 = 512 -> BLOCK_M 16
-    (2048, (512, 256, 128, 64), _BRANCH_PAIRS),  # 4 layers
-]
-QUICK_SHAPES = [(4096, (1024, 256, 128), (("bfloat16", "bf16"),))]
-
-
-def _configs(quick: bool):
-    """Yield (name, kernel name, dtype, constexprs, num_warps, num_stages) to compile."""
-    from .context import context_config
-    from .fused_bridge import bridge_config, dot_precision
-
-    ctx_cfg = context_config(4096, interpret=False)
-    for dtype in ("bfloat16",) if quick else DTYPES:
-        for contiguous in (True,) if quick else (True, False):
-            # GATHER_ROWS: kernel 1 also copies the regularised rows out (the dispatcher's route).
-            for gather in (True,) if quick else (False, True):
-                consts = dict(BLOCK_S=ctx_cfg["BLOCK_S"], BLOCK_H=ctx_cfg["BLOCK_H"],
-                              CONTIGUOUS_H=contiguous, ALIGNED=contiguous, GATHER_ROWS=gather)
-                yield (f"context_fwd {dtype} contiguous_h={contiguous} gather_rows={gather}",
-                       "context_forward_kernel", dtype, consts, ctx_cfg["num_warps"], 2)
-        consts = dict(BLOCK_S=ctx_cfg["BLOCK_S"], BLOCK_H=ctx_cfg["BLOCK_H"])
-        yield (f"context_bwd {dtype}", "context_backward_kernel", dtype, consts, ctx_cfg["bwd_num_warps"], 2)
-    for hidden, dims, pairs in QUICK_SHAPES if quick else BRIDGE_SHAPES:
-        for dtype, precision in pairs:
-            dot = dot_precision(precision=precision)
-            cfg = dict(bridge_config(hidden, dims, interpret=False, precision=precision))
-            num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            consts = dict(cfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot)
-            tag = f"H={hidden} dims={dims} {dtype} precision={precision} ({dot})"
-            yield (f"bridge_fwd {tag} {_blocks(cfg)} w{num_warps}s{num_stages}", "bridge_forward_kernel", dtype,
-                   consts, num_warps, num_stages)
-            flag_sets = [(False, False), (True, True)] if not quick else [(False, False)]
-            for train_mapping, train_tail in flag_sets:
-                bcfg = dict(bridge_config(hidden, dims, interpret=False, train_mapping=train_mapping,
-                                          backward=True, precision=precision))
-                bwarps, bstages = bcfg.pop("num_warps"), bcfg.pop("num_stages")
-                bconsts = dict(bcfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot,
-                               TRAIN_MAPPING=train_mapping, TRAIN_TAIL=train_tail)
-                yield (f"bridge_bwd {tag} {_blocks(bcfg)} w{bwarps}s{bstages} train_mapping={train_mapping} "
-                       f"train_tail={train_tail}", "bridge_backward_kernel", dtype, bconsts, bwarps, bstages)
-    yield ("pair_sum BLOCK_D=128", "pair_sum_kernel", "float32", dict(BLOCK_D=128), 4, 1)
-
-
-def _blocks(cfg: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in cfg.items() if k != "NUM_LINEAR")
-
-
 def _signature(fn, states_dtype: str, constexprs: dict) -> tuple[dict, dict]:
-    """ASTSource signature (Triton >= 3.6): pointer args '*<ty>', ints 'i32'/'i64', floats 'fp32'."""
+    """ASTSource signature (Triton >= 3.6): pointer args '*<ty>', ints 'i32'/'i64', floats 'fp32'.
+
+    The GEMM strategy's a1 / da1 buffers and its W1 copy are in the dots' operand dtype (16 bits at
+    "bf16" / "fp16", else float32); its token gradients (``out_ptr``) in the states' dtype."""
     signature, attrs = {}, {}
     float_args = {"inv_pairs"}
+    operand = {"bf16": "bf16", "fp16": "fp16"}.get(constexprs.get("DOT_PRECISION"), "fp32")
+    gemm = fn.fn.__name__ in ("first_layer_kernel", "token_grad_kernel")
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            if name in ("states_ptr", "grad_states_ptr", "tokens_ptr"):
+            if name in ("states_ptr", "grad_states_ptr", "tokens_ptr") or (gemm and name == "out_ptr"):
                 ty = DTYPES[states_dtype]
+            elif name in ("a1_ptr", "da1_ptr") or (gemm and name == "w1_ptr"):
+                ty = operand
             elif name in ("layer_offsets_ptr", "layer_strides_ptr", "batch_index_ptr", "seq_index_ptr",
                           "targets_ptr"):
                 ty = "i64"
@@ -387,9 +338,10 @@ def _compile_one(job):
     name, kernel_name, dtype, constexprs, num_warps, num_stages, arch = job
     from triton.compiler import ASTSource
 
-    from . import context, fused_bridge
+    from . import context, fused_bridge, layer_gemm, segments
 
-    fn = getattr(context, kernel_name, None) or getattr(fused_bridge, kernel_name)
+    modules = (context, fused_bridge, layer_gemm, segments)
+    fn = next(getattr(m, kernel_name) for m in modules if hasattr(m, kernel_name))
     signature, attrs = _signature(fn, dtype, constexprs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     start = time.time()
@@ -416,6 +368,8 @@ def _compile_one(job):
         error = f"cannot launch: 0 CTAs per SM ({occ.limit})"
     elif atomics and must_be_deterministic(kernel_name, constexprs):
         error = f"{atomics} atomic instructions in a kernel that must be deterministic"
+    elif ptxas.spills and must_not_spill(kernel_name, constexprs):
+        error = f"{ptxas.spills} spill bytes in a GEMM-strategy configuration with 16-bit dots"
     return dict(base, ok=error is None, shared=shared, regs=ptxas.registers, spills=ptxas.spills,
                 warps=num_warps, ctas=occ.ctas, limit=occ.limit, atomics=atomics, seconds=time.time() - start,
                 error=error)
@@ -428,10 +382,17 @@ def count_atomics(ptx: str) -> int:
 
 def must_be_deterministic(kernel_name: str, constexprs: dict) -> bool:
     """Kernels whose results may not depend on the order programs run in: kernel 1 both ways, the
-    pair sum, and kernel 2's backward when it trains neither g nor the tail."""
+    pair sum, the GEMM strategy's layer-1 kernels, and kernel 2's backward when it trains neither g
+    nor the tail."""
     if kernel_name == "bridge_backward_kernel":
         return not constexprs.get("TRAIN_MAPPING") and not constexprs.get("TRAIN_TAIL")
     return True
+
+
+def must_not_spill(kernel_name: str, constexprs: dict) -> bool:
+    """The GEMM strategy's layer-1 kernels with 16-bit dots: their tiles are chosen spill-free."""
+    return kernel_name in ("first_layer_kernel", "token_grad_kernel") and constexprs.get("DOT_PRECISION") in (
+        "bf16", "fp16")
 
 
 def _target_name(arch: int) -> str:
@@ -465,7 +426,7 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
         return 2
     print(_tools_line(), flush=True)
-    jobs = [(*cfg, arch) for arch in TARGETS for cfg in _configs(args.quick)]
+    jobs = [(*cfg, arch) for arch in TARGETS for cfg in configs(args.quick)]
     start = time.time()
     failures = 0
     worst: dict[tuple[int, str, str], dict] = {}

@@ -24,6 +24,8 @@ by one program, consumed by kernel 1's backward), and, when the mapping is train
 (float32 atomics). The tail gradient is a float32 atomic scatter by label. So with g and the tail
 frozen (PET training) the backward uses no atomics and gives the same bits on every run; training g
 or the tail brings the atomics back (the dispatcher knows: see ``deterministic``).
+With ``A1_SAVED`` (the GEMM strategy, :mod:`.layer_gemm`) layer 1's chunks are read from a1 instead of
+computed, and the backward writes da1 over a1 instead of the token rows.
 """
 
 from __future__ import annotations

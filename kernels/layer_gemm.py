@@ -15,8 +15,8 @@ instead, and the rest of g (layers 2..k, the residual, the loss, and their backw
 
 Both launch a grid of (row tiles x column tiles, layers of the group), the row tiles grouped
 (GROUP_M) so that programs running together share their W1 tiles in L2. Block sizes by the rows
-per layer (:func:`gemm_config`): 128 x 128 tiles (64 rows with float32 operands) for many rows; for
-a few dozen rows (the GLUE shapes) 16-row tiles and narrow columns, so that d1 (and H) split over
+per layer and the operand width (:func:`gemm_config`): large spill-free tiles for many rows; for a
+few dozen rows (the GLUE shapes) 16-row tiles and narrow columns, so that d1 (and H) split over
 enough programs to fill the GPU.
 """
 
@@ -40,7 +40,7 @@ __all__ = ["GemmConfig", "gemm_config", "operand_dtype", "first_layer", "token_g
 FEW_ROWS = 256
 
 if triton is not None:
-    from .bridge_chain import dot_acc, first_layer_chunk, operand, stored, token_rows
+    from .bridge_chain import dot_acc, operand, stored, token_rows
 
     @triton.jit
     def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -67,12 +67,29 @@ if triton is not None:
         row_ok = rows < N
         row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
-        c0 = pid_n * BLOCK_N
-        a1 = first_layer_chunk(states_ptr, row_off, stride_h, row_ok, context_half_ptr, (layer * B + b) * D1,
-                               w1_ptr, w1_stride, c0, H, D1, BLOCK_M, BLOCK_K, BLOCK_N, CONTIGUOUS_H, DOT_PRECISION)
-        cols = c0 + tl.arange(0, BLOCK_N)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < D1
+        ks = tl.arange(0, BLOCK_K)
+        # Pointers built once and advanced (the pattern Triton's software pipeliner expects).
+        if CONTIGUOUS_H:
+            x_ptrs = states_ptr + row_off[:, None] + ks[None, :]
+            x_step = BLOCK_K
+        else:
+            x_ptrs = states_ptr + row_off[:, None] + ks.to(tl.int64)[None, :] * stride_h
+            x_step = BLOCK_K * stride_h
+        w_ptrs = w1_ptr + cols.to(tl.int64)[None, :] * w1_stride + ks[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k_ok = k0 + ks < H
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = dot_acc(operand(x, DOT_PRECISION), operand(w, DOT_PRECISION), acc, DOT_PRECISION)
+            x_ptrs += x_step
+            w_ptrs += BLOCK_K
+        ok = row_ok[:, None] & col_ok[None, :]
+        acc += tl.load(context_half_ptr + ((layer * B + b) * D1)[:, None] + cols[None, :], mask=ok, other=0.0)
         out = a1_ptr + (layer * N + rows.to(tl.int64))[:, None] * D1 + cols[None, :]
-        tl.store(out, stored(a1, a1_ptr, DOT_PRECISION), mask=row_ok[:, None] & (cols < D1)[None, :])
+        tl.store(out, stored(acc, a1_ptr, DOT_PRECISION), mask=ok)
 
     @triton.jit
     def token_grad_kernel(
@@ -94,15 +111,17 @@ if triton is not None:
         row_ok = rows < N
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < H
-        da1_rows = (layer * N + rows.to(tl.int64)) * D1
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = da1_ptr + ((layer * N + rows.to(tl.int64)) * D1)[:, None] + ks[None, :]
+        w_ptrs = w1_ptr + ks.to(tl.int64)[:, None] * w1_stride + cols[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D1, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D1
-            da1 = tl.load(da1_ptr + da1_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w1_ptr + ks.to(tl.int64)[:, None] * w1_stride + cols[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            k_ok = k0 + ks < D1
+            da1 = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = dot_acc(operand(da1, DOT_PRECISION), operand(w, DOT_PRECISION), acc, DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * w1_stride
         acc = acc * (tl.load(grad_loss_ptr).to(tl.float32) * inv_pairs)
         b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -119,25 +138,29 @@ class GemmConfig(dict):
     """Launch parameters of the GEMM strategy's kernels (constexprs plus num_warps / num_stages)."""
 
 
-def gemm_config(rows: int, precision: str, interpret: bool | None = None) -> GemmConfig:
-    """Block sizes of :func:`first_layer` and :func:`token_grads`, keyed on the rows per layer and
-    the dots' operand width.
+def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer") -> GemmConfig:
+    """Block sizes of :func:`first_layer` (``kernel="first_layer"``) and :func:`token_grads`
+    (``"token_grad"``), keyed on the rows per layer and the dots' operand width; each choice is the
+    largest tile compile_check found spill-free on sm_80 and sm_90a (kernels/README.md).
 
-    Many rows, 16-bit operands: 128 x 128 tiles, BLOCK_K 64, 3 stages (96 KB of shared memory), 8
-    warps: the tile shape Hopper's wgmma and Ampere's mma need to reach their rates. float32
-    operands (tf32x3 / tf32 dots) take half the rows and BLOCK_K 32 (same shared memory). Fewer
-    than :data:`FEW_ROWS` rows per layer: 16 x 64 tiles and 4 warps, so that the columns give the
-    GPU enough programs (a few dozen rows per layer fill 1-2 row tiles). Under the interpreter every
-    block is 16 so that odd test sizes run several tiles and K steps."""
+    Many rows, 16-bit operands: layer 1 in 128 x 64 tiles (BLOCK_K 64, 8 warps: M a multiple of 64,
+    Hopper's wgmma shape), the token gradient in 32 x 64 tiles (4 warps; 64-row tiles spill
+    36-120 bytes). float32 operands (tf32x3 / tf32 dots take twice the operand registers): 64 x 32
+    tiles, BLOCK_K 32, 4 warps. Fewer than :data:`FEW_ROWS` rows per layer: 16 x 64 tiles, so that
+    the columns give the GPU enough programs (a few dozen rows per layer fill 1-2 row tiles). 3
+    pipeline stages. Under the interpreter every block is 16 so that odd test sizes run several
+    tiles and K steps."""
     interpret = interpreting() if interpret is None else interpret
     if interpret:
         return GemmConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     wide = dot_precision(precision=precision).split("_")[0] not in ("bf16", "fp16")  # "_emulated": the GPU's
     if rows < FEW_ROWS:
-        return GemmConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64 if not wide else 32, GROUP_M=1, num_warps=4,
-                          num_stages=3)
-    return GemmConfig(BLOCK_M=64 if wide else 128, BLOCK_N=128, BLOCK_K=32 if wide else 64, GROUP_M=8,
-                      num_warps=8, num_stages=3)
+        return GemmConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if wide else 64, GROUP_M=1, num_warps=4, num_stages=3)
+    if wide:
+        return GemmConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    if kernel == "token_grad":
+        return GemmConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    return GemmConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def operand_dtype(precision: str) -> torch.dtype:
@@ -186,7 +209,7 @@ def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tens
     route, whose context gradient is returned apart)."""
     num_layers, num_rows, width = da1.shape
     hidden = w1_token.shape[1]
-    cfg = gemm_config(num_rows, precision)
+    cfg = gemm_config(num_rows, precision, kernel="token_grad")
     launch, num_warps, num_stages = _launch(cfg)
     grad_context, mask, inv_count = context if context is not None else (da1, da1, da1)
     batch, seq = (mask.shape[0], mask.shape[1]) if context is not None else (1, 1)

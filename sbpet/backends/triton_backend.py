@@ -106,7 +106,7 @@ def _bridge_backward(
     if strategy == "gemm":
         grad_states = torch.empty((num_states, batch, seq, hidden), dtype=dtype, device=device)
         _, _, out_ws, out_bs, grad_tail = kernel2_backward(
-            *args, _states_bytes(hidden_states), lambda layer: hidden_states[layer][batch_index, seq_index],
+            *args, _states_bytes(hidden_states), lambda layer, start, stop: hidden_states[layer][batch_index[start:stop], seq_index[start:stop]],
             grad_states, (batch * seq * hidden, seq * hidden, hidden), (mask, inv_count),
         )
         return grad_states, out_ws, out_bs, grad_tail
@@ -133,6 +133,7 @@ def _setup_context(ctx, inputs, output):
         precision, strategy = inputs
     _, contexts = output
     ctx.precision, ctx.strategy = precision, strategy
+    ctx.set_materialize_grads(False)  # the contexts output has no gradient: no zeros [L+1, B, H]
     ctx.mark_non_differentiable(contexts)
     ctx.num_states = len(hidden_states)
     ctx.num_linear = len(weights)
@@ -146,6 +147,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_contexts):
+    if grad_loss is None:  # nothing flows back (grads are not materialised)
+        return (None,) * 11
     saved = list(ctx.saved_tensors)
     n, k = ctx.num_states, ctx.num_linear
     hidden_states, saved = saved[:n], saved[n:]

@@ -24,7 +24,7 @@ from ..core.precision import matmul
 
 __all__ = ["GROUP_BUDGET", "layer_groups", "token_weight", "gemm_forward", "gemm_backward"]
 
-GROUP_BUDGET = 0.05  # a group's a1 may take this fraction of the hidden states' bytes
+GROUP_BUDGET = 0.04  # a group's a1 may take this fraction of the hidden states' bytes
 
 _WEIGHTS: dict = {}  # id -> (key, tensor): W1's token half in the operand dtype, one per weight
 
@@ -93,7 +93,8 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
     ``states_context`` = (mask, inv_count) for the whole-states route, where ``out`` is the states'
     gradient [L+1, B, S, H] and kernel 1's backward first writes every token's context share;
     None for the parts route (``out`` [L+1, N, H], the context gradient returned apart).
-    ``rows_of(layer)`` gives that layer's regularised rows [N, H] (for W1's gradient when g trains).
+    ``rows_of(layer, start, stop)`` gives rows start..stop of that layer's regularised rows [N, H]
+    (for W1's gradient when g trains, gathered a chunk at a time within the budget).
     Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
     ``fused_bridge.ChainGrads``)."""
     from ..kernels import context as context_kernels
@@ -126,7 +127,11 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
             share = (grad_contexts[first:end], mask, inv_count)
         layer_gemm.token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out[first:end], out_strides,
                                precision, context=share)
-        if train_mapping:
+        if train_mapping:  # da1^T @ rows, in row chunks within the budget (the rows are gathered)
+            step = max(1, int(GROUP_BUDGET * states_bytes) // (hidden * 4))
             for layer in range(first, end):
-                grads.w1_token += matmul(da1[layer - first].T, rows_of(layer), precision) * scale
+                for start in range(0, num_rows, step):
+                    stop = min(start + step, num_rows)
+                    grads.w1_token += matmul(da1[layer - first, start:stop].T, rows_of(layer, start, stop),
+                                             precision) * scale
     return grad_half, grad_contexts, grads

@@ -152,7 +152,7 @@ def _parts_backward(
     if strategy == "gemm":
         grad_tokens = torch.empty((num_states, num_rows, hidden), dtype=dtype, device=contexts.device)
         _, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(
-            *args, _tokens_bytes(tokens), lambda layer: tokens[layer], grad_tokens, (num_rows * hidden, 0, hidden),
+            *args, _tokens_bytes(tokens), lambda layer, start, stop: tokens[layer][start:stop], grad_tokens, (num_rows * hidden, 0, hidden),
         )
         return grad_contexts, grad_tokens, out_ws, out_bs, grad_tail
     grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args)

@@ -348,17 +348,19 @@ def test_gemm_layer_groups(budget, train_mapping, monkeypatch, device, strategy)
     assert launches == expected * 2  # forward, then the backward's recompute
 
 
-def test_layer_groups_and_configs():
+def test_layer_groups_and_configs(monkeypatch):
     """Group sizes follow the budget; the GPU block sizes switch at FEW_ROWS and by operand width."""
     assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 10**9) == [(0, 5)]
     assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 0) == [(l, l + 1) for l in range(5)]
-    # 320 bytes of a1 per layer; 5% of 12,800 bytes = 640 bytes: two layers per group.
-    assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 12_800) == [(0, 2), (2, 4), (4, 5)]
+    # 320 bytes of a1 per layer; the budget's share of 16,000 bytes = 640 bytes: two layers per group.
+    monkeypatch.setattr(triton_gemm, "GROUP_BUDGET", 0.04)
+    assert triton_gemm.layer_groups(5, 10, 8, torch.float32, 16_000) == [(0, 2), (2, 4), (4, 5)]
     few = layer_gemm.gemm_config(32, "bf16", interpret=False)
     many = layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "bf16", interpret=False)
     wide = layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "fp32", interpret=False)
     assert few["BLOCK_M"] == 16 and many["BLOCK_M"] == 128 and wide["BLOCK_M"] == 64
     assert many["BLOCK_M"] % 64 == 0 and wide["BLOCK_M"] % 64 == 0  # Hopper wgmma tiles
+    assert layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "bf16", interpret=False, kernel="token_grad")["BLOCK_M"] == 32
 
 
 def test_token_weight_cast_once_per_version():
