@@ -98,20 +98,28 @@ def _gemm_configs(quick: bool):
         dot = dot_precision(precision=precision)
         for rows in (FEW_ROWS // 8, FEW_ROWS) if not quick else (FEW_ROWS,):
             for kernel in ("first_layer", "token_grad"):
-                cfg, num_warps, num_stages = _split(gemm_config(rows, precision, interpret=False, kernel=kernel))
-                tag = (f"{dtype} precision={precision} ({dot}) rows={'few' if rows < FEW_ROWS else 'many'} "
-                       f"{blocks(cfg)} w{num_warps}s{num_stages}")
                 both = (dtype, precision) == ("bfloat16", "bf16")
                 if kernel == "first_layer":
                     for contiguous in (True, False) if both else (True,):
+                        cfg, num_warps, num_stages = _split(gemm_config(rows, precision, interpret=False,
+                                                                        contiguous_h=contiguous))
                         consts = dict(cfg, CONTIGUOUS_H=contiguous, ALIGNED=contiguous, DOT_PRECISION=dot)
-                        yield (f"first_layer {tag} contiguous_h={contiguous}", "first_layer_kernel", dtype, consts,
-                               num_warps, num_stages)
+                        yield (f"first_layer {_gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)} "
+                               f"contiguous_h={contiguous}", "first_layer_kernel", dtype, consts, num_warps, num_stages)
                 else:
+                    cfg, num_warps, num_stages = _split(gemm_config(rows, precision, interpret=False, kernel=kernel))
+                    tag = _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)
                     for add_context in (True, False) if both else (True,):
                         consts = dict(cfg, ADD_CONTEXT=add_context, DOT_PRECISION=dot)
                         yield (f"token_grad {tag} add_context={add_context}", "token_grad_kernel", dtype, consts,
                                num_warps, num_stages)
+
+
+def _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages) -> str:
+    from .layer_gemm import FEW_ROWS
+
+    kind = "few" if rows < FEW_ROWS else "many"
+    return f"{dtype} precision={precision} ({dot}) rows={kind} {blocks(cfg)} w{num_warps}s{num_stages}"
 
 
 def configs(quick: bool):

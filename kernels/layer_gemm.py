@@ -138,7 +138,8 @@ class GemmConfig(dict):
     """Launch parameters of the GEMM strategy's kernels (constexprs plus num_warps / num_stages)."""
 
 
-def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer") -> GemmConfig:
+def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer",
+                contiguous_h: bool = True) -> GemmConfig:
     """Block sizes of :func:`first_layer` (``kernel="first_layer"``) and :func:`token_grads`
     (``"token_grad"``), keyed on the rows per layer and the dots' operand width; each choice is the
     largest tile compile_check found spill-free on sm_80 and sm_90a (kernels/README.md).
@@ -148,13 +149,14 @@ def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel
     36-120 bytes). float32 operands (tf32x3 / tf32 dots take twice the operand registers): 64 x 32
     tiles, BLOCK_K 32, 4 warps. Fewer than :data:`FEW_ROWS` rows per layer: 16 x 64 tiles, so that
     the columns give the GPU enough programs (a few dozen rows per layer fill 1-2 row tiles). 3
-    pipeline stages. Under the interpreter every block is 16 so that odd test sizes run several
+    pipeline stages. States with a non-unit H stride (rare: a strided view) take the few-rows tiles
+    for layer 1 (their int64 address arithmetic spills 600 bytes at 128 x 64). Under the interpreter every block is 16 so that odd test sizes run several
     tiles and K steps."""
     interpret = interpreting() if interpret is None else interpret
     if interpret:
         return GemmConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     wide = dot_precision(precision=precision).split("_")[0] not in ("bf16", "fp16")  # "_emulated": the GPU's
-    if rows < FEW_ROWS:
+    if rows < FEW_ROWS or (kernel == "first_layer" and not contiguous_h):
         return GemmConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if wide else 64, GROUP_M=1, num_warps=4, num_stages=3)
     if wide:
         return GemmConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
@@ -187,7 +189,7 @@ def first_layer(table: LayerTable, layer0: int, num_layers: int, batch_index, se
     along H, in the dots' operand dtype or float32."""
     num_rows, width = out.shape[1], out.shape[2]
     hidden = w1_token.shape[1]
-    cfg = gemm_config(num_rows, precision)
+    cfg = gemm_config(num_rows, precision, contiguous_h=table.contiguous_h)
     launch, num_warps, num_stages = _launch(cfg)
     grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]), num_layers)
     first_layer_kernel[grid](

@@ -59,7 +59,7 @@ def _setup(table, num_rows, weights, precision, states_bytes, num_states):
     hidden = weights[0].shape[1] // 2
     width = weights[0].shape[0]
     dtype = layer_gemm.operand_dtype(precision)
-    w1 = token_weight(weights[0], hidden, dtype if dtype != torch.float32 else weights[0].dtype)
+    w1 = token_weight(weights[0], hidden, dtype)
     groups = layer_groups(num_states, num_rows, width, dtype, states_bytes)
     size = max(end - first for first, end in groups)
     buffer = torch.empty((size, num_rows, width), dtype=dtype, device=table.base.device)
