@@ -3,8 +3,11 @@
 - :mod:`.context`: kernel 1, the masked-mean context of every layer (METHOD.md step 1) and its
   one-pass backward into every layer's gradient;
 - :mod:`.fused_bridge`: kernel 2, projection + bridge log-density (METHOD.md steps 2-7), forward and a
-  recomputing backward;
-- :mod:`.compile_check`: compiles every configuration the launchers can choose for sm_80 / sm_90a.
+  recomputing backward (the "fused" strategy, or on the saved a1 for the "gemm" one);
+- :mod:`.layer_gemm`: the "gemm" strategy's layer-1 GEMM and token-gradient GEMM;
+- :mod:`.segments`: the ordered per-sequence sums of the context half's gradient;
+- :mod:`.compile_check`: compiles every configuration the launchers can choose
+  (:mod:`.check_configs`) for sm_80 / sm_90a.
 
 Importing this package never needs triton; the submodules define their kernels only when it is
 installed (``HAS_TRITON``).
