@@ -3,9 +3,10 @@
 - :mod:`.context`: kernel 1, the masked-mean context of every layer (METHOD.md step 1) and its
   one-pass backward into every layer's gradient;
 - :mod:`.fused_bridge`: kernel 2, projection + bridge log-density (METHOD.md steps 2-7), forward and a
-  recomputing backward (the "fused" strategy, or on the saved a1 for the "gemm" one);
+  recomputing backward (the "fused" strategy, or on the saved a1 for the "gemm" one), with its
+  on-chip pieces in :mod:`.bridge_chain` and its blocks in :mod:`.chain_config`;
 - :mod:`.layer_gemm`: the "gemm" strategy's layer-1 GEMM and token-gradient GEMM;
-- :mod:`.segments`: the ordered per-sequence sums of the context half's gradient;
+- :mod:`.segments`: the ordered per-segment sums (the context half per sequence, the tail per label);
 - :mod:`.compile_check`: compiles every configuration the launchers can choose
   (:mod:`.check_configs`) for sm_80 / sm_90a.
 

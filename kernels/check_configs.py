@@ -10,7 +10,8 @@ the other shapes hit every BLOCK_M / BLOCK_D1 / BLOCK_N3 branch of ``bridge_conf
 mapping depth, for float32 states at "fp32" and bfloat16 states at "fp32" (the default) and "bf16";
 both passes (the backward takes narrower chunks), g and the tail frozen or trained. The GEMM
 strategy runs the same kernels on the saved a1 (``A1_SAVED``: no token loads, so one states dtype
-per precision).
+per precision; blocks of their own; the backward only frozen and only where
+``chain_config.saved_chain_fits``, as the GEMM strategy launches it).
 
 The GEMM strategy's layer-1 kernels (``gemm_config``): their blocks depend only on the rows per
 layer (many / few) and the operand width, not on the mapping's widths, so every (states dtype,
@@ -64,7 +65,8 @@ def _context_configs(quick: bool):
 
 
 def _bridge_configs(quick: bool):
-    from .fused_bridge import bridge_config, dot_precision
+    from .chain_config import bridge_config, saved_chain_fits
+    from .fused_bridge import dot_precision
 
     for hidden, dims, pairs in QUICK_SHAPES if quick else BRIDGE_SHAPES:
         saved_done = set()
@@ -74,15 +76,20 @@ def _bridge_configs(quick: bool):
             variants = [False] + ([True] if dot not in saved_done else [])
             saved_done.add(dot)
             for saved in variants:
-                cfg, num_warps, num_stages = _split(bridge_config(hidden, dims, interpret=False, precision=precision))
+                cfg, num_warps, num_stages = _split(bridge_config(hidden, dims, interpret=False, precision=precision,
+                                                                  a1_saved=saved))
                 consts = dict(cfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot, A1_SAVED=saved)
                 tag = f"H={hidden} dims={dims} {dtype} precision={precision} ({dot}) a1_saved={saved}"
                 yield (f"bridge_fwd {tag} {blocks(cfg)} w{num_warps}s{num_stages}", "bridge_forward_kernel",
                        dtype, consts, num_warps, num_stages)
-                for train_mapping, train_tail in [(False, False)] if quick else [(False, False), (True, True)]:
+                # The A1_SAVED backward runs only with g and the tail frozen and a spill-free width.
+                trains = [(False, False)] if quick or saved else [(False, False), (True, True)]
+                if saved and not saved_chain_fits(dims):
+                    trains = []
+                for train_mapping, train_tail in trains:
                     bcfg, bwarps, bstages = _split(bridge_config(hidden, dims, interpret=False,
                                                                  train_mapping=train_mapping, backward=True,
-                                                                 precision=precision))
+                                                                 precision=precision, a1_saved=saved))
                     bconsts = dict(bcfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot,
                                    TRAIN_MAPPING=train_mapping, TRAIN_TAIL=train_tail, A1_SAVED=saved)
                     yield (f"bridge_bwd {tag} {blocks(bcfg)} w{bwarps}s{bstages} train_mapping={train_mapping} "

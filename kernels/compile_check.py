@@ -386,13 +386,14 @@ def must_be_deterministic(kernel_name: str, constexprs: dict) -> bool:
     nor the tail."""
     if kernel_name == "bridge_backward_kernel":
         return not constexprs.get("TRAIN_MAPPING") and not constexprs.get("TRAIN_TAIL")
-    return True
+    return True  # (the GEMM strategy launches kernel 2's backward only frozen: covered above)
 
 
 def must_not_spill(kernel_name: str, constexprs: dict) -> bool:
-    """The GEMM strategy's layer-1 kernels with 16-bit dots: their tiles are chosen spill-free."""
-    return kernel_name in ("first_layer_kernel", "token_grad_kernel") and constexprs.get("DOT_PRECISION") in (
-        "bf16", "fp16")
+    """The GEMM strategy's kernels with 16-bit dots (layer 1's GEMMs and kernel 2 on the saved a1):
+    their blocks are chosen spill-free."""
+    gemm_strategy = kernel_name in ("first_layer_kernel", "token_grad_kernel") or bool(constexprs.get("A1_SAVED"))
+    return gemm_strategy and constexprs.get("DOT_PRECISION") in ("bf16", "fp16")
 
 
 def _target_name(arch: int) -> str:

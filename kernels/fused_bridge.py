@@ -23,7 +23,8 @@ sequence's pairs in order by ``pair_sum_kernel``), the token-state rows (float32
 by one program, consumed by kernel 1's backward), and, when the mapping is trained, the weights
 (float32 atomics). The tail gradient is a float32 atomic scatter by label. So with g and the tail
 frozen (PET training) the backward uses no atomics and gives the same bits on every run; training g
-or the tail brings the atomics back (the dispatcher knows: see ``deterministic``).
+or the tail brings the atomics back (the dispatcher knows: ``dispatch.ATOMIC_CANDIDATES``; the GEMM
+strategy then runs its trained chain in torch instead).
 With ``A1_SAVED`` (the GEMM strategy, :mod:`.layer_gemm`) layer 1's chunks are read from a1 instead of
 computed, and the backward writes da1 over a1 instead of the token rows.
 """
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .bridge_chain import PRECISIONS, dot_precision  # noqa: F401  (re-exported)
+from .chain_config import SAVED_CHAIN_MAX_P2, MAX_LINEAR, BridgeConfig, bridge_config, saved_chain_fits  # noqa: F401
 from . import segments
 from .context import LayerTable, interpreting
 
@@ -50,7 +52,6 @@ __all__ = [
     "PRECISIONS",
 ]
 
-MAX_LINEAR = 4
 
 if triton is not None:
     from .bridge_chain import (
@@ -286,65 +287,6 @@ if triton is not None:
                             dot_acc(tl.trans(da1), x, None, DOT_PRECISION), out_scale, BLOCK_D1, BLOCK_K)
 
 
-class BridgeConfig(dict):
-    """Launch parameters of kernel 2 (a dict of constexprs plus num_warps / num_stages)."""
-
-
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
-
-
-def bridge_config(hidden: int, dims, interpret: bool | None = None, train_mapping: bool = False,
-                  dtype: torch.dtype = torch.float32, backward: bool | None = None,
-                  precision: str | None = None) -> BridgeConfig:
-    """Block sizes of kernel 2, keyed on H, the mapping dims, the states' dtype and the pass.
-
-    On chip a program holds layer 2's [BLOCK_M, P2] pre-activation (twice in the backward: value
-    and gradient, plus gelu(a2)) and, with 4 layers, layer 4's [BLOCK_M, P4]. BLOCK_M bounds these
-    to ~8K float32 values per accumulator (64 rows for widths <= 128, 32 for 256, 16 beyond).
-    BLOCK_D1 / BLOCK_N3 (the layer-1 and layer-3 column chunks) bound the per-chunk tiles and the
-    [BLOCK_D1, P2] / [BLOCK_N3, P2] weight tiles in shared memory: 64 / 32 for P2 <= 64, 32 / 32 up
-    to 256, 16 / 16 beyond. The backward halves both (min 16): it keeps three [M, P2] tensors live
-    across the chunk loops, and with the forward's chunks ptxas spills 0.4-2 KB per thread at the
-    register cap (255 at 8 warps). float32 operands ("fp32" / "tf32"; tf32x3 splits each operand in
-    two, so twice the operand registers) take the backward's chunks in the forward too and half the
-    rows. BLOCK_K = 64 (H step), 8 warps; 2 stages, 1 when the mapping is trained (the
-    weight-gradient tiles need shared memory for their layout changes). Register and spill counts
-    of every choice: ``python -m sbpet.kernels.compile_check`` (table in kernels/README.md).
-    Under the interpreter every block is 16 so that odd test sizes run several chunks of every loop.
-    ``backward`` defaults to ``train_mapping`` for callers that only distinguish the two;
-    ``precision`` (see :func:`dot_precision`) decides the operand width.
-    """
-    dims = tuple(int(d) for d in dims)
-    num_linear = len(dims)
-    if not 1 <= num_linear <= MAX_LINEAR:
-        raise ValueError(f"the triton backend supports 1 to {MAX_LINEAR} Linear layers, got {num_linear}")
-    padded = dims + (1,) * (MAX_LINEAR - num_linear)
-    p2 = _pow2(padded[1]) if num_linear >= 2 else 16
-    p4 = _pow2(padded[3]) if num_linear == 4 else 16
-    interpret = interpreting() if interpret is None else interpret
-    if interpret:
-        return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=16, BLOCK_K=16, BLOCK_D1=16, BLOCK_N3=16,
-                            P2=p2, P4=p4, num_warps=1, num_stages=1)
-    backward = train_mapping if backward is None else backward
-    wide_operands = dot_precision(dtype, precision) not in ("fp16", "bf16")
-    widest = max(p2, p4)
-    block_m = 64 if widest <= 128 else 32 if widest <= 256 else 16
-    if num_linear == 1:
-        block_d1 = min(64, _pow2(dims[0]))
-    else:
-        block_d1 = 64 if p2 <= 64 else 32 if p2 <= 256 else 16
-    block_n3 = 32 if p2 <= 256 else 16
-    if backward or wide_operands:
-        block_d1, block_n3 = max(16, block_d1 // 2), max(16, block_n3 // 2)
-    if wide_operands:
-        block_m = max(16, block_m // 2)
-    block_k = min(64, _pow2(hidden))
-    num_stages = 1 if train_mapping else 2
-    return BridgeConfig(NUM_LINEAR=num_linear, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D1=block_d1,
-                        BLOCK_N3=block_n3, P2=p2, P4=p4, num_warps=8, num_stages=num_stages)
-
-
 def _layer_args(weights, biases):
     """Pointers for W2..W4 / b2..b4 (layer 1's token half is passed apart); absent ones repeat
     layer 1's tensors and are never read (NUM_LINEAR is a constexpr)."""
@@ -393,7 +335,7 @@ def bridge_forward(
     num_rows = batch_index.shape[0]
     dims = _dims(weights)
     dot = dot_precision(precision=precision)
-    cfg = bridge_config(hidden, [w.shape[0] for w in weights], precision=precision)
+    cfg = bridge_config(hidden, [w.shape[0] for w in weights], precision=precision, a1_saved=a1 is not None)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     num_tiles = triton.cdiv(num_rows, cfg["BLOCK_M"])
@@ -467,8 +409,11 @@ def bridge_backward(
     device = tail.device
     dims = _dims(weights)
     dot = dot_precision(precision=precision)
+    if a1 is not None and (train_mapping or train_tail or not saved_chain_fits([w.shape[0] for w in weights])):
+        raise ValueError("the A1_SAVED backward is built for a frozen g and tail and P2 <= "
+                         f"{SAVED_CHAIN_MAX_P2} (the GEMM strategy runs the others in torch)")
     cfg = bridge_config(hidden, [w.shape[0] for w in weights], train_mapping=train_mapping,
-                        backward=True, precision=precision)
+                        backward=True, precision=precision, a1_saved=a1 is not None)
     launch = dict(cfg)
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     f32 = dict(dtype=torch.float32, device=device)

@@ -39,7 +39,7 @@ def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, pre
             mean_coef, variance, precision)
     params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
     runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args), states, params)
-    # training g or the tail makes kernel 2 use atomics (not a deterministic candidate)
+    # training g or the tail makes the fused strategy use atomics (not a deterministic candidate)
     return dispatch.select("loss", backend, states[0].device, key, runners, atomics=flags[1] or flags[2])
 
 

@@ -23,9 +23,11 @@ fails is dropped with a warning. The choice is logged once at INFO (logger ``sbp
 ``SBPET_BACKEND=torch|triton|reference`` (or an explicit ``backend=``) forces a backend; an explicit
 "triton" runs kernel 2's strategy named by ``SBPET_TRITON_STRATEGY`` (default "gemm", see
 :func:`sbpet.backends.triton_host.triton_strategy`).
-Under ``torch.use_deterministic_algorithms(True)`` the Triton kernels are candidates only for calls
-that train neither g nor the tail (PET training): that backward has no atomics and gives the same
-bits every run, while training g or the tail adds float32 atomics to the kernel. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
+Under ``torch.use_deterministic_algorithms(True)`` a call that trains g or the tail leaves out the
+candidates in :data:`ATOMIC_CANDIDATES` (the fused strategy, whose kernel then sums those gradients
+with float32 atomics), logged once; the GEMM strategy sums them in a fixed order and stays, as every
+Triton strategy does for calls that train neither (PET training: no atomics anywhere); the key
+records the mode. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
 counts (ranks see different batches; a collective per new key must be reached by all ranks
 together). During CUDA-graph capture a recorded choice, else the analytic one (torch), is used:
 never a timing.
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "BACKENDS", "ENV_VAR", "TRITON_CANDIDATES", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
+    "ATOMIC_CANDIDATES", "BACKENDS", "ENV_VAR", "TRITON_CANDIDATES", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
     "cuda_event_timer", "runners_for", "shape_key", "fwd_bwd_runner",
 ]
 
@@ -55,6 +57,8 @@ ENV_VAR = "SBPET_BACKEND"
 ANALYTIC_CHOICE = "torch"
 # ``auto``'s Triton candidates for the losses: "triton:<strategy>" runs kernel 2 with that strategy.
 TRITON_CANDIDATES = ("triton:gemm", "triton:fused")
+# Candidates whose backward sums g's or the tail's gradients with float32 atomics when they train.
+ATOMIC_CANDIDATES = ("triton:fused",)
 
 
 @dataclass(frozen=True)
@@ -105,17 +109,24 @@ def _forced_backend() -> str | None:
     return check_backend_name(forced, f"the environment variable {ENV_VAR}")
 
 
-def _triton_candidate(device: torch.device, atomics: bool) -> bool:
+def _triton_candidate(device: torch.device) -> bool:
     try:
-        usable = _triton_module().triton_is_usable(device)
+        return _triton_module().triton_is_usable(device)
     except ImportError:
         return False
-    if usable and atomics and torch.are_deterministic_algorithms_enabled():
-        _log_once(("deterministic", device.type), "auto: training g or the tail makes the Triton kernels "
-                  "use float32 atomics (not deterministic): not a candidate for such calls under "
+
+
+def _deterministic_candidates(candidates: list[str], atomics: bool) -> list[str]:
+    """``candidates`` less :data:`ATOMIC_CANDIDATES` when the call trains g or the tail under
+    ``torch.use_deterministic_algorithms(True)`` (logged once)."""
+    if not (atomics and torch.are_deterministic_algorithms_enabled()):
+        return candidates
+    dropped = [c for c in candidates if c in ATOMIC_CANDIDATES]
+    if dropped:
+        _log_once(("deterministic", *dropped), f"auto: {', '.join(dropped)} sum(s) the gradients of a trained g or "
+                  "tail with float32 atomics (not deterministic): not a candidate for such calls under "
                   "torch.use_deterministic_algorithms(True)")
-        return False
-    return usable
+    return [c for c in candidates if c not in ATOMIC_CANDIDATES]
 
 
 def resolve_backend(backend: str, device: torch.device, atomics: bool = True) -> str:
@@ -123,21 +134,28 @@ def resolve_backend(backend: str, device: torch.device, atomics: bool = True) ->
     will choose among several candidates (CUDA with Triton usable).
 
     ``"auto"`` honours ``SBPET_BACKEND``; on CPU (and wherever Triton cannot run) it is
-    ``"torch"``. ``atomics``: the call trains g or the tail, so Triton would use float32 atomics;
-    such calls leave Triton out under ``torch.use_deterministic_algorithms(True)``. An explicit
-    backend that cannot run on ``device`` raises ValueError (never a silent switch)."""
+    ``"torch"``. ``atomics``: the call trains g or the tail; with an explicit ``"triton"`` whose
+    strategy sums those gradients with atomics (``fused``) under
+    ``torch.use_deterministic_algorithms(True)`` a warning says the result is not deterministic.
+    An explicit backend that cannot run on ``device`` raises ValueError (never a silent switch)."""
     check_backend_name(backend)
     device = torch.device(device)
     if backend == "auto":
         backend = _forced_backend() or "auto"
     if backend == "auto":
-        return "auto" if device.type == "cuda" and _triton_candidate(device, atomics) else "torch"
+        return "auto" if device.type == "cuda" and _triton_candidate(device) else "torch"
     if backend == "triton":
         try:
             module = _triton_module()
         except ImportError as exc:
             raise ValueError(f"backend='triton' needs the triton package: {exc}") from exc
         module.check_triton_available(device)
+        strategy = module.triton_strategy()
+        if atomics and torch.are_deterministic_algorithms_enabled() and f"triton:{strategy}" in ATOMIC_CANDIDATES:
+            warnings.warn(f"sbpet: backend='triton' with the {strategy!r} strategy sums a "
+                          "trained g's or tail's gradients with float32 atomics: not deterministic under "
+                          "torch.use_deterministic_algorithms(True) (the 'gemm' strategy is)", RuntimeWarning,
+                          stacklevel=3)
     return backend
 
 
@@ -231,13 +249,15 @@ def select(op: str, backend: str, device: torch.device, key: tuple, runners: Cal
     ``key`` describes the call (dtype, precision, sizes, grad flags); sizes that vary between
     batches are bucketed here (and dropped under DDP). ``runners(names)`` builds, for the
     candidate names, callables that run the operation forward + backward on the call's inputs.
-    ``atomics``: see :func:`resolve_backend` (False for calls that train neither g nor the tail,
-    and for the capture, whose kernel has no atomics)."""
+    ``atomics``: the call trains g or the tail (False for the capture, whose kernel has no
+    atomics); under deterministic algorithms it leaves out :data:`ATOMIC_CANDIDATES`."""
     name = resolve_backend(backend, device, atomics)
     if name != "auto":
         return get_backend(name)
     candidates = ["torch", "triton"] if op == "capture" else ["torch", *TRITON_CANDIDATES]
-    full_key = (op, str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", *key)
+    candidates = _deterministic_candidates(candidates, atomics)
+    full_key = (op, str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", *key,
+                atomics and torch.are_deterministic_algorithms_enabled())
     return get_backend(selector.choose(full_key, lambda: runners(candidates)))
 
 

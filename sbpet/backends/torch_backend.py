@@ -20,7 +20,10 @@ from torch.nn import functional as F
 from ..core.precision import check_precision, matmul
 from .reference import bridge_loss_from_latents, tail_points
 
-__all__ = ["torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "context_and_tokens", "mapping_from_parts"]
+__all__ = [
+    "torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "chain_backward", "chain_forward", "context_and_tokens",
+    "mapping_from_parts",
+]
 
 # Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
 _UPCAST_CHUNK_ELEMENTS = 1 << 22
@@ -98,6 +101,30 @@ def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.erf(x * 0.7071067811865476).add_(1.0).mul_(0.5).add_(x_pdf)
 
 
+def chain_forward(pre1: torch.Tensor, weights, biases, precision: str):
+    """Layers 2..k of g from layer 1's pre-activation ``pre1`` [..., d1] (METHOD.md step 3):
+    (pre-activations [pre1, a2, ..., ak], GELU outputs [gelu(pre1), ..., gelu(a(k-1))]); ``ak`` is
+    the latent. Every dot at ``precision``."""
+    pre, acts = [pre1], []
+    for w, b in zip(weights[1:], biases[1:]):
+        acts.append(F.gelu(pre[-1]))
+        pre.append(matmul(acts[-1], w.T, precision) + b)
+    return pre, acts
+
+
+def chain_backward(grad: torch.Tensor, pre, acts, weights, precision: str, train: bool):
+    """Backward of :func:`chain_forward` from ``grad`` = d/d latent: (d/d pre1, and with ``train``
+    the float32 (weight, bias) gradients of layers 2..k in order, else []). The weight gradients
+    sum the rows in cuBLAS's fixed order (no atomics)."""
+    layer_grads = []
+    for i in range(len(weights) - 1, 0, -1):
+        if train:
+            rows, act = grad.reshape(-1, grad.shape[-1]), acts[i - 1]
+            layer_grads.append((matmul(rows.T, act.reshape(-1, act.shape[-1]), precision), rows.sum(0)))
+        grad = matmul(grad, weights[i], precision).mul_(_gelu_grad(pre[i - 1]))
+    return grad, layer_grads[::-1]
+
+
 class _Mapping(torch.autograd.Function):
     """METHOD.md step 3 on the parts, every dot at the user's ``precision`` in both passes.
 
@@ -112,11 +139,8 @@ class _Mapping(torch.autograd.Function):
         hidden = contexts.shape[-1]
         w1 = weights[0]
         half = matmul(contexts, w1[:, :hidden].T, precision) + biases[0]
-        pre = [matmul(tokens, w1[:, hidden:].T, precision) + half[:, batch_index]]
-        acts = []
-        for w, b in zip(weights[1:], biases[1:]):
-            acts.append(F.gelu(pre[-1]))
-            pre.append(matmul(acts[-1], w.T, precision) + b)
+        pre, acts = chain_forward(matmul(tokens, w1[:, hidden:].T, precision) + half[:, batch_index], weights,
+                                  biases, precision)
         ctx.precision = precision
         ctx.num_linear = len(weights)
         # The weight gradients need the activations and the token rows; a frozen g (PET training)
@@ -138,12 +162,9 @@ class _Mapping(torch.autograd.Function):
         train = ctx.saved_acts
         grads = [None] * (2 * k)
         grad = grad_latents.to(pre[0].dtype) if pre else grad_latents
-        for i in range(k - 1, 0, -1):
-            if train:
-                rows, act = grad.reshape(-1, grad.shape[-1]), acts[i - 1]
-                grads[2 * i] = matmul(rows.T, act.reshape(-1, act.shape[-1]), precision).to(weights[i].dtype)
-                grads[2 * i + 1] = rows.sum(0).to(weights[i].dtype)
-            grad = matmul(grad, weights[i], precision).mul_(_gelu_grad(pre[i - 1]))
+        grad, layer_grads = chain_backward(grad, pre, acts, weights, precision, train)
+        for i, (grad_w, grad_b) in enumerate(layer_grads, start=1):
+            grads[2 * i], grads[2 * i + 1] = grad_w.to(weights[i].dtype), grad_b.to(weights[i].dtype)
         # Layer 1: grad is d R / d a1 [L+1, N, d1]; its context half gets the rows' sum per sequence.
         hidden = contexts.shape[-1]
         w1 = weights[0]

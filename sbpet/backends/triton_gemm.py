@@ -7,8 +7,11 @@ Forward, per group of layers: a1 = the layer-1 GEMM with the context half in its
 backward turns it into layer 1's gradient da1 in place and reduces the context half's share per
 (tile, sequence) without atomics, then one GEMM writes every regularised row's gradient
 ``da1 @ W1[:, H:]`` with its context share added, once, in the states' dtype (kernel 1's backward has
-written the context share of every other token of the group just before). With a trained g, W1's
-token half gets ``da1^T @ rows`` layer by layer (cuBLAS, fixed order).
+written the context share of every other token of the group just before). When g or the tail
+trains (or the chain is wider than kernel 2's spill-free backward), kernel 2's backward is replaced
+by layers 2..k in torch on the saved a1 (``_TorchChain``), so that every gradient is summed in a
+fixed order without atomics; with a trained g, W1's token half gets ``da1^T @ rows`` layer by layer
+(cuBLAS, fixed order).
 
 Memory: a group holds ``G`` layers of a1 ([G, N, d1] in the dots' operand dtype) and nothing else
 of that size; G is the largest count within :data:`GROUP_BUDGET` of the states' bytes. Nothing of
@@ -25,6 +28,7 @@ from ..core.precision import matmul
 __all__ = ["GROUP_BUDGET", "layer_groups", "token_weight", "gemm_forward", "gemm_backward"]
 
 GROUP_BUDGET = 0.04  # a group's a1 may take this fraction of the hidden states' bytes
+_TEMPORARIES = 10  # float32 [rows, d1]-sized tensors of the torch chain's chunk, counted generously
 
 _WEIGHTS: dict = {}  # id -> (key, tensor): W1's token half in the operand dtype, one per weight
 
@@ -97,8 +101,8 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
     (for W1's gradient when g trains, gathered a chunk at a time within the budget).
     Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
     ``fused_bridge.ChainGrads``)."""
+    from ..kernels import chain_config, fused_bridge, layer_gemm
     from ..kernels import context as context_kernels
-    from ..kernels import fused_bridge, layer_gemm
 
     num_states, batch, hidden = contexts.shape
     num_rows = batch_index.shape[0]
@@ -108,15 +112,22 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
     grad_half = torch.empty_like(half)
     grad_contexts = torch.empty_like(contexts)
     scale = grad_loss * inv_pairs
+    on_chip = not (train_mapping or train_tail) and chain_config.saved_chain_fits([w.shape[0] for w in weights])
+    chain = None if on_chip else _TorchChain(scale, batch, batch_index, targets, weights, biases, tail, mean_coef,
+                                             inv_var, grads, train_mapping, train_tail, precision, states_bytes)
     for first, end in groups:
         size = end - first
         a1 = layer_gemm.first_layer(table, first, size, batch_index, seq_index, half[first:end], w1, precision,
                                     buffer[:size])
-        _, grad_half[first:end], _ = fused_bridge.bridge_backward(
-            grad_loss, inv_pairs, table, size, batch_index, seq_index, targets, half[first:end], weights, biases,
-            tail, mean_coef[first:end], inv_var[first:end], train_mapping, train_tail, precision,
-            a1=a1, layer0=first, grads=grads,
-        )
+        if chain is None:
+            _, grad_half[first:end], _ = fused_bridge.bridge_backward(
+                grad_loss, inv_pairs, table, size, batch_index, seq_index, targets, half[first:end], weights,
+                biases, tail, mean_coef[first:end], inv_var[first:end], False, False, precision,
+                a1=a1, layer0=first, grads=grads,
+            )
+        else:
+            for layer in range(first, end):
+                grad_half[layer] = chain.layer(layer, a1[layer - first])
         da1 = a1  # overwritten in place
         grad_contexts[first:end] = matmul(grad_half[first:end], weights[0][:, :hidden], precision)
         share = None
@@ -128,10 +139,74 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
         layer_gemm.token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out[first:end], out_strides,
                                precision, context=share)
         if train_mapping:  # da1^T @ rows, in row chunks within the budget (the rows are gathered)
-            step = max(1, int(GROUP_BUDGET * states_bytes) // (hidden * 4))
+            step = max(1, int(GROUP_BUDGET * states_bytes) // (4 * hidden * 4))  # a quarter of the budget
             for layer in range(first, end):
                 for start in range(0, num_rows, step):
                     stop = min(start + step, num_rows)
                     grads.w1_token += matmul(da1[layer - first, start:stop].T, rows_of(layer, start, stop),
-                                             precision) * scale
+                                             precision).mul_(scale)
+    if chain is not None:
+        chain.finish()
     return grad_half, grad_contexts, grads
+
+
+class _TorchChain:
+    """Layers 2..k, the residual and their backward in torch on the saved a1, when g or the tail
+    trains or the chain is too wide for kernel 2's spill-free backward
+    (``chain_config.saved_chain_fits``): on the saved a1 (:func:`..torch_backend.chain_forward` / ``chain_backward``: cuBLAS at the user's
+    precision), so that every gradient is summed in a fixed order: W2..Wk and b2..bk by cuBLAS,
+    the context half per sequence and the tail per label by ``segments.sum_pairs`` over sorted rows.
+    Kernel 2 would accumulate them with float32 atomics. A layer's rows go through in chunks whose
+    float32 temporaries (about :data:`_TEMPORARIES` [rows, d1] tensors) stay within the budget."""
+
+    def __init__(self, scale, batch, batch_index, targets, weights, biases, tail, mean_coef, inv_var, grads,
+                 train_mapping, train_tail, precision, states_bytes):
+        self.scale, self.batch, self.batch_index, self.targets = scale, batch, batch_index, targets
+        self.weights, self.biases, self.grads = weights, biases, grads
+        self.mean_coef, self.inv_var = mean_coef, inv_var
+        self.train_mapping, self.train_tail, self.precision = train_mapping, train_tail, precision
+        self.ends = tail[targets].to(torch.float32)
+        self.tail_rows = torch.zeros_like(self.ends) if train_tail else None
+        per_row = _TEMPORARIES * max(w.shape[0] for w in weights) * 4
+        self.step = max(1, int(GROUP_BUDGET * states_bytes) // per_row)
+
+    def layer(self, layer: int, a1: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``a1`` (one layer's [N, d1]) with the unscaled da1; return the layer's float32
+        grad_half [B, d1] (scaled); accumulate the weight and tail gradients."""
+        from ..kernels import segments
+        from . import torch_backend
+
+        grad_half = torch.zeros((self.batch, a1.shape[1]), dtype=torch.float32, device=a1.device)
+        for start in range(0, a1.shape[0], self.step):
+            rows = slice(start, start + self.step)
+            pre, acts = torch_backend.chain_forward(a1[rows].to(torch.float32), self.weights, self.biases,
+                                                    self.precision)
+            dz = (pre[-1] - self.mean_coef[layer] * self.ends[rows]) * self.inv_var[layer]
+            if self.train_tail:
+                self.tail_rows[rows] -= self.mean_coef[layer] * dz
+            da1, layer_grads = torch_backend.chain_backward(dz, pre, acts, self.weights, self.precision,
+                                                            self.train_mapping)
+            for i, (grad_w, grad_b) in enumerate(layer_grads):
+                self.grads.ws[i] += grad_w.mul_(self.scale)
+                self.grads.bs[i] += grad_b.mul_(self.scale)
+            a1[rows] = da1
+            starts = _segment_starts(self.batch_index[rows], self.batch)
+            grad_half += segments.sum_pairs(da1.mul_(self.scale)[None], starts, self.batch)[0]
+        return grad_half
+
+    def finish(self) -> None:
+        """The tail's gradient: every row's share summed per label, rows in order within a label."""
+        from ..kernels import segments
+
+        if self.train_tail:
+            order = torch.argsort(self.targets, stable=True)
+            labels = self.grads.tail.shape[0]
+            self.grads.tail += segments.sum_pairs((self.tail_rows * self.scale)[order][None],
+                                                  _segment_starts(self.targets[order], labels), labels)[0]
+
+
+def _segment_starts(sorted_index: torch.Tensor, count: int) -> torch.Tensor:
+    """int64 [count + 1]: where each value 0..count-1 starts in the sorted ``sorted_index``, then the end."""
+    if sorted_index.shape[0] > 1:
+        torch._assert_async(torch.all(sorted_index[1:] >= sorted_index[:-1]), "rows must come sorted")
+    return torch.searchsorted(sorted_index, torch.arange(count + 1, device=sorted_index.device))

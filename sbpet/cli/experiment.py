@@ -51,7 +51,8 @@ def deterministic_algorithms():
     """Run the block under ``torch.use_deterministic_algorithms(True)``, restoring the previous
     setting afterwards. On the CPU the ops sbpet uses are deterministic anyway; on a GPU cuBLAS is
     asked for its deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, effective when set before
-    CUDA starts), ``auto`` leaves out the Triton kernels (float32 atomics), and an op without a
+    CUDA starts), ``auto`` leaves out the Triton strategy that trains g with float32 atomics
+    (``fused``; see :mod:`sbpet.backends.dispatch`), and an op without a
     deterministic implementation warns instead of stopping the run (``warn_only``)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()

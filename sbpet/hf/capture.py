@@ -359,7 +359,7 @@ class BridgeCapture:
             lambda b, xs: b.loss_from_parts(xs[:num_states], xs[num_states:], *args), [*contexts, *tokens], params
         )
         with torch.autocast(device.type, enabled=False):
-            # training g or the tail makes kernel 2 use atomics (not a deterministic candidate)
+            # training g or the tail makes the fused strategy use atomics (not a deterministic candidate)
             backend = dispatch.select("parts", self.backend, device, key, runners, atomics=any(trains))
             loss = backend.loss_from_parts(contexts, tokens, *args)
         if reg.full_nll and targets.numel():

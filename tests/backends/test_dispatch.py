@@ -7,6 +7,7 @@ made to see several candidates by patching ``resolve_backend``; the candidates s
 
 import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -102,21 +103,57 @@ def test_environment_variable_forces_a_backend(monkeypatch):
         dispatch.resolve_backend("cuda", cpu)
 
 
-def test_deterministic_mode_drops_the_triton_candidate_only_with_atomics(monkeypatch):
-    """Under deterministic algorithms Triton stays a candidate for calls whose backward has no
-    atomics (g and tail frozen: PET training) and leaves for calls that train g or the tail."""
+@pytest.mark.parametrize("atomics", [False, True])
+def test_deterministic_mode_drops_only_the_atomic_strategy(atomics, monkeypatch, caplog):
+    """Under deterministic algorithms a call that trains g or the tail times torch and the GEMM
+    strategy only (the fused strategy's backward sums those gradients with atomics; logged); a
+    call that trains neither keeps every candidate. Without the mode, every candidate."""
     pytest.importorskip("triton")
     from sbpet.backends import triton_backend
 
     monkeypatch.setattr(triton_backend, "triton_is_usable", lambda device: True)
+    monkeypatch.setattr(dispatch, "selector", dispatch.Selector(timer=lambda run: 1.0))
+    monkeypatch.setattr(dispatch, "_logged", set())
     cuda = torch.device("cuda")
-    assert dispatch.resolve_backend("auto", cuda) == "auto"
-    assert dispatch.resolve_backend("auto", cuda, atomics=False) == "auto"
+    offered = []
+
+    def runners(names):
+        offered.append(list(names))
+        return {name: (lambda: None) for name in names}
+
+    every = ["torch", *dispatch.TRITON_CANDIDATES]
+    real = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda b, d, atomics=True: "auto")  # CPU tensors timed
+    cpu = torch.device("cpu")
+    dispatch.select("loss", "auto", cpu, ("k",), runners, atomics=atomics)
     torch.use_deterministic_algorithms(True)
     try:
-        assert dispatch.resolve_backend("auto", cuda) == "torch"  # the default assumes atomics
-        assert dispatch.resolve_backend("auto", cuda, atomics=True) == "torch"
-        assert dispatch.resolve_backend("auto", cuda, atomics=False) == "auto"
+        with caplog.at_level(logging.INFO, logger="sbpet.dispatch"):
+            assert real("auto", cuda, atomics=atomics) == "auto"
+            dispatch.select("loss", "auto", cpu, ("k",), runners, atomics=atomics)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # A call that trains g or the tail is timed again (the mode is part of its key) without fused.
+    kept = [c for c in every if c not in dispatch.ATOMIC_CANDIDATES]
+    assert offered == ([every, kept] if atomics else [every])
+    assert ("not a candidate" in caplog.text) == atomics
+    assert "triton:gemm" in kept and "triton:fused" in dispatch.ATOMIC_CANDIDATES
+
+
+def test_explicit_fused_strategy_warns_under_deterministic_mode(monkeypatch):
+    pytest.importorskip("triton")
+    from sbpet.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "check_triton_available", lambda device: None)
+    monkeypatch.setenv("SBPET_TRITON_STRATEGY", "fused")
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.warns(RuntimeWarning, match="not deterministic"):
+            dispatch.resolve_backend("triton", torch.device("cuda"), atomics=True)
+        monkeypatch.setenv("SBPET_TRITON_STRATEGY", "gemm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dispatch.resolve_backend("triton", torch.device("cuda"), atomics=True)
     finally:
         torch.use_deterministic_algorithms(False)
 

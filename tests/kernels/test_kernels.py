@@ -27,7 +27,7 @@ from helpers import TOLERANCES, assert_close, float64_bridge_loss, make_case  # 
 from sbpet.backends import triton_backend, triton_gemm  # noqa: E402
 from sbpet.backends.triton_host import STRATEGIES, STRATEGY_ENV  # noqa: E402
 from sbpet.kernels import context as context_kernels  # noqa: E402
-from sbpet.kernels import layer_gemm  # noqa: E402
+from sbpet.kernels import fused_bridge, layer_gemm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -182,22 +182,61 @@ def test_tile_sequence_pairs():
 
 
 @pytest.mark.parametrize("train_mapping", [False, True])
-def test_two_runs_give_the_same_bits(train_mapping, device):
+def test_two_runs_give_the_same_bits(train_mapping, device, strategy):
     """The states' gradients never depend on the order programs run in (no atomics reach them);
-    two runs are bitwise equal. With g frozen that is every output (the compile check shows that
-    backward has no atomic at all); a trained g's weight gradients still use atomics and are left
-    out. In the interpreter programs run in turn, so on CPU this guards the reduction's order; on
-    CUDA (gpu_check) it is the real test."""
+    two runs are bitwise equal. With g and the tail frozen that is every output (the compile check
+    shows that backward has no atomic at all); so it is with the GEMM strategy when they train
+    (see test_gemm_trained_backward_launches_no_atomics). The fused strategy's trained g and tail
+    gradients still use atomics and are left out. In the interpreter programs run in turn, so on
+    CPU this guards the reductions' order; on CUDA (gpu_check) it is the real test."""
     case = make_case(num_states=2, batch=3, seq=23, hidden=20, dims=(24, 7), positions_per_seq=23, seed=3,
                      device=device)
-    first = _loss_and_grads("triton", *case, train_mapping=train_mapping, train_tail=False)
-    second = _loss_and_grads("triton", *case, train_mapping=train_mapping, train_tail=False)
+    first = _loss_and_grads("triton", *case, train_mapping=train_mapping, train_tail=train_mapping)
+    second = _loss_and_grads("triton", *case, train_mapping=train_mapping, train_tail=train_mapping)
     assert torch.equal(first[0], second[0])
     for name, grad in first[1].items():
-        if train_mapping and not name.startswith("hidden_states"):
+        if train_mapping and strategy == "fused" and not name.startswith("hidden_states"):
             continue
         assert (grad is None) == (second[1][name] is None), name
         assert grad is None or torch.equal(grad, second[1][name]), name
+
+
+@pytest.mark.parametrize("train_mapping,train_tail", [(True, True), (True, False), (False, True)])
+def test_gemm_trained_backward_launches_no_atomics(train_mapping, train_tail, monkeypatch, device, strategy):
+    """With g or the tail trained, the GEMM strategy runs kernel 2's backward only in its frozen
+    variant (no atomic instruction: compile_check's must_be_deterministic) or not at all: the
+    trained chain's gradients are summed in torch and by the ordered pair sums. The gradients still
+    match the reference."""
+    if strategy != "gemm":
+        pytest.skip("the GEMM strategy's trained backward")
+    launches = []
+    real = fused_bridge.bridge_backward
+
+    def spy(*args, **kwargs):
+        launches.append(args[13:15])  # train_mapping, train_tail
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_bridge, "bridge_backward", spy)
+    case = make_case(num_states=2, batch=3, seq=13, hidden=20, dims=(24, 7, 5), positions_per_seq=9, seed=5,
+                     device=device)
+    _compare(case, "ou", train_mapping=train_mapping, train_tail=train_tail)
+    assert all(flags == (False, False) for flags in launches), launches
+
+
+def test_gemm_wide_chain_backward_runs_in_torch(monkeypatch, device, strategy):
+    """A layer 2 wider than kernel 2's spill-free A1_SAVED backward (P2 > SAVED_CHAIN_MAX_P2) takes
+    the torch chain on the saved a1 even with g frozen; results still match the reference."""
+    if strategy != "gemm":
+        pytest.skip("the GEMM strategy's backward")
+    from sbpet.kernels.chain_config import SAVED_CHAIN_MAX_P2, saved_chain_fits
+
+    dims = (12, SAVED_CHAIN_MAX_P2 + 3, 6)
+    assert not saved_chain_fits(dims) and saved_chain_fits((12, SAVED_CHAIN_MAX_P2, 6))
+    launches = []
+    monkeypatch.setattr(fused_bridge, "bridge_backward", lambda *a, **k: launches.append(a))
+    case = make_case(num_states=2, batch=2, seq=7, hidden=20, dims=dims, positions_per_seq=5, seed=6, device=device)
+    _compare(case, "brownian", train_mapping=False, train_tail=False)
+    assert launches == []
 
 
 def test_strided_views_of_a_stacked_tensor(device):
