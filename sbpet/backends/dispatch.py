@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "ATOMIC_CANDIDATES", "BACKENDS", "ENV_VAR", "TRITON_CANDIDATES", "Backend", "Selector", "get_backend", "resolve_backend", "select", "selector",
+    "ATOMIC_CANDIDATES", "BACKENDS", "ENV_VAR", "TRITON_CANDIDATES", "Backend", "Selector", "get_backend",
+    "resolve_backend", "select", "selector",
     "cuda_event_timer", "runners_for", "shape_key", "fwd_bwd_runner",
 ]
 

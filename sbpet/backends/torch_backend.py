@@ -21,8 +21,8 @@ from ..core.precision import check_precision, matmul
 from .reference import bridge_loss_from_latents, tail_points
 
 __all__ = [
-    "torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "chain_backward", "chain_forward", "context_and_tokens",
-    "mapping_from_parts",
+    "torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "chain_backward", "chain_forward",
+    "context_and_tokens", "mapping_from_parts",
 ]
 
 # Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.

@@ -151,10 +151,10 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
 
 
 class _TorchChain:
-    """Layers 2..k, the residual and their backward in torch on the saved a1, when g or the tail
+    """Layers 2..k, the residual and their backward in torch on the saved a1 (the torch backend's
+    ``chain_forward`` / ``chain_backward``: cuBLAS at the user's precision), when g or the tail
     trains or the chain is too wide for kernel 2's spill-free backward
-    (``chain_config.saved_chain_fits``): on the saved a1 (:func:`..torch_backend.chain_forward` / ``chain_backward``: cuBLAS at the user's
-    precision), so that every gradient is summed in a fixed order: W2..Wk and b2..bk by cuBLAS,
+    (``chain_config.saved_chain_fits``). Every gradient is summed in a fixed order: W2..Wk and b2..bk by cuBLAS,
     the context half per sequence and the tail per label by ``segments.sum_pairs`` over sorted rows.
     Kernel 2 would accumulate them with float32 atomics. A layer's rows go through in chunks whose
     float32 temporaries (about :data:`_TEMPORARIES` [rows, d1] tensors) stay within the budget."""
