@@ -51,6 +51,24 @@ if triton is not None:
         return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
     @triton.jit
+    def tile_product(a_ptrs, a_step, row_ok, b_ptrs, b_step, col_ok, ks, K,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+        """float32 [BLOCK_M, BLOCK_N] = A @ B over K in BLOCK_K steps: ``a_ptrs`` [BLOCK_M, BLOCK_K]
+        and ``b_ptrs`` [BLOCK_K, BLOCK_N] point at the first step and advance by ``a_step`` /
+        ``b_step`` elements per step (pointers advanced through K, as the spill-free tiles need);
+        rows / columns outside ``row_ok`` / ``col_ok`` and K read as 0."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k0 + ks < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = dot_acc(operand(a, DOT_PRECISION), operand(b, DOT_PRECISION), acc, DOT_PRECISION)
+            a_ptrs += a_step
+            b_ptrs += b_step
+        return acc
+
+    @triton.jit
     def first_layer_kernel(
         states_ptr, layer_offsets_ptr, layer_strides_ptr,
         batch_index_ptr, seq_index_ptr,
@@ -78,14 +96,8 @@ if triton is not None:
             x_ptrs = states_ptr + row_off[:, None] + ks.to(tl.int64)[None, :] * stride_h
             x_step = BLOCK_K * stride_h
         w_ptrs = w1_ptr + cols.to(tl.int64)[None, :] * w1_stride + ks[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k_ok = k0 + ks < H
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = dot_acc(operand(x, DOT_PRECISION), operand(w, DOT_PRECISION), acc, DOT_PRECISION)
-            x_ptrs += x_step
-            w_ptrs += BLOCK_K
+        acc = tile_product(x_ptrs, x_step, row_ok, w_ptrs, BLOCK_K, col_ok, ks, H,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         ok = row_ok[:, None] & col_ok[None, :]
         acc += tl.load(context_half_ptr + ((layer * B + b) * D1)[:, None] + cols[None, :], mask=ok, other=0.0)
         out = a1_ptr + (layer * N + rows.to(tl.int64))[:, None] * D1 + cols[None, :]
@@ -114,14 +126,8 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = da1_ptr + ((layer * N + rows.to(tl.int64)) * D1)[:, None] + ks[None, :]
         w_ptrs = w1_ptr + ks.to(tl.int64)[:, None] * w1_stride + cols[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D1, BLOCK_K):
-            k_ok = k0 + ks < D1
-            da1 = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = dot_acc(operand(da1, DOT_PRECISION), operand(w, DOT_PRECISION), acc, DOT_PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * w1_stride
+        acc = tile_product(a_ptrs, BLOCK_K, row_ok, w_ptrs, BLOCK_K * w1_stride, col_ok, ks, D1,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         acc = acc * (tl.load(grad_loss_ptr).to(tl.float32) * inv_pairs)
         b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
