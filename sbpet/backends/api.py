@@ -11,7 +11,7 @@ from ..core.bridges import Bridge, get_bridge
 from .dispatch import BACKENDS, resolve_backend
 from ..core.mapping import BridgeMapping
 from ..core.precision import check_precision
-from ..core.validation import validate_inputs
+from ..core.validation import check_finite_states, validate_inputs
 
 __all__ = ["bridge_loss", "BACKENDS", "resolve_backend", "select_loss_backend"]
 
@@ -119,6 +119,7 @@ def bridge_loss(
         hidden_size=mapping.hidden_size,
         ignore_index=ignore_index,
         shift_labels=shift_labels,
+        check_finite=False,  # below: by the backend from its contexts where it can (no second read)
     )
     device = inputs.hidden_states[0].device
     for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
@@ -129,6 +130,8 @@ def bridge_loss(
     # (and returned) in float32 (float64 states: float64) whether or not the model runs under autocast.
     with torch.autocast(device.type, enabled=False):
         chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
+        if not chosen.checks_finite:
+            check_finite_states(inputs.hidden_states, inputs.attention_mask)
         loss = chosen.loss(
             inputs.hidden_states,
             inputs.attention_mask,
@@ -140,6 +143,7 @@ def bridge_loss(
             mean_coef,
             variance,
             precision,
+            **({"check_finite": True} if chosen.checks_finite else {}),
         )
     if full_nll and inputs.targets.numel():
         log_norm = 0.5 * mapping.latent_size * torch.log(2 * math.pi * variance).mean()

@@ -70,6 +70,10 @@ class Backend:
     loss: Callable
     capture_layer: Callable
     loss_from_parts: Callable
+    # ``loss(..., check_finite=True)`` raises on a non-finite real token itself (from the contexts
+    # it computes anyway: ``sbpet.core.validation.check_finite_contexts``), sparing the caller a
+    # read of every state.
+    checks_finite: bool = False
 
 
 def _triton_module():
@@ -93,7 +97,7 @@ def get_backend(name: str) -> Backend:
         tr = _triton_module()
         strategy = name.partition(":")[2] or None
         return Backend(name, functools.partial(tr.triton_bridge_loss, strategy=strategy), tr.triton_capture_layer,
-                       functools.partial(tr.triton_loss_from_parts, strategy=strategy))
+                       functools.partial(tr.triton_loss_from_parts, strategy=strategy), checks_finite=True)
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 

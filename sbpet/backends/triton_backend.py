@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.validation import check_finite_contexts
 from .triton_host import (  # noqa: F401  (the checks are part of this backend's face)
     check_triton_available, kernel2_backward, kernel2_forward, prepare_states, triton_is_usable, triton_strategy,
     zero_parameter_grads,
@@ -183,19 +184,25 @@ def triton_bridge_loss(
     variance,
     precision="fp32",
     strategy=None,
+    check_finite=False,
 ):
     """The bridge regulariser R with the Triton kernels. Same arguments and result as
     :func:`sbpet.backends.reference.reference_bridge_loss` (float32 scalar; 0 with zero gradients when
     N == 0). Inputs are validated by :func:`sbpet.bridge_loss`. ``strategy``: kernel 2's
-    ("gemm" or "fused"; None: :func:`.triton_host.triton_strategy`).
+    ("gemm" or "fused"; None: :func:`.triton_host.triton_strategy`). ``check_finite``: raise
+    ValueError when a real token's state is not finite, from the contexts kernel 1 computed in its
+    one read of the states (:func:`sbpet.core.validation.check_finite_contexts`: one host sync on
+    [L+1, B, H], no second read of the states), as ``bridge_loss`` asks.
 
     Example (CPU, interpreter):
         >>> # TRITON_INTERPRET=1 python -c "import sbpet; ..."; backend="triton" in sbpet.bridge_loss
     """
     weights = [layer.weight for layer in mapping.layers]
     biases = [layer.bias for layer in mapping.layers]
-    loss, _ = torch.ops.sbpet.triton_bridge_forward(
+    loss, contexts = torch.ops.sbpet.triton_bridge_forward(
         list(hidden_states), attention_mask, batch_index, seq_index, targets, weights, biases, tail,
         mean_coef, variance, precision, triton_strategy(strategy),
     )
+    if check_finite:
+        check_finite_contexts(contexts, list(hidden_states), attention_mask != 0)
     return loss

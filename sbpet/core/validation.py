@@ -3,6 +3,12 @@
 Backends assume valid input: this module checks shapes, dtypes, devices, label ranges and the
 finiteness of the real tokens' states once, with messages that name the argument, and finds the
 regularised positions (the one host synchronisation the loss needs; every value check shares it).
+
+Finiteness costs a read of every state. ``validate_inputs(check_finite=False)`` leaves it out, for
+a caller that checks afterwards: :func:`check_finite_states` (that read, one more host sync) or
+:func:`check_finite_contexts`, which reads only the per-sequence means of the real tokens that a
+backend has computed anyway (a NaN or inf at a real token makes its sequence's mean non-finite;
+Triton's kernel 1 computes them in its one read of the states).
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BridgeInputs", "check_int", "validate_inputs", "shift_labels_left"]
+__all__ = [
+    "BridgeInputs", "check_finite_contexts", "check_finite_states", "check_int", "shift_labels_left",
+    "validate_inputs",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -92,6 +101,7 @@ def validate_inputs(
     hidden_size: int | None = None,
     ignore_index: int = -100,
     shift_labels: bool = False,
+    check_finite: bool = True,
 ) -> BridgeInputs:
     """Check the public inputs and find the regularised positions.
 
@@ -100,7 +110,8 @@ def validate_inputs(
     attention_mask of the wrong shape, type or device, a sequence whose attention mask is all
     zero, labels outside ``[0, vocab_size)`` other than ``ignore_index``, a non-int
     ``ignore_index`` or ``num_layers``, and a NaN or infinity in the states of a real token (mask
-    nonzero; padded positions may hold anything). ``attention_mask=None`` means every token is real.
+    nonzero; padded positions may hold anything; ``check_finite=False`` leaves this check to the
+    caller, see the module docstring). ``attention_mask=None`` means every token is real.
     """
     ignore_index = check_int(ignore_index, "ignore_index")
     if num_layers is not None:
@@ -161,14 +172,7 @@ def validate_inputs(
         labels = shift_labels_left(labels, ignore_index)
     regularised = labels != ignore_index
     real = attention_mask != 0  # boolean from here on: every real token weighs the same
-    with torch.no_grad():
-        # A NaN / inf at a real token would make R (and every gradient) NaN without a word. The sum
-        # of each position's state is not finite then (or when finite values overflow float32,
-        # where R would too): one read of each layer, no temporary of its size, the cheapest
-        # reduction there is. Padded positions are left out: they may hold anything.
-        acc = torch.promote_types(first.dtype, torch.float32)
-        row_sums = torch.stack([h.sum(dim=-1, dtype=acc) for h in states])
-        nonfinite = (real & ~torch.isfinite(row_sums)).sum()
+    nonfinite = _nonfinite_positions(states, real).sum() if check_finite else torch.zeros_like(real.sum())
     # One host sync for all four checks.
     empty_rows, below, above, bad_states = torch.stack(
         [
@@ -190,11 +194,58 @@ def validate_inputs(
             f"found {bad.numel()} outside, e.g. {bad[:5].tolist()}"
         )
     if bad_states:
-        layer, row, pos = (real & ~torch.isfinite(row_sums)).nonzero()[0].tolist()
-        raise ValueError(
-            f"hidden_states are not finite (NaN, inf or too large to sum) at {bad_states} real "
-            f"token(s) (attention_mask nonzero), first at hidden_states[{layer}][{row}, {pos}]: "
-            "R would be NaN or inf"
-        )
+        raise _nonfinite_error(states, real)
     batch_index, seq_index = regularised.nonzero(as_tuple=True)
     return BridgeInputs(states, real, batch_index, seq_index, labels[batch_index, seq_index])
+
+
+def _nonfinite_positions(states: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    """bool [L+1, B, S]: real tokens whose state is not finite. A NaN / inf at a real token would
+    make R (and every gradient) NaN without a word. The sum of each position's state is not finite
+    then (or when finite values overflow float32, where R would too): one read of each layer, no
+    temporary of its size, the cheapest reduction there is. Padded positions are left out: they
+    may hold anything."""
+    with torch.no_grad():
+        acc = torch.promote_types(states[0].dtype, torch.float32)
+        row_sums = torch.stack([h.sum(dim=-1, dtype=acc) for h in states])
+        return real & ~torch.isfinite(row_sums)
+
+
+def _nonfinite_error(states: list[torch.Tensor], real: torch.Tensor) -> ValueError | None:
+    """The error naming the first non-finite real token (None when there is none)."""
+    bad = _nonfinite_positions(states, real)
+    found = bad.nonzero()
+    if found.shape[0] == 0:
+        return None
+    layer, row, pos = found[0].tolist()
+    return ValueError(
+        f"hidden_states are not finite (NaN, inf or too large to sum) at {found.shape[0]} real "
+        f"token(s) (attention_mask nonzero), first at hidden_states[{layer}][{row}, {pos}]: "
+        "R would be NaN or inf"
+    )
+
+
+def check_finite_states(states: list[torch.Tensor], real: torch.Tensor) -> None:
+    """Raise :func:`validate_inputs`' ValueError when a real token's state (``real`` [B, S] bool)
+    is not finite: one read of every state and one host sync."""
+    if bool(_nonfinite_positions(states, real).any()):
+        raise _nonfinite_error(states, real)
+
+
+def check_finite_contexts(contexts: torch.Tensor, states: list[torch.Tensor], real: torch.Tensor) -> None:
+    """The finiteness check from ``contexts`` [L+1, B, H], each sequence's mean state over its real
+    tokens (``real`` [B, S] bool), which a backend computed anyway: one host sync on that small
+    tensor, and the states are read again only to name the culprit. Raises the ValueError of
+    :func:`validate_inputs` (a NaN or inf at a real token makes its sequence's mean non-finite), or
+    one naming the sequence whose mean overflows float32."""
+    bad = ~torch.isfinite(contexts)
+    if not bool(bad.any()):
+        return
+    error = _nonfinite_error(states, real)
+    if error is None:
+        layer, row = bad.any(dim=-1).nonzero()[0].tolist()
+        error = ValueError(
+            f"hidden_states[{layer}][{row}]: the mean over the real tokens (attention_mask nonzero) overflows "
+            "float32: R would be NaN or inf"
+        )
+    raise error

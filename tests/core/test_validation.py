@@ -118,3 +118,30 @@ def test_auto_backend_is_torch_on_cpu():
     from sbpet.backends.api import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_finiteness_from_the_contexts():
+    """check_finite_contexts: silent on finite contexts (however NaN the padding), validation's
+    message for a non-finite real token, the sequence's name when only its mean overflows."""
+    from sbpet.core.validation import check_finite_contexts, check_finite_states
+
+    states = [torch.randn(2, 4, 3) for _ in range(3)]
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()
+    for h in states:
+        h[~real] = float("nan")
+
+    def contexts(xs):
+        return torch.stack([torch.where(real[..., None], h, 0).sum(1) / real.sum(1, keepdim=True) for h in xs])
+
+    check_finite_contexts(contexts(states), states, real)
+    check_finite_states(states, real)
+    bad = [h.clone() for h in states]
+    bad[1][1, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"first at hidden_states\[1\]\[1, 1\]"):
+        check_finite_contexts(contexts(bad), bad, real)
+    with pytest.raises(ValueError, match=r"first at hidden_states\[1\]\[1, 1\]"):
+        check_finite_states(bad, real)
+    overflow = contexts(states)
+    overflow[2, 0, 0] = float("inf")  # the states themselves are finite
+    with pytest.raises(ValueError, match=r"hidden_states\[2\]\[0\]: the mean over the real tokens .* overflows"):
+        check_finite_contexts(overflow, states, real)

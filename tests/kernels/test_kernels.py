@@ -151,6 +151,41 @@ def test_no_position_gives_exact_zero(device):
         assert grad is not None and torch.count_nonzero(grad) == 0, name
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_real_token_is_named_from_the_contexts(value, monkeypatch, device):
+    """bridge_loss with backend="triton" checks finiteness from kernel 1's contexts (no second read
+    of the states): a NaN / inf at a real token raises validation's error naming it; NaN in the
+    padding does not; on valid input the states are never read for the check."""
+    from sbpet.core import validation
+
+    states, labels, mask, mapping, tail = make_case(dims=(24, 7), seed=5, device=device)
+    assert int(mask[1].sum()) < mask.shape[1]
+    for h in states:
+        h[mask == 0] = float("nan")
+    reads = []
+    real_read = validation._nonfinite_positions
+    monkeypatch.setattr(validation, "_nonfinite_positions", lambda *a: reads.append(1) or real_read(*a))
+    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="triton")
+    assert torch.isfinite(loss) and reads == []
+    bad = [h.clone() for h in states]
+    bad[2][1, 3, 5] = value
+    with pytest.raises(ValueError, match=r"not finite .* first at hidden_states\[2\]\[1, 3\]"):
+        sbpet.bridge_loss(bad, labels, mask, mapping, tail, "ou", backend="triton")
+    # The torch backend reads the states for the check (its contexts are not on hand).
+    with pytest.raises(ValueError, match=r"first at hidden_states\[2\]\[1, 3\]"):
+        sbpet.bridge_loss(bad, labels, mask, mapping, tail, "ou", backend="torch")
+    assert reads
+
+
+def test_context_overflow_is_named(device):
+    """Finite states whose mean over a sequence overflows float32 (the row sums do not)."""
+    states, labels, mask, mapping, tail = make_case(dims=(24, 7), seed=5, device=device)
+    states = [h.clone() for h in states]
+    states[1][0, :3, 4] = 3e38
+    with pytest.raises(ValueError, match=r"hidden_states\[1\]\[0\]: the mean over the real tokens"):
+        sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="triton")
+
+
 @pytest.mark.parametrize("train_mapping", [False, True])
 def test_sequences_spanning_tiles(train_mapping, device):
     """Every token regularised (the causal-LM pattern): a sequence's rows span several tiles of
