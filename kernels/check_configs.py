@@ -13,22 +13,22 @@ strategy runs the same kernels on the saved a1 (``A1_SAVED``: no token loads, so
 per precision; blocks of their own; the backward only frozen and only where
 ``chain_config.saved_chain_fits``, as the GEMM strategy launches it).
 
-The GEMM strategy's layer-1 kernels (``gemm_config``): their blocks depend only on the rows per
-layer (many / few) and the operand width, not on the mapping's widths, so every (states dtype,
-precision) pair with both row classes; the token gradient with the context share (whole states) and,
-once, without it (parts).
+The GEMM strategy's layer-1 kernels (``gemm_candidates``: the fixed tile and every tile opt-in
+autotuning may choose): their blocks depend only on the rows per layer (many / few) and the operand
+width, not on the mapping's widths, so every (states dtype, precision) pair with both row classes;
+the token gradient with the context share (whole states) and, once, without it (parts).
 """
 
 from __future__ import annotations
 
-__all__ = ["BRIDGE_SHAPES", "QUICK_SHAPES", "configs", "blocks"]
+__all__ = ["BRIDGE_SHAPES", "EVERY_PAIR", "QUICK_SHAPES", "configs", "blocks"]
 
 # (hidden, dims, [(states dtype, precision)]): "tf32" shares "fp32"'s blocks.
-_EVERY_PAIR = tuple((dtype, precision) for dtype in ("float32", "float16", "bfloat16")
+EVERY_PAIR = tuple((dtype, precision) for dtype in ("float32", "float16", "bfloat16")
                     for precision in ("fp32", "tf32", "bf16"))
 _BRANCH_PAIRS = (("float32", "fp32"), ("bfloat16", "fp32"), ("bfloat16", "bf16"))
 BRIDGE_SHAPES = [
-    (4096, (1024, 256, 128), _EVERY_PAIR),  # paper: P2 = 256 -> BLOCK_M 32
+    (4096, (1024, 256, 128), EVERY_PAIR),  # paper: P2 = 256 -> BLOCK_M 32
     (1024, (128,), _BRANCH_PAIRS),  # 1 layer
     (768, (512, 64), _BRANCH_PAIRS),  # 2 layers, P2 = 64 -> BLOCK_M 64, BLOCK_D1 64
     (4096, (1024, 512, 128), _BRANCH_PAIRS),  # P2 = 512 -> BLOCK_M 16
@@ -98,9 +98,9 @@ def _bridge_configs(quick: bool):
 
 def _gemm_configs(quick: bool):
     from .fused_bridge import dot_precision
-    from .layer_gemm import FEW_ROWS, gemm_config
+    from .layer_gemm import FEW_ROWS
 
-    pairs = (("bfloat16", "bf16"),) if quick else _EVERY_PAIR
+    pairs = (("bfloat16", "bf16"),) if quick else EVERY_PAIR
     for dtype, precision in pairs:
         dot = dot_precision(precision=precision)
         for rows in (FEW_ROWS // 8, FEW_ROWS) if not quick else (FEW_ROWS,):
@@ -108,18 +108,29 @@ def _gemm_configs(quick: bool):
                 both = (dtype, precision) == ("bfloat16", "bf16")
                 if kernel == "first_layer":
                     for contiguous in (True, False) if both else (True,):
-                        cfg, num_warps, num_stages = _split(gemm_config(rows, precision, interpret=False,
-                                                                        contiguous_h=contiguous))
-                        consts = dict(cfg, CONTIGUOUS_H=contiguous, ALIGNED=contiguous, DOT_PRECISION=dot)
-                        yield (f"first_layer {_gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)} "
-                               f"contiguous_h={contiguous}", "first_layer_kernel", dtype, consts, num_warps, num_stages)
+                        for tile in _tiles(rows, precision, kernel, quick, contiguous_h=contiguous):
+                            cfg, num_warps, num_stages = _split(tile)
+                            consts = dict(cfg, CONTIGUOUS_H=contiguous, ALIGNED=contiguous, DOT_PRECISION=dot)
+                            tag = _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)
+                            yield (f"first_layer {tag} contiguous_h={contiguous}", "first_layer_kernel", dtype,
+                                   consts, num_warps, num_stages)
                 else:
-                    cfg, num_warps, num_stages = _split(gemm_config(rows, precision, interpret=False, kernel=kernel))
-                    tag = _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)
-                    for add_context in (True, False) if both else (True,):
-                        consts = dict(cfg, ADD_CONTEXT=add_context, DOT_PRECISION=dot)
-                        yield (f"token_grad {tag} add_context={add_context}", "token_grad_kernel", dtype, consts,
-                               num_warps, num_stages)
+                    for index, tile in enumerate(_tiles(rows, precision, kernel, quick)):
+                        cfg, num_warps, num_stages = _split(tile)
+                        tag = _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)
+                        # The parts route (no context share) with the fixed tile only: same loop.
+                        for add_context in (True, False) if both and index == 0 else (True,):
+                            consts = dict(cfg, ADD_CONTEXT=add_context, DOT_PRECISION=dot)
+                            yield (f"token_grad {tag} add_context={add_context}", "token_grad_kernel", dtype, consts,
+                                   num_warps, num_stages)
+
+
+def _tiles(rows, precision, kernel, quick, contiguous_h=True):
+    """The fixed tile, then (unless ``quick``) every tile autotuning may choose."""
+    from .layer_gemm import gemm_candidates
+
+    tiles = gemm_candidates(rows, precision, interpret=False, kernel=kernel, contiguous_h=contiguous_h)
+    return tiles[:1] if quick else tiles
 
 
 def _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages) -> str:

@@ -34,7 +34,10 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["GemmConfig", "gemm_config", "operand_dtype", "first_layer", "token_grads", "FEW_ROWS"]
+__all__ = [
+    "FEW_ROWS", "KERNELS", "TILES", "GemmConfig", "first_layer", "gemm_candidates", "gemm_config", "operand_dtype",
+    "tile_class", "token_grads",
+]
 
 # Rows per layer below which the few-rows blocks are used.
 FEW_ROWS = 256
@@ -144,31 +147,77 @@ class GemmConfig(dict):
     """Launch parameters of the GEMM strategy's kernels (constexprs plus num_warps / num_stages)."""
 
 
-def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer",
-                contiguous_h: bool = True) -> GemmConfig:
-    """Block sizes of :func:`first_layer` (``kernel="first_layer"``) and :func:`token_grads`
-    (``"token_grad"``), keyed on the rows per layer and the dots' operand width; each choice is the
-    largest tile compile_check found spill-free on sm_80 and sm_90a (kernels/README.md).
+def _config(block_m, block_n, block_k, group_m, num_warps, num_stages) -> GemmConfig:
+    return GemmConfig(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
+                      num_stages=num_stages)
 
-    Many rows, 16-bit operands: layer 1 in 128 x 64 tiles (BLOCK_K 64, 8 warps: M a multiple of 64,
-    Hopper's wgmma shape), the token gradient in 32 x 64 tiles (4 warps; 64-row tiles spill
-    36-120 bytes). float32 operands (tf32x3 / tf32 dots take twice the operand registers): 64 x 32
-    tiles, BLOCK_K 32, 4 warps. Fewer than :data:`FEW_ROWS` rows per layer: 16 x 64 tiles, so that
-    the columns give the GPU enough programs (a few dozen rows per layer fill 1-2 row tiles). 3
-    pipeline stages. States with a non-unit H stride (rare: a strided view) take the few-rows tiles
-    for layer 1 (their int64 address arithmetic spills 600 bytes at 128 x 64). Under the interpreter every block is 16 so that odd test sizes run several
-    tiles and K steps."""
+
+# (kernel, rows class, operand width) -> tiles (M, N, K, GROUP_M, warps, stages): the fixed choice
+# first, then the others that opt-in autotuning (sbpet.backends.gemm_tuning) times. Every tile
+# compiles spill-free on sm_80 and sm_90a with Triton 3.6 and 3.9 (compile_check builds each one,
+# for every states dtype, and fails a GEMM-strategy tile that spills); the many-rows alternatives
+# have M a multiple of 64 (Hopper's wgmma). benchmarks/NOTES.md has the sweep they came from.
+TILES = {
+    ("first_layer", "many", 16): [(128, 64, 64, 8, 8, 3), (128, 64, 64, 8, 8, 4), (64, 64, 64, 8, 8, 3),
+                                  (128, 64, 32, 8, 8, 3), (128, 32, 64, 8, 4, 3), (128, 64, 64, 4, 8, 3)],
+    ("token_grad", "many", 16): [(32, 64, 64, 8, 4, 3), (64, 64, 64, 8, 8, 3), (64, 64, 32, 8, 8, 4)],
+    ("first_layer", "few", 16): [(16, 64, 64, 1, 4, 3), (16, 32, 64, 1, 2, 3), (32, 64, 64, 1, 4, 3),
+                                 (16, 128, 64, 1, 8, 3)],
+    ("token_grad", "few", 16): [(16, 64, 64, 1, 4, 3), (16, 32, 64, 1, 2, 3), (16, 128, 64, 1, 4, 3),
+                                (32, 64, 64, 1, 4, 3)],
+    ("first_layer", "many", 32): [(64, 32, 32, 8, 4, 3), (128, 32, 32, 8, 8, 3), (64, 32, 32, 8, 4, 4)],
+    ("token_grad", "many", 32): [(64, 32, 32, 8, 4, 3), (128, 32, 32, 8, 8, 3), (64, 32, 32, 8, 4, 4),
+                                 (64, 64, 32, 8, 8, 3)],
+    ("first_layer", "few", 32): [(16, 32, 32, 1, 2, 3), (32, 64, 32, 1, 4, 3)],
+    ("token_grad", "few", 32): [(16, 64, 32, 1, 4, 3), (16, 32, 32, 1, 2, 3), (16, 128, 32, 1, 4, 3),
+                                (32, 64, 32, 1, 4, 3)],
+}
+# Under the interpreter: small blocks, so that odd test sizes run several tiles and K steps.
+INTERPRETER_TILES = [(16, 16, 16, 2, 1, 1), (32, 16, 16, 1, 1, 1), (16, 32, 32, 2, 1, 1)]
+KERNELS = ("first_layer", "token_grad")
+
+
+def tile_class(rows: int, precision: str, kernel: str = "first_layer", contiguous_h: bool = True):
+    """The key of :data:`TILES` for a launch: (kernel, "many" / "few", operand bits). States with a
+    non-unit H stride (rare: a strided view) take the few-rows tiles for layer 1 (their int64
+    address arithmetic spills 600 bytes at 128 x 64)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    wide = dot_precision(precision=precision).split("_")[0] not in ("bf16", "fp16")  # "_emulated": the GPU's
+    few = rows < FEW_ROWS or (kernel == "first_layer" and not contiguous_h)
+    return kernel, "few" if few else "many", 32 if wide else 16
+
+
+def gemm_candidates(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer",
+                    contiguous_h: bool = True) -> list[GemmConfig]:
+    """The tiles :func:`first_layer` (``kernel="first_layer"``) or :func:`token_grads`
+    (``"token_grad"``) may run with for ``rows`` rows per layer at ``precision``: the fixed choice
+    (:func:`gemm_config`) first. Strided states get the fixed choice only (no alternative was
+    found spill-free)."""
     interpret = interpreting() if interpret is None else interpret
     if interpret:
-        return GemmConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-    wide = dot_precision(precision=precision).split("_")[0] not in ("bf16", "fp16")  # "_emulated": the GPU's
-    if rows < FEW_ROWS or (kernel == "first_layer" and not contiguous_h):
-        return GemmConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32 if wide else 64, GROUP_M=1, num_warps=4, num_stages=3)
-    if wide:
-        return GemmConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    if kernel == "token_grad":
-        return GemmConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-    return GemmConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return [_config(*tile) for tile in INTERPRETER_TILES]
+    tiles = TILES[tile_class(rows, precision, kernel, contiguous_h)]
+    if kernel == "first_layer" and not contiguous_h:
+        tiles = tiles[:1]
+    return [_config(*tile) for tile in tiles]
+
+
+def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer",
+                contiguous_h: bool = True) -> GemmConfig:
+    """The fixed block sizes of :func:`first_layer` (``kernel="first_layer"``) and
+    :func:`token_grads` (``"token_grad"``), keyed on the rows per layer and the dots' operand width;
+    each is the largest tile compile_check found spill-free on sm_80 and sm_90a (kernels/README.md).
+
+    Many rows, 16-bit operands: layer 1 in 128 x 64 tiles (BLOCK_K 64, 8 warps: M a multiple of 64,
+    Hopper's wgmma shape), the token gradient in 32 x 64 tiles (4 warps; 64-row tiles at 4 warps
+    spill 36-120 bytes). float32 operands (tf32x3 / tf32 dots take twice the operand registers):
+    64 x 32 tiles, BLOCK_K 32, 4 warps. Fewer than :data:`FEW_ROWS` rows per layer: 16-row tiles,
+    64 columns wide (layer 1 at float32 operands: 32 wide, 2 warps; 64 spills 32 bytes on sm_90a
+    with Triton 3.9), so that the columns give the GPU enough programs (a few dozen rows per layer
+    fill 1-2 row tiles). 3 pipeline stages. Under the interpreter every block is 16 so that odd
+    test sizes run several tiles and K steps."""
+    return gemm_candidates(rows, precision, interpret, kernel, contiguous_h)[0]
 
 
 def operand_dtype(precision: str) -> torch.dtype:
@@ -189,13 +238,14 @@ def _launch(cfg: GemmConfig):
 
 
 def first_layer(table: LayerTable, layer0: int, num_layers: int, batch_index, seq_index, context_half, w1_token,
-                precision: str, out: torch.Tensor) -> torch.Tensor:
+                precision: str, out: torch.Tensor, cfg: GemmConfig | None = None) -> torch.Tensor:
     """Layer 1's pre-activation of layers ``layer0 .. layer0 + G - 1`` into ``out`` [G, N, d1]
     (:func:`operand_dtype`). ``context_half`` float32 [G, B, d1]; ``w1_token`` [d1, H], unit stride
-    along H, in the dots' operand dtype or float32."""
+    along H, in the dots' operand dtype or float32. ``cfg``: one of :func:`gemm_candidates` (None:
+    the fixed choice). Writes every element of ``out`` (so a repeated launch is harmless)."""
     num_rows, width = out.shape[1], out.shape[2]
     hidden = w1_token.shape[1]
-    cfg = gemm_config(num_rows, precision, contiguous_h=table.contiguous_h)
+    cfg = cfg or gemm_config(num_rows, precision, contiguous_h=table.contiguous_h)
     launch, num_warps, num_stages = _launch(cfg)
     grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]), num_layers)
     first_layer_kernel[grid](
@@ -209,15 +259,16 @@ def first_layer(table: LayerTable, layer0: int, num_layers: int, batch_index, se
 
 def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tensor, inv_pairs: float,
                 batch_index, seq_index, out: torch.Tensor, out_strides, precision: str,
-                context=None) -> torch.Tensor:
+                context=None, cfg: GemmConfig | None = None) -> torch.Tensor:
     """Write ``da1 @ w1_token * grad_loss * inv_pairs`` of every row to ``out`` at element offset
     ``g * out_strides[0] + b_n * out_strides[1] + s_n * out_strides[2]`` (H contiguous), in
     ``out``'s dtype. ``context`` = (float32 grad_context [G, B, H], mask [B, S], inv_count [B])
     adds each row's context share first (the whole-states route); None leaves it out (the parts
-    route, whose context gradient is returned apart)."""
+    route, whose context gradient is returned apart). ``cfg``: one of :func:`gemm_candidates` (None:
+    the fixed choice). Each row's elements are written, not added to (a repeated launch is harmless)."""
     num_layers, num_rows, width = da1.shape
     hidden = w1_token.shape[1]
-    cfg = gemm_config(num_rows, precision, kernel="token_grad")
+    cfg = cfg or gemm_config(num_rows, precision, kernel="token_grad")
     launch, num_warps, num_stages = _launch(cfg)
     grad_context, mask, inv_count = context if context is not None else (da1, da1, da1)
     batch, seq = (mask.shape[0], mask.shape[1]) if context is not None else (1, 1)

@@ -74,13 +74,13 @@ def gemm_forward(table, num_states, batch_index, seq_index, targets, half, weigh
                  inv_var, precision, states_bytes) -> torch.Tensor:
     """The float32 sum over (layer, row) of the bridge terms (see ``fused_bridge.bridge_forward``,
     same arguments; ``half`` float32 [L+1, B, d1]); N > 0."""
-    from ..kernels import fused_bridge, layer_gemm
+    from ..kernels import fused_bridge
 
     w1, groups, buffer = _setup(table, batch_index.shape[0], weights, precision, states_bytes, num_states)
     total = torch.zeros((), dtype=torch.float32, device=tail.device)
     for first, end in groups:
-        a1 = layer_gemm.first_layer(table, first, end - first, batch_index, seq_index, half[first:end], w1,
-                                    precision, buffer[: end - first])
+        a1 = _first_layer(table, first, end - first, batch_index, seq_index, half[first:end], w1, precision,
+                          buffer[: end - first])
         total = total + fused_bridge.bridge_forward(
             table, end - first, batch_index, seq_index, targets, half[first:end], weights, biases, tail,
             mean_coef[first:end], inv_var[first:end], precision, a1=a1, layer0=first,
@@ -101,7 +101,7 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
     (for W1's gradient when g trains, gathered a chunk at a time within the budget).
     Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
     ``fused_bridge.ChainGrads``)."""
-    from ..kernels import chain_config, fused_bridge, layer_gemm
+    from ..kernels import chain_config, fused_bridge
     from ..kernels import context as context_kernels
 
     num_states, batch, hidden = contexts.shape
@@ -117,8 +117,7 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
                                              inv_var, grads, train_mapping, train_tail, precision, states_bytes)
     for first, end in groups:
         size = end - first
-        a1 = layer_gemm.first_layer(table, first, size, batch_index, seq_index, half[first:end], w1, precision,
-                                    buffer[:size])
+        a1 = _first_layer(table, first, size, batch_index, seq_index, half[first:end], w1, precision, buffer[:size])
         if chain is None:
             _, grad_half[first:end], _ = fused_bridge.bridge_backward(
                 grad_loss, inv_pairs, table, size, batch_index, seq_index, targets, half[first:end], weights,
@@ -136,8 +135,8 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
             context_kernels.context_backward(grad_contexts[first:end], mask, inv_count, batch_index, seq_index,
                                              None, out.dtype, out=out[first:end])
             share = (grad_contexts[first:end], mask, inv_count)
-        layer_gemm.token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out[first:end], out_strides,
-                               precision, context=share)
+        _token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out[first:end], out_strides,
+                     precision, share, table.base.dtype)
         if train_mapping:  # da1^T @ rows, in row chunks within the budget (the rows are gathered)
             step = max(1, int(GROUP_BUDGET * states_bytes) // (4 * hidden * 4))  # a quarter of the budget
             for layer in range(first, end):
@@ -148,6 +147,41 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
     if chain is not None:
         chain.finish()
     return grad_half, grad_contexts, grads
+
+
+def _first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, precision, out):
+    """``layer_gemm.first_layer`` with its tile from :func:`.gemm_tuning.choose`."""
+    from ..kernels import layer_gemm
+    from . import gemm_tuning
+
+    num_rows, width = out.shape[1], out.shape[2]
+    candidates = layer_gemm.gemm_candidates(num_rows, precision, contiguous_h=table.contiguous_h)
+    key = gemm_tuning.tuning_key("first_layer", w1.shape[1], width, table.base.dtype, out.dtype, precision, num_rows,
+                                 table.contiguous_h, out.device)
+
+    def run(cfg):
+        return layer_gemm.first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, precision, out,
+                                      cfg=cfg)
+
+    return run(gemm_tuning.choose(key, candidates, run, out.device))
+
+
+def _token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out, out_strides, precision, context,
+                 states_dtype):
+    """``layer_gemm.token_grads`` with its tile from :func:`.gemm_tuning.choose`."""
+    from ..kernels import layer_gemm
+    from . import gemm_tuning
+
+    num_rows, width = da1.shape[1], da1.shape[2]
+    candidates = layer_gemm.gemm_candidates(num_rows, precision, kernel="token_grad")
+    key = gemm_tuning.tuning_key("token_grad", w1.shape[1], width, states_dtype, da1.dtype, precision, num_rows,
+                                 context is not None, out.device)
+
+    def run(cfg):
+        return layer_gemm.token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out, out_strides,
+                                      precision, context=context, cfg=cfg)
+
+    return run(gemm_tuning.choose(key, candidates, run, out.device))
 
 
 class _TorchChain:

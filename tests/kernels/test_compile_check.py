@@ -200,3 +200,16 @@ def test_ptxas_is_the_one_triton_resolves(tmp_path, monkeypatch, real_triton_lan
     monkeypatch.setenv("TRITON_PTXAS_PATH", str(tmp_path / "missing-ptxas"))
     monkeypatch.delenv("TRITON_PTXAS_BLACKWELL_PATH")
     assert resolve_ptxas(80).path == os.path.join(bundled, "ptxas")
+
+
+def test_which_kernels_must_not_spill():
+    """Layer 1's GEMMs at every precision (every tile autotuning may choose); kernel 2 on the saved
+    a1 with 16-bit dots only; the fused kernel 2 never (its float32 blocks are known to spill)."""
+    from sbpet.kernels.compile_check import must_not_spill
+
+    for dot in ("bf16", "fp16", "tf32", "tf32x3"):
+        assert must_not_spill("first_layer_kernel", dict(DOT_PRECISION=dot))
+        assert must_not_spill("token_grad_kernel", dict(DOT_PRECISION=dot))
+    assert must_not_spill("bridge_backward_kernel", dict(A1_SAVED=True, DOT_PRECISION="bf16"))
+    assert not must_not_spill("bridge_backward_kernel", dict(A1_SAVED=True, DOT_PRECISION="tf32x3"))
+    assert not must_not_spill("bridge_forward_kernel", dict(A1_SAVED=False, DOT_PRECISION="bf16"))
