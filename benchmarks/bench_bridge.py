@@ -41,7 +41,7 @@ def _static_skip(shape_name: str, backend: str, timed: bool) -> str | None:
     """Skips decided by the configuration, before anything runs."""
     tiny = shape_name in suite.TINY_SHAPES
     if DEVICE.type == "cpu":
-        if backend == "triton" and not tiny:
+        if suite.parse_backend(backend)[0] == "triton" and not tiny:
             return "triton on CPU runs under the interpreter: tiny shapes only"
         if backend == "compile" and not timed and os.environ.get("SBPET_BENCH_COMPILE") != "1":
             return "torch.compile on CPU costs ~20 s per case: timed runs only (or SBPET_BENCH_COMPILE=1)"

@@ -99,7 +99,8 @@ def run_benchmarks(suite, device, dtype, shapes, deadline, with_compile: bool, c
     phases run, in table order."""
     results: dict = {}
     phase1 = [b for b in suite.BACKENDS if b != "compile"]
-    plan = [(phase1, pass_) for pass_ in suite.PASSES] if "main" in phases else []
+    # fwd+bwd first: the targets are on it, so a spent budget drops the forward-only rows first.
+    plan = [(phase1, pass_) for pass_ in reversed(suite.PASSES)] if "main" in phases else []
     if "compile" in phases and with_compile:
         plan += [(["compile"], "fwd+bwd"), (["compile"], "fwd")]
     elif "compile" in phases:
@@ -169,6 +170,15 @@ def _dispatch_choices() -> list[dict]:
 
     return [{"key": [str(k) for k in key], "choice": choice, "ms": dispatch.selector.timings.get(key, {})}
             for key, choice in dispatch.selector.choices.items()]
+
+
+def _autotune_choices() -> list[dict]:
+    """The tiles SBPET_AUTOTUNE chose in this process (the ``triton:tuned@bf16`` rows)."""
+    try:
+        from sbpet.backends import gemm_tuning
+    except ImportError:
+        return []
+    return [{"key": [str(k) for k in key], "tile": tile} for key, tile in gemm_tuning.choices().items()]
 
 
 def _dispatch_table(choices: list[dict]) -> str:
@@ -263,13 +273,14 @@ def main(argv=None) -> int:
     data = {"environment": env, "ceilings": ceilings, "targets": suite.TARGETS, "tests": tests,
             "shapes": {s: suite.shape_record(suite.SHAPES[s]) for s in shapes},
             "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1), "results": results,
-            "train_step": train, "dispatch": _dispatch_choices()}
+            "train_step": train, "dispatch": _dispatch_choices(), "autotune": _autotune_choices()}
     stem = ("dryrun-" if args.dry_run else "") + f"{slug(env.get('device') or device.type)}-{env['date']}"
     json_path = os.path.join(args.outdir, stem + ".json")
     md_path = os.path.join(args.outdir, stem + ".md")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, default=str)
     table = report.render(*report.load_records(data)) + _dispatch_table(data["dispatch"])
+    table += "".join(f"autotune: {' '.join(c['key'])} -> {c['tile']}\n" for c in data["autotune"])
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(table)
     _say(f"wrote {json_path} and {md_path} in {data['elapsed_s']} s")

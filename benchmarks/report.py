@@ -136,6 +136,10 @@ def render(records: list[dict], meta: dict) -> str:
                 if pass_ == "fwd+bwd":
                     summary.extend(_targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac,
                                                 vs_paper))
+                    if backend == "triton@bf16":  # issue 11: against torch at the same precision
+                        torch_same = median(group.get("torch@bf16"))
+                        summary.extend(_kernel_targets(targets, shape, vs_paper,
+                                                       torch_same / m if m and torch_same else None, frac))
     if summary:
         lines += ["", "Targets (fwd+bwd; shown, never asserted):", ""] + summary
     if skipped:
@@ -149,12 +153,29 @@ def render(records: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _mark(value, target, higher=True):
+    if value is None or target is None:
+        return "not measured"
+    ok = value >= target if higher else value <= target
+    return "met" if ok else "missed"
+
+
+def _kernel_targets(targets, shape, vs_paper, vs_torch, frac) -> list[str]:
+    """Issue 11's targets for ``triton@bf16`` (bf16 states, g's products at precision bf16)."""
+    table = (targets or {}).get("kernel2_bf16") or {}
+    parts = []
+    for label, key, value in (("vs paper", "vs_paper", vs_paper), ("vs torch@bf16", "vs_torch", vs_torch)):
+        target = (table.get(key) or {}).get(shape)
+        if target is not None:
+            parts.append(f"{label} >= {target}x: {_fmt_ratio(value)} ({_mark(value, target)})")
+    if table.get("floor_fraction") is not None:
+        tf = table["floor_fraction"]
+        parts.append(f">= {tf:.0%} of floor: {'-' if frac is None else f'{frac:.0%}'} ({_mark(frac, tf)})")
+    return [f"- {shape}: triton@bf16 " + "; ".join(parts)] if parts else []
+
+
 def _targets_met(targets, shape, backend, r, vs_eager, vs_compile, mem_ratio, frac, vs_paper=None):
-    def mark(value, target, higher=True):
-        if value is None or target is None:
-            return "not measured"
-        ok = value >= target if higher else value <= target
-        return "met" if ok else "missed"
+    mark = _mark
 
     out = []
     if backend == "torch":

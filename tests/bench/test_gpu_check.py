@@ -31,7 +31,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
     assert data["tests"]["returncode"] == 0 and data["tests"]["tests"] == 1, data["tests"]
     by_backend = {(r["pass"], r["backend"]): r for r in data["results"]}
-    backends = ("paper", "reference", "compile", "torch", "triton", "auto")
+    backends = ("paper", "reference", "compile", "torch", "triton", "auto", "torch@bf16", "triton@bf16",
+                "triton:fused@bf16", "triton:tuned@bf16")
     assert set(by_backend) == {(p, b) for p in ("fwd", "fwd+bwd") for b in backends}
     for pass_ in ("fwd", "fwd+bwd"):
         for backend in ("paper", "reference", "torch"):
@@ -43,6 +44,10 @@ def test_gpu_check_dry_run(tmp_path):
         assert triton["status"] == "ok" or triton["reason"], triton
         assert by_backend[(pass_, "compile")]["status"] == "skipped"
         assert by_backend[(pass_, "auto")]["status"] == "skipped"  # on CPU auto is torch
+        bf16 = by_backend[(pass_, "torch@bf16")]  # precision "bf16": a looser check, still a check
+        assert bf16["status"] == "ok" and 0 < bf16["check_error"] <= 5e-2, bf16
+        if by_backend[(pass_, "triton:tuned@bf16")]["status"] == "ok":
+            assert data["autotune"] and all(c["tile"]["BLOCK_M"] > 0 for c in data["autotune"]), data["autotune"]
     if proc.returncode == 1:
         assert any(by_backend[(p, "triton")]["status"] in ("error", "wrong") for p in ("fwd", "fwd+bwd")), out[-4000:]
     train = {(r["config"], r["variant"]): r for r in data["train_step"]}
