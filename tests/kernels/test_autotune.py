@@ -33,13 +33,13 @@ def fresh(monkeypatch):
     gemm_tuning.clear()
 
 
-def _run(case, train=True):
+def _run(case, train=True, backend="triton"):
     states, labels, mask, mapping, tail = case
     states = [h.detach().clone().requires_grad_(True) for h in states]
     tail = tail.detach().clone().requires_grad_(train)
     mapping.zero_grad(set_to_none=True)
     mapping.requires_grad_(train)
-    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="triton")
+    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend=backend)
     loss.backward()
     grads = [h.grad for h in states] + [p.grad.clone() for p in mapping.parameters() if p.grad is not None]
     return loss.detach(), grads
@@ -83,7 +83,7 @@ def test_tuned_run_matches_the_reference_and_repeats_bitwise(monkeypatch, caplog
     assert all(cfg in candidates for cfg in chosen.values())
     assert all(key[6] == 64 for key in chosen)  # 40 rows per layer -> 64
     assert sum("autotune" in r.getMessage() for r in caplog.records) == len(chosen)
-    ref_loss, ref_grads = _run_reference(case)
+    ref_loss, ref_grads = _run(case, backend="reference")
     assert_close(loss, ref_loss)
     for got, want in zip(grads, ref_grads):
         assert_close(got, want)
@@ -96,17 +96,6 @@ def test_tuned_run_matches_the_reference_and_repeats_bitwise(monkeypatch, caplog
     assert all(torch.equal(a, b) for a, b in zip(again_grads, grads))
 
 
-def _run_reference(case):
-    states, labels, mask, mapping, tail = case
-    states = [h.detach().clone().requires_grad_(True) for h in states]
-    tail = tail.detach().clone().requires_grad_(True)
-    mapping.zero_grad(set_to_none=True)
-    mapping.requires_grad_(True)
-    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="reference")
-    loss.backward()
-    return loss.detach(), [h.grad for h in states] + [p.grad.clone() for p in mapping.parameters()]
-
-
 @pytest.mark.parametrize("cfg_index", [0, 1, 2])
 def test_every_interpreter_tile_is_right(cfg_index, monkeypatch):
     """Each tile the tuner may pick gives the reference's gradients (a tile always chosen first
@@ -117,7 +106,7 @@ def test_every_interpreter_tile_is_right(cfg_index, monkeypatch):
     case = _case()
     loss, grads = _run(case)
     assert all(cfg == pick for cfg in gemm_tuning.choices().values())
-    ref_loss, ref_grads = _run_reference(case)
+    ref_loss, ref_grads = _run(case, backend="reference")
     assert_close(loss, ref_loss)
     for got, want in zip(grads, ref_grads):
         assert_close(got, want)
