@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
 
 __all__ = [
-    "FEW_ROWS", "KERNELS", "TILES", "GemmConfig", "first_layer", "gemm_candidates", "gemm_config", "operand_dtype",
+    "FEW_ROWS", "KERNELS", "STRIDED_TILES", "TILES", "GemmConfig", "first_layer", "gemm_candidates", "gemm_config", "operand_dtype",
     "tile_class", "token_grads",
 ]
 
@@ -172,35 +172,36 @@ TILES = {
     ("token_grad", "few", 32): [(16, 64, 32, 1, 4, 3), (16, 32, 32, 1, 2, 3), (16, 128, 32, 1, 4, 3),
                                 (32, 64, 32, 1, 4, 3)],
 }
+# Layer 1 on states with a non-unit H stride (a strided view; rare), by operand width: their int64
+# address arithmetic spills at the tiles above (600 bytes at 128 x 64 x 64, 40 at 16 x 32 x 32 with
+# 2 warps on sm_90a); these are spill-free for every states dtype on both targets, Triton 3.6 and 3.9.
+STRIDED_TILES = {16: (16, 64, 64, 1, 4, 3), 32: (16, 32, 16, 1, 2, 3)}
 # Under the interpreter: small blocks, so that odd test sizes run several tiles and K steps.
 INTERPRETER_TILES = [(16, 16, 16, 2, 1, 1), (32, 16, 16, 1, 1, 1), (16, 32, 32, 2, 1, 1)]
 KERNELS = ("first_layer", "token_grad")
 
 
-def tile_class(rows: int, precision: str, kernel: str = "first_layer", contiguous_h: bool = True):
-    """The key of :data:`TILES` for a launch: (kernel, "many" / "few", operand bits). States with a
-    non-unit H stride (rare: a strided view) take the few-rows tiles for layer 1 (their int64
-    address arithmetic spills 600 bytes at 128 x 64)."""
+def tile_class(rows: int, precision: str, kernel: str = "first_layer"):
+    """The key of :data:`TILES` for a launch: (kernel, "many" / "few", operand bits)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     wide = dot_precision(precision=precision).split("_")[0] not in ("bf16", "fp16")  # "_emulated": the GPU's
-    few = rows < FEW_ROWS or (kernel == "first_layer" and not contiguous_h)
-    return kernel, "few" if few else "many", 32 if wide else 16
+    return kernel, "few" if rows < FEW_ROWS else "many", 32 if wide else 16
 
 
 def gemm_candidates(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer",
                     contiguous_h: bool = True) -> list[GemmConfig]:
     """The tiles :func:`first_layer` (``kernel="first_layer"``) or :func:`token_grads`
     (``"token_grad"``) may run with for ``rows`` rows per layer at ``precision``: the fixed choice
-    (:func:`gemm_config`) first. Strided states get the fixed choice only (no alternative was
-    found spill-free)."""
+    (:func:`gemm_config`) first. Layer 1 on strided states (``contiguous_h=False``) has one tile,
+    :data:`STRIDED_TILES`."""
     interpret = interpreting() if interpret is None else interpret
     if interpret:
         return [_config(*tile) for tile in INTERPRETER_TILES]
-    tiles = TILES[tile_class(rows, precision, kernel, contiguous_h)]
+    kernel, rows_class, width = tile_class(rows, precision, kernel)
     if kernel == "first_layer" and not contiguous_h:
-        tiles = tiles[:1]
-    return [_config(*tile) for tile in tiles]
+        return [_config(*STRIDED_TILES[width])]
+    return [_config(*tile) for tile in TILES[kernel, rows_class, width]]
 
 
 def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel: str = "first_layer",
@@ -215,8 +216,8 @@ def gemm_config(rows: int, precision: str, interpret: bool | None = None, kernel
     64 x 32 tiles, BLOCK_K 32, 4 warps. Fewer than :data:`FEW_ROWS` rows per layer: 16-row tiles,
     64 columns wide (layer 1 at float32 operands: 32 wide, 2 warps; 64 spills 32 bytes on sm_90a
     with Triton 3.9), so that the columns give the GPU enough programs (a few dozen rows per layer
-    fill 1-2 row tiles). 3 pipeline stages. Under the interpreter every block is 16 so that odd
-    test sizes run several tiles and K steps."""
+    fill 1-2 row tiles). 3 pipeline stages. Strided states: :data:`STRIDED_TILES`. Under the
+    interpreter every block is 16 so that odd test sizes run several tiles and K steps."""
     return gemm_candidates(rows, precision, interpret, kernel, contiguous_h)[0]
 
 

@@ -186,6 +186,8 @@ def test_tile_tables():
         assert len(set(tiles)) == len(tiles)
         if rows == "many":
             assert all(tile[0] % 64 == 0 for tile in tiles[1:]), (kernel, width)
-    assert len(layer_gemm.gemm_candidates(layer_gemm.FEW_ROWS, "bf16", interpret=False, contiguous_h=False)) == 1
+    for precision, width in (("bf16", 16), ("fp32", 32)):
+        strided = layer_gemm.gemm_candidates(layer_gemm.FEW_ROWS, precision, interpret=False, contiguous_h=False)
+        assert [tuple(cfg.values()) for cfg in strided] == [layer_gemm.STRIDED_TILES[width]]
     with pytest.raises(ValueError, match="kernel"):
         layer_gemm.tile_class(32, "bf16", "bridge")

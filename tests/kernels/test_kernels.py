@@ -436,6 +436,7 @@ def test_layer_groups_and_configs(monkeypatch):
     assert many["BLOCK_M"] % 64 == 0 and wide["BLOCK_M"] % 64 == 0  # Hopper wgmma tiles
     assert layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "bf16", interpret=False, kernel="token_grad")["BLOCK_M"] == 32
     assert layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "bf16", interpret=False, contiguous_h=False) == few
+    assert layer_gemm.gemm_config(layer_gemm.FEW_ROWS, "fp32", interpret=False, contiguous_h=False)["BLOCK_K"] == 16
 
 
 def test_token_weight_cast_once_per_version():
