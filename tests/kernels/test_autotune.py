@@ -137,9 +137,9 @@ def test_a_failing_tile_is_left_out_with_a_warning(monkeypatch):
             raise RuntimeError("out of shared memory")
 
     with pytest.warns(RuntimeWarning, match="out of shared memory"):
-        assert gemm_tuning.choose(("k",), candidates, run, torch.device("cpu")) == candidates[1]
+        assert gemm_tuning.choose(lambda: ("k",), candidates, run, torch.device("cpu")) == candidates[1]
     with pytest.raises(RuntimeError, match="no tile"), pytest.warns(RuntimeWarning):
-        gemm_tuning.choose(("j",), candidates[:1] * 2, run, torch.device("cpu"))
+        gemm_tuning.choose(lambda: ("j",), candidates[:1] * 2, run, torch.device("cpu"))
 
 
 def test_bad_switch_value_is_refused(monkeypatch):
@@ -191,3 +191,25 @@ def test_tile_tables():
         assert [tuple(cfg.values()) for cfg in strided] == [layer_gemm.STRIDED_TILES[width]]
     with pytest.raises(ValueError, match="kernel"):
         layer_gemm.tile_class(32, "bf16", "bridge")
+
+
+def test_parts_route_is_tuned_too(monkeypatch):
+    """The hooks' route (capture per layer, then the loss from the parts: BridgeTrainer,
+    fit_mapping) reaches the same tuner: its token gradient runs without the context share."""
+    from sbpet.backends import dispatch
+
+    monkeypatch.setenv(gemm_tuning.AUTOTUNE_ENV, "1")
+    states, labels, mask, mapping, tail = _case()
+    backend = dispatch.get_backend("triton")
+    batch_index, seq_index = (labels != -100).nonzero(as_tuple=True)
+    leaves = [h.detach().clone().requires_grad_(True) for h in states]
+    parts = [backend.capture_layer(h, mask, batch_index, seq_index) for h in leaves]
+    from sbpet.core.bridges import get_bridge
+
+    mean_coef, variance = get_bridge("ou").marginals(len(states))
+    loss = backend.loss_from_parts([c for c, _ in parts], [t for _, t in parts], batch_index,
+                                   labels[batch_index, seq_index], mapping, tail, mean_coef, variance)
+    loss.backward()
+    chosen = gemm_tuning.choices()
+    assert {(key[0], key[7]) for key in chosen} == {("first_layer", True), ("token_grad", False)}, chosen
+    assert all(leaf.grad is not None for leaf in leaves)

@@ -166,11 +166,16 @@ def test_non_finite_real_token_is_named_from_the_contexts(value, monkeypatch, de
     real_read = validation._nonfinite_positions
     monkeypatch.setattr(validation, "_nonfinite_positions", lambda *a: reads.append(1) or real_read(*a))
     loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, "ou", backend="triton")
-    assert torch.isfinite(loss) and reads == []
+    reg = sbpet.BridgeRegularizer(states[0].shape[-1], len(states) - 1, dims=(24, 7), tail=tail, bridge="ou",
+                                  backend="triton")
+    assert torch.isfinite(loss) and torch.isfinite(reg(states, labels, mask)) and reads == []
     bad = [h.clone() for h in states]
     bad[2][1, 3, 5] = value
     with pytest.raises(ValueError, match=r"not finite .* first at hidden_states\[2\]\[1, 3\]"):
         sbpet.bridge_loss(bad, labels, mask, mapping, tail, "ou", backend="triton")
+    # The module route goes through the same check.
+    with pytest.raises(ValueError, match=r"first at hidden_states\[2\]\[1, 3\]"):
+        reg(bad, labels, mask)
     # The torch backend reads the states for the check (its contexts are not on hand).
     with pytest.raises(ValueError, match=r"first at hidden_states\[2\]\[1, 3\]"):
         sbpet.bridge_loss(bad, labels, mask, mapping, tail, "ou", backend="torch")
