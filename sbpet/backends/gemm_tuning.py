@@ -74,13 +74,16 @@ def clear() -> None:
     _CHOICES.clear()
 
 
-def choose(key: tuple, candidates: list[dict], run: Callable[[dict], object], device: torch.device) -> dict:
+def choose(make_key: Callable[[], tuple], candidates: list[dict], run: Callable[[dict], object],
+           device: torch.device) -> dict:
     """The tile to launch with: ``candidates[0]`` (the fixed choice) unless tuning is on; then the
-    recorded choice for ``key``, else the fastest candidate of ``run(cfg)`` (each launched once to
-    compile, then :data:`REPEATS` times under the clock). A candidate that fails to launch (a GPU
+    recorded choice for ``make_key()`` (built only then: this runs on every launch), else the
+    fastest candidate of ``run(cfg)`` (each launched once to compile, then :data:`REPEATS` times
+    under the clock). A candidate that fails to launch (a GPU
     with less shared memory than sm_80 / sm_90a, say) is dropped with a warning."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
+    key = make_key()
     if key in _CHOICES:
         return _CHOICES[key]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -156,8 +156,10 @@ def _first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, pr
 
     num_rows, width = out.shape[1], out.shape[2]
     candidates = layer_gemm.gemm_candidates(num_rows, precision, contiguous_h=table.contiguous_h)
-    key = gemm_tuning.tuning_key("first_layer", w1.shape[1], width, table.base.dtype, out.dtype, precision, num_rows,
-                                 table.contiguous_h, out.device)
+
+    def key():
+        return gemm_tuning.tuning_key("first_layer", w1.shape[1], width, table.base.dtype, out.dtype, precision,
+                                      num_rows, table.contiguous_h, out.device)
 
     def run(cfg):
         return layer_gemm.first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, precision, out,
@@ -174,8 +176,10 @@ def _token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out, out
 
     num_rows, width = da1.shape[1], da1.shape[2]
     candidates = layer_gemm.gemm_candidates(num_rows, precision, kernel="token_grad")
-    key = gemm_tuning.tuning_key("token_grad", w1.shape[1], width, states_dtype, da1.dtype, precision, num_rows,
-                                 context is not None, out.device)
+
+    def key():
+        return gemm_tuning.tuning_key("token_grad", w1.shape[1], width, states_dtype, da1.dtype, precision, num_rows,
+                                      context is not None, out.device)
 
     def run(cfg):
         return layer_gemm.token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out, out_strides,
