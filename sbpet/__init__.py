@@ -43,6 +43,7 @@ _LAZY = {
     "causal_lm_bridge_labels": "hf.capture",
     "align_to_states": "hf.capture",
     "apply_bitfit": "hf.peft_utils",
+    "enable_prefix_tuning": "hf.prefix",
 }
 
 

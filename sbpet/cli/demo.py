@@ -283,10 +283,15 @@ class PromptClassifier(nn.Module):
 
 def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
     """Wrap a BertModel with a PET method: ``lora`` (r=8 on query/value), ``prompt`` (10 virtual
-    tokens), ``prefix`` (10), ``ia3`` (key/value/FFN output) or ``bitfit`` (biases only)."""
+    tokens), ``prefix`` (10), ``ia3`` (key/value/FFN output) or ``bitfit`` (biases only).
+
+    ``prefix`` raises :class:`~sbpet.hf.prefix.PrefixTuningUnsupported` (a ValueError naming the
+    model type and the transformers / peft versions) for a model whose attention takes no key/value
+    cache."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
     from ..hf.peft_utils import apply_bitfit
+    from ..hf.prefix import enable_prefix_tuning
 
     torch.manual_seed(seed)
     if method == "bitfit":
@@ -303,6 +308,8 @@ def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
     }
     if method not in configs:
         raise ValueError(f"method must be one of {PET_METHODS}, got {method!r}")
+    if method == "prefix":  # refused with the model type and versions where it cannot work
+        enable_prefix_tuning(encoder)
     return get_peft_model(encoder, configs[method]())
 
 

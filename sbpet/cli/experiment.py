@@ -132,7 +132,17 @@ class Setup:
 
     def check_positions(self, pets) -> None:
         """ValueError naming ``--max-length`` when a prompt would not fit the model's positions
-        (prompt tuning's virtual tokens take positions too, when ``pets`` holds "prompt")."""
+        (prompt tuning's virtual tokens take positions too, when ``pets`` holds "prompt"), or
+        naming ``--pet prefix`` when the model's attention takes no key/value cache (read from its
+        class, before any weights load)."""
+        if "prefix" in pets:
+            from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+            from ..hf.prefix import prefix_tuning_support
+
+            reason = prefix_tuning_support(MODEL_MAPPING[type(self.model_config)])
+            if reason is not None:
+                raise ValueError(f"--pet prefix with --model-dir {self.model_dir}: {reason}")
         limit = getattr(self.model_config, "max_position_embeddings", None)
         extra = demo.VIRTUAL_TOKENS if "prompt" in pets else 0
         if limit and self.args.max_length + extra > limit:

@@ -1,6 +1,7 @@
 """Layer 5, the Hugging Face integration: hooks that capture hidden states and build bridge labels
 (:mod:`.capture`), :class:`BridgeTrainer` (:mod:`.trainer`), fitting g on a corpus
-(:mod:`.fitting`) and PET helpers (:mod:`.peft_utils`).
+(:mod:`.fitting`), PET helpers (:mod:`.peft_utils`) and peft's prefix tuning on current
+transformers (:mod:`.prefix`).
 
 The capture helpers are imported here (they need only torch); the trainer and the fitting import
 ``transformers`` and are loaded on first use.
@@ -26,6 +27,8 @@ _LAZY = {
     "task_head_parameter_names": "peft_utils",
     "trainable_parameter_names": "peft_utils",
     "check_only_pet_trainable": "peft_utils",
+    "enable_prefix_tuning": "prefix",
+    "PrefixTuningUnsupported": "prefix",
 }
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from ..backends import dispatch
 from ..core.precision import check_precision
 from ..core.validation import shift_labels_left
+from .prefix import enable_prefix_tuning, is_prefix_tuned
 
 __all__ = [
     "BridgeCapture",
@@ -208,6 +209,8 @@ class BridgeCapture:
         self.regularizer = regularizer
         self.backend = dispatch.check_backend_name(regularizer.backend if backend is None else backend)
         self.precision = check_precision(regularizer.precision if precision is None else precision)
+        if is_prefix_tuned(model):  # peft's prefix tuning on transformers >= 5.24 (see .prefix)
+            enable_prefix_tuning(model)
         self.backbone, self.layers = find_backbone_and_layers(model)
         self.num_virtual = num_virtual_tokens(model)
         if len(self.layers) != regularizer.num_layers:
