@@ -80,12 +80,13 @@ def demo_problem(steps: int):
 
     from sbpet.cli import demo
     from sbpet.hf.fitting import make_fitting_batch, tokenise_texts  # how fit_mapping picks its targets
+    from sbpet.hf.loading import load_pretrained_model
 
     hf_logging.disable_progress_bar()
     d = DEMO
     model_dir = demo.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
+    model = load_pretrained_model(AutoModel, model_dir).eval()
     examples, _ = demo.load_corpus(demo.bbc_dir())
     _, _, test = demo.few_shot_split(examples, shots=d["shots"], dev=16, test=d["test_per_class"], seed=d["seed"])
     held_out = {t for t, _ in test}

@@ -200,7 +200,9 @@ class Setup:
         """A fresh copy of the PLM on the device."""
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(self.model_dir).to(self.device)
+        from ..hf.loading import load_pretrained_model
+
+        return load_pretrained_model(AutoModel, self.model_dir).to(self.device)
 
     def build_classifier(self, pet: str, seed: int = 0):
         """(PromptClassifier with ``pet`` applied, initialised with ``seed``; its encoder;

@@ -1,7 +1,7 @@
 """Layer 5, the Hugging Face integration: hooks that capture hidden states and build bridge labels
 (:mod:`.capture`), :class:`BridgeTrainer` (:mod:`.trainer`), fitting g on a corpus
 (:mod:`.fitting`), PET helpers (:mod:`.peft_utils`) and peft's prefix tuning on current
-transformers (:mod:`.prefix`).
+transformers (:mod:`.prefix`); :mod:`.loading` loads a model with no hub kernels.
 
 The capture helpers are imported here (they need only torch); the trainer and the fitting import
 ``transformers`` and are loaded on first use.
@@ -29,6 +29,7 @@ _LAZY = {
     "check_only_pet_trainable": "peft_utils",
     "enable_prefix_tuning": "prefix",
     "PrefixTuningUnsupported": "prefix",
+    "load_pretrained_model": "loading",
 }
 
 
