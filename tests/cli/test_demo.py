@@ -14,6 +14,7 @@ from helpers import assert_close  # noqa: E402
 import sbpet  # noqa: E402
 from sbpet.cli import demo  # noqa: E402
 from sbpet.hf import BridgeCapture, masked_lm_bridge_labels  # noqa: E402
+from sbpet.hf.loading import load_pretrained_model  # noqa: E402
 
 
 @pytest.mark.minilm
@@ -22,7 +23,7 @@ def test_minilm_prompt_classifier_hooks_match_hidden_states():
 
     path = demo.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path)
+    encoder = load_pretrained_model(AutoModel, path)  # as the demo loads it: no hub kernels
     assert (encoder.config.num_hidden_layers, encoder.config.hidden_size) == (6, 384)
     classes = ["business", "entertainment", "politics", "sport", "tech"]
     words = demo.verbalizer_ids(tokenizer, classes)
