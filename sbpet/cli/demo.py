@@ -211,24 +211,25 @@ def verbalizer_ids(tokenizer, class_names) -> list[int]:
     return ids
 
 
-def _suffix_ids(tokenizer) -> list[int]:
+def _suffix_ids(tokenizer, template: str) -> list[int]:
     if tokenizer.mask_token_id is None:
         raise ValueError("the tokenizer has no mask token")
-    return tokenizer(TEMPLATE.format(mask=tokenizer.mask_token), add_special_tokens=False)["input_ids"]
+    return tokenizer(template.format(mask=tokenizer.mask_token), add_special_tokens=False)["input_ids"]
 
 
-def prompt_overhead(tokenizer) -> int:
-    """Tokens every prompt takes besides the article: [CLS], the template (``Topic: [MASK] .``) and
-    [SEP]; a ``max_length`` must exceed it."""
-    return len(_suffix_ids(tokenizer)) + 2
+def prompt_overhead(tokenizer, template: str = TEMPLATE) -> int:
+    """Tokens every prompt takes besides the text: [CLS], the ``template`` (default ``Topic: [MASK]
+    .``) and [SEP]; a ``max_length`` must exceed it."""
+    return len(_suffix_ids(tokenizer, template)) + 2
 
 
-def encode_prompts(tokenizer, texts, max_length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[CLS] text Topic: [MASK] . [SEP]``, the text truncated so the template always fits, padded
-    to ``max_length``. Returns input_ids, attention_mask [len(texts), max_length]."""
+def encode_prompts(tokenizer, texts, max_length: int = 64, template: str = TEMPLATE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[CLS] text <template> [SEP]`` (default ``Topic: [MASK] .``), the text truncated so the
+    template always fits, padded to ``max_length``. Returns input_ids, attention_mask
+    [len(texts), max_length]."""
     if not texts:
         raise ValueError("no texts to encode (is the split empty?)")
-    suffix = _suffix_ids(tokenizer)
+    suffix = _suffix_ids(tokenizer, template)
     room = max_length - len(suffix) - 2
     if room < 1:
         raise ValueError(f"max_length={max_length} leaves no room for the text")

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import demo
+from . import datasets, demo
 
 __all__ = [
     "REGULARIZER_KINDS",
@@ -92,17 +92,15 @@ class Setup:
 
         self.args = args
         self.model_dir = os.path.abspath(args.model_dir or demo.minilm_dir())
-        self.data_dir = os.path.abspath(args.data_dir or demo.bbc_dir())
         self.cache = args.cache_dir or default_cache()
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = not args.no_progress
         self.dims = tuple(int(d) for d in str(args.dims).split(","))
         command = f"sbpet {getattr(args, 'command', None) or ''}".strip()
-        try:
-            self.examples, self.classes = demo.load_corpus(
-                self.data_dir, warn=lambda message: print(f"{command}: warning: {message}", file=sys.stderr))
-        except ValueError as exc:
-            raise ValueError(f"--data-dir: {exc}") from None
+        self.task = datasets.load_task(
+            getattr(args, "dataset", "bbc"), args.data_dir,
+            warn=lambda message: print(f"{command}: warning: {message}", file=sys.stderr))
+        self.data_dir, self.examples, self.classes = self.task.source, self.task.examples, self.task.classes
         # Transformers' own errors here are long and name no option (a folder without a
         # tokenizer says "Couldn't instantiate the backend tokenizer ..."): keep their first line.
         try:
@@ -117,13 +115,13 @@ class Setup:
             raise ValueError(f"--model-dir {self.model_dir}: holds no tokenizer (its vocabulary is only the "
                              "special tokens)")
         try:
-            self.label_word_ids = demo.verbalizer_ids(self.tokenizer, self.classes)
-            overhead = demo.prompt_overhead(self.tokenizer)
+            self.label_word_ids = demo.verbalizer_ids(self.tokenizer, self.task.label_words)
+            overhead = demo.prompt_overhead(self.tokenizer, self.task.template)
         except ValueError as exc:
-            raise ValueError(f"--model-dir {self.model_dir} with --data-dir {self.data_dir}: {exc}") from None
+            raise ValueError(f"--model-dir {self.model_dir} with the data of {self.data_dir}: {exc}") from None
         if args.max_length <= overhead:
             raise ValueError(f"--max-length {args.max_length} leaves no room for the text: the prompt's [CLS], "
-                             f"{demo.TEMPLATE.format(mask='[MASK]')!r} and [SEP] take {overhead} tokens (use at "
+                             f"{self.task.template.format(mask='[MASK]')!r} and [SEP] take {overhead} tokens (use at "
                              f"least {overhead + 1})")
         self.check_positions(())
         self._tests: dict[int, tuple] = {}
@@ -191,7 +189,7 @@ class Setup:
 
     def encode(self, rows):
         """[(text, label)] -> input_ids, attention_mask [N, max_length] and labels [N]."""
-        ids, mask = demo.encode_prompts(self.tokenizer, [t for t, _ in rows], self.args.max_length)
+        ids, mask = demo.encode_prompts(self.tokenizer, [t for t, _ in rows], self.args.max_length, self.task.template)
         return ids, mask, torch.tensor([y for _, y in rows], dtype=torch.long)
 
     # -- models --------------------------------------------------------------------------------

