@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 REGULARIZER_KINDS = ("pdf", "sde")
+POSITIONS = ("mask", "all")  # which tokens R regularises in sbpet train (see train_few_shot)
 TEST_SPLIT_SEED = 0  # the one test split of a corpus: never the run's seed
 
 
@@ -280,7 +281,8 @@ def default_cache() -> str:
 
 
 def train_few_shot(setup: Setup, pet: str, train_rows, seed: int, *, regularizer=None, alpha: float = 0.1,
-                   epochs: float = 10, batch_size: int = 8, lr: float = 5e-3, quiet: bool = False):
+                   epochs: float = 10, batch_size: int = 8, lr: float = 5e-3, quiet: bool = False,
+                   positions: str = "mask"):
     """Train the prompt classifier with ``pet`` on ``train_rows`` with BridgeTrainer:
     ``task_loss + alpha * R`` (``regularizer`` None: the vanilla PET).
 
@@ -288,19 +290,27 @@ def train_few_shot(setup: Setup, pet: str, train_rows, seed: int, *, regularizer
     initialisation, dropout and the data order are the same for every regulariser of a seed
     (the paired design of ``sbpet study``); an SDE regulariser's noise is reseeded with it.
     Linear warmup over 10% of the steps, then linear decay; no weight decay. ``quiet`` hides the
-    Trainer's progress bar and logs. Returns (classifier, verbalizer ids, mean training loss).
+    Trainer's progress bar and logs. ``positions``: ``"mask"`` regularises the [MASK] token towards
+    its class's label word; ``"all"`` also every other real, non-special token towards its own id
+    (:func:`~sbpet.hf.labels.every_token_bridge_labels`). Returns (classifier, verbalizer ids,
+    mean training loss).
     """
     import tempfile
 
     from transformers import PrinterCallback, TrainingArguments
 
     from ..hf.capture import masked_lm_bridge_labels
+    from ..hf.labels import every_token_bridge_labels
     from ..hf.trainer import BridgeTrainer
 
     seed_everything(seed)
     classifier, _, words = setup.build_classifier(pet, seed)
     ids, mask, y = setup.encode(train_rows)
+    if positions not in POSITIONS:
+        raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
     bridge_labels = masked_lm_bridge_labels(ids, y, setup.tokenizer.mask_token_id, words)
+    if positions == "all":
+        bridge_labels = every_token_bridge_labels(ids, mask, bridge_labels, setup.tokenizer.all_special_ids)
     data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": bridge_labels[i]}
             for i in range(len(y))]
     collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731

@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "not trained, with the brownian g)")
     train.add_argument("--alpha", type=_non_negative_float, default=0.1, help="weight of the bridge loss")
     train.add_argument("--pet", choices=PETS, default="lora", help="PET method")
+    train.add_argument("--positions", choices=("mask", "all"), default="mask",
+                       help="tokens R regularises: the [MASK] (towards its class's label word), or also every other "
+                       "real, non-special token (towards its own id)")
     train.add_argument("--shots", type=_positive_int, default=16, help="few-shot training examples per class")
     train.add_argument("--seed", type=_seed, default=0,
                        help="the run's seed: few-shot sample, validation split, PET initialisation, dropout, data order")
@@ -387,7 +390,7 @@ def cmd_train(args) -> int:
               + f"; seed {args.seed}; device {setup.device}, {torch.get_num_threads()} threads")
         classifier, words, train_loss = train_few_shot(
             setup, args.pet, train_rows, args.seed, regularizer=None if bridge_name == "none" else reg,
-            alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, positions=args.positions,
         )
         mask_id = setup.tokenizer.mask_token_id
         metrics = evaluate(classifier, *setup.encode(setup.test), words, mask_id, {"bridge": reg})
@@ -396,7 +399,7 @@ def cmd_train(args) -> int:
                "bridge_loss": metrics["bridge_loss"]["bridge"], "train_loss": train_loss}
     replaced = os.path.isfile(os.path.join(out, "run.json"))
     save_run(out, classifier, {
-        "pet": args.pet, "bridge": bridge_name, "regularizer": kind, "alpha": args.alpha,
+        "pet": args.pet, "bridge": bridge_name, "regularizer": kind, "alpha": args.alpha, "positions": args.positions,
         "g_dir": setup.g_dir(measure_bridge, kind), "classes": setup.classes, "label_word_ids": words,
         "max_length": args.max_length, "seed": args.seed, "fit_seed": args.fit_seed, "shots": args.shots,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,

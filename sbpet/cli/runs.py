@@ -37,6 +37,8 @@ def run_config(setup, args) -> dict:
         "model_dir": setup.model_dir, "data_dir": setup.data_dir,
         "g": setup.g_config(a.measure_bridge, a.regularizer),
         "device": setup.device.type, "backend": a.backend, "precision": a.precision,
+        # Only where it is not the default, so the runs made before the option keep their names.
+        **({"positions": a.positions} if not vanilla and getattr(a, "positions", "mask") != "mask" else {}),
     }
 
 

@@ -30,6 +30,7 @@ _LAZY = {
     "enable_prefix_tuning": "prefix",
     "PrefixTuningUnsupported": "prefix",
     "load_pretrained_model": "loading",
+    "every_token_bridge_labels": "labels",
 }
 
 

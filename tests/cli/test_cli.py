@@ -185,3 +185,21 @@ def test_cuda_device_without_cuda_is_an_option_error(capsys):
         pytest.skip("this machine has CUDA")
     assert main(["train", "--device", "cuda"]) == 2
     assert "argument --device" in capsys.readouterr().err
+
+
+def test_train_positions_all_reaches_the_trainer_and_is_recorded(tmp_path, capsys):
+    """--positions all regularises every real token too: another run (folder and config), another
+    training loss; the default keeps the configuration (and so the folder names) of earlier runs."""
+    common = _tiny_options(tmp_path, tmp_path / "cache")
+    train = ["--shots", "2", "--epochs", "1", "--batch-size", "2"]
+    metas = {}
+    for positions in ("mask", "all"):
+        out = tmp_path / positions
+        assert main(["train", *common, *train, "--positions", positions, "--out", str(out)]) == 0
+        metas[positions] = json.loads((out / "run.json").read_text())
+    assert metas["mask"]["positions"] == "mask" and "positions" not in metas["mask"]["config"]
+    assert metas["all"]["positions"] == "all" and metas["all"]["config"]["positions"] == "all"
+    assert metas["mask"]["metrics"]["train_loss"] != metas["all"]["metrics"]["train_loss"]
+    capsys.readouterr()
+    assert main(["train", *common, *train, "--positions", "every"]) == 2
+    assert "invalid choice: 'every'" in capsys.readouterr().err
