@@ -282,9 +282,12 @@ class PromptClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
 
 
-def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
-    """Wrap a BertModel with a PET method: ``lora`` (r=8 on query/value), ``prompt`` (10 virtual
-    tokens), ``prefix`` (10), ``ia3`` (key/value/FFN output) or ``bitfit`` (biases only).
+def apply_pet(encoder: nn.Module, method: str, seed: int = 0, *, virtual_tokens: int = VIRTUAL_TOKENS,
+              lora_alpha: int = 16, prompt_init_id: int | None = None) -> nn.Module:
+    """Wrap a BertModel with a PET method: ``lora`` (r=8 on query/value, scale ``lora_alpha`` / 8),
+    ``prompt`` (``virtual_tokens`` virtual tokens, initialised from the input embedding of
+    ``prompt_init_id`` when given, else peft's random init), ``prefix`` (``virtual_tokens``),
+    ``ia3`` (key/value/FFN output) or ``bitfit`` (biases only).
 
     ``prefix`` raises :class:`~sbpet.hf.prefix.PrefixTuningUnsupported` (a ValueError naming the
     model type and the transformers / peft versions) for a model whose attention takes no key/value
@@ -300,10 +303,10 @@ def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
         return encoder
     kind = TaskType.FEATURE_EXTRACTION
     configs = {
-        "lora": lambda: LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
+        "lora": lambda: LoraConfig(task_type=kind, r=8, lora_alpha=lora_alpha, lora_dropout=0.0,
                                    target_modules=["query", "value"]),
-        "prompt": lambda: PromptTuningConfig(task_type=kind, num_virtual_tokens=VIRTUAL_TOKENS),
-        "prefix": lambda: PrefixTuningConfig(task_type=kind, num_virtual_tokens=VIRTUAL_TOKENS),
+        "prompt": lambda: PromptTuningConfig(task_type=kind, num_virtual_tokens=virtual_tokens),
+        "prefix": lambda: PrefixTuningConfig(task_type=kind, num_virtual_tokens=virtual_tokens),
         "ia3": lambda: IA3Config(task_type=kind, target_modules=["key", "value", "output.dense"],
                                  feedforward_modules=["output.dense"]),
     }
@@ -311,7 +314,12 @@ def apply_pet(encoder: nn.Module, method: str, seed: int = 0) -> nn.Module:
         raise ValueError(f"method must be one of {PET_METHODS}, got {method!r}")
     if method == "prefix":  # refused with the model type and versions where it cannot work
         enable_prefix_tuning(encoder)
-    return get_peft_model(encoder, configs[method]())
+    model = get_peft_model(encoder, configs[method]())
+    if method == "prompt" and prompt_init_id is not None:  # every virtual token starts as that token
+        with torch.no_grad():
+            start = encoder.get_input_embeddings().weight[int(prompt_init_id)]
+            model.prompt_encoder[model.active_adapter].embedding.weight.copy_(start.expand(virtual_tokens, -1))
+    return model
 
 
 def save_run(directory: str, classifier: PromptClassifier, meta: dict) -> None:

@@ -18,10 +18,12 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import replace
 
 import torch
 
 from . import datasets, demo
+from .protocol import OURS, Protocol
 
 __all__ = [
     "REGULARIZER_KINDS",
@@ -129,7 +131,7 @@ class Setup:
 
     # -- data ----------------------------------------------------------------------------------
 
-    def check_positions(self, pets) -> None:
+    def check_positions(self, pets, virtual_tokens: int = demo.VIRTUAL_TOKENS) -> None:
         """ValueError naming ``--max-length`` when a prompt would not fit the model's positions
         (prompt tuning's virtual tokens take positions too, when ``pets`` holds "prompt"), or
         naming ``--pet prefix`` when the model's attention takes no key/value cache (read from its
@@ -143,17 +145,17 @@ class Setup:
             if reason is not None:
                 raise ValueError(f"--pet prefix with --model-dir {self.model_dir}: {reason}")
         limit = getattr(self.model_config, "max_position_embeddings", None)
-        extra = demo.VIRTUAL_TOKENS if "prompt" in pets else 0
+        extra = virtual_tokens if "prompt" in pets else 0
         if limit and self.args.max_length + extra > limit:
             why = f" + {extra} virtual tokens of prompt tuning" if extra else ""
             raise ValueError(f"--max-length {self.args.max_length}{why} exceeds the {limit} positions of the model "
                              f"in --model-dir {self.model_dir}")
 
-    def check_sizes(self, shots, pets=()) -> None:
+    def check_sizes(self, shots, pets=(), virtual_tokens: int = demo.VIRTUAL_TOKENS) -> None:
         """ValueError naming the options when a class has fewer examples than the largest of
         ``shots`` plus ``--val-per-class`` plus ``--test-per-class``, or when a prompt of one of
         ``pets`` does not fit the model's positions (:meth:`check_positions`)."""
-        self.check_positions(pets)
+        self.check_positions(pets, virtual_tokens)
         a = self.args
         for option, value in (("--test-per-class", a.test_per_class), ("--val-per-class", a.val_per_class)):
             if value < 1:
@@ -203,12 +205,15 @@ class Setup:
 
         return load_pretrained_model(AutoModel, self.model_dir).to(self.device)
 
-    def build_classifier(self, pet: str, seed: int = 0):
-        """(PromptClassifier with ``pet`` applied, initialised with ``seed``; its encoder;
-        the verbalizer token ids)."""
+    def build_classifier(self, pet: str, seed: int = 0, protocol: Protocol = OURS):
+        """(PromptClassifier with ``pet`` applied as ``protocol`` says (virtual tokens, their init,
+        LoRA's scale), initialised with ``seed``; its encoder; the verbalizer token ids)."""
         encoder = self.encoder()
         words = self.label_word_ids
-        classifier = demo.PromptClassifier(demo.apply_pet(encoder, pet, seed), self.tokenizer.mask_token_id, words)
+        init = self.tokenizer.mask_token_id if protocol.prompt_init == "mask" else None
+        pet_model = demo.apply_pet(encoder, pet, seed, virtual_tokens=protocol.virtual_tokens,
+                                   lora_alpha=protocol.lora_alpha, prompt_init_id=init)
+        classifier = demo.PromptClassifier(pet_model, self.tokenizer.mask_token_id, words)
         return classifier.to(self.device), encoder, words
 
     def g_config(self, bridge: str, kind: str = "pdf") -> dict:
@@ -281,56 +286,111 @@ def default_cache() -> str:
 
 
 def train_few_shot(setup: Setup, pet: str, train_rows, seed: int, *, regularizer=None, alpha: float = 0.1,
-                   epochs: float = 10, batch_size: int = 8, lr: float = 5e-3, quiet: bool = False,
-                   positions: str = "mask"):
+                   epochs: float | None = None, batch_size: int | None = None, lr: float | None = None,
+                   quiet: bool = False, positions: str = "mask", protocol: Protocol = OURS, validation_rows=None):
     """Train the prompt classifier with ``pet`` on ``train_rows`` with BridgeTrainer:
-    ``task_loss + alpha * R`` (``regularizer`` None: the vanilla PET).
+    ``task_loss + alpha * R`` (``regularizer`` None: the vanilla PET), as ``protocol`` says
+    (:mod:`~sbpet.cli.protocol`; ``epochs`` / ``batch_size`` / ``lr``, when given, override its
+    parts).
 
     Everything random comes from ``seed``: Python/NumPy/torch are seeded first, so the PET's
     initialisation, dropout and the data order are the same for every regulariser of a seed
     (the paired design of ``sbpet study``); an SDE regulariser's noise is reseeded with it.
-    Linear warmup over 10% of the steps, then linear decay; no weight decay. ``quiet`` hides the
-    Trainer's progress bar and logs. ``positions``: ``"mask"`` regularises the [MASK] token towards
-    its class's label word; ``"all"`` also every other real, non-special token towards its own id
-    (:func:`~sbpet.hf.labels.every_token_bridge_labels`). Returns (classifier, verbalizer ids,
-    mean training loss).
+    Our protocol: ``epochs`` epochs, linear warm-up over 10% of the steps then linear decay, no
+    weight decay, dropout on, the last step kept. With ``protocol.eval_every`` the classifier is
+    evaluated on ``validation_rows`` every that many steps and at the last, and the best state
+    (highest accuracy, ties to the lower task loss, then the earlier step) is restored at the end.
+    ``quiet`` hides the Trainer's progress bar and logs. ``positions``: ``"mask"`` regularises the
+    [MASK] token towards its class's label word; ``"all"`` also every other real, non-special token
+    towards its own id (:func:`~sbpet.hf.labels.every_token_bridge_labels`).
+
+    Returns (classifier, verbalizer ids, mean training loss, selection): ``selection`` is None
+    when the last step is kept, else ``{"chosen_step", "curve": [{"step", "accuracy",
+    "task_loss"}]}``.
     """
     import tempfile
 
-    from transformers import PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
     from ..hf.capture import masked_lm_bridge_labels
     from ..hf.labels import every_token_bridge_labels
     from ..hf.trainer import BridgeTrainer
 
-    seed_everything(seed)
-    classifier, _, words = setup.build_classifier(pet, seed)
-    ids, mask, y = setup.encode(train_rows)
+    protocol = replace(protocol, **{k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr))
+                                    if v is not None})
     if positions not in POSITIONS:
         raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    if protocol.eval_every is not None and not validation_rows:
+        raise ValueError("choosing the best checkpoint (eval_every) needs validation_rows")
+    seed_everything(seed)
+    classifier, _, words = setup.build_classifier(pet, seed, protocol)
+    if not protocol.dropout:  # the released code trains in eval mode: no dropout anywhere
+        for module in classifier.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    ids, mask, y = setup.encode(train_rows)
     bridge_labels = masked_lm_bridge_labels(ids, y, setup.tokenizer.mask_token_id, words)
     if positions == "all":
         bridge_labels = every_token_bridge_labels(ids, mask, bridge_labels, setup.tokenizer.all_special_ids)
     data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": bridge_labels[i]}
             for i in range(len(y))]
     collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
-    steps = len(data) * epochs / batch_size
+    size = protocol.batch_size
+    steps = protocol.steps or len(data) * protocol.epochs / size
     if regularizer is not None and hasattr(regularizer, "reseed"):
         regularizer.reseed(seed)
+    linear = protocol.schedule == "linear"
+    length = {"max_steps": protocol.steps} if protocol.steps else {"num_train_epochs": protocol.epochs}
+    selector = None if protocol.eval_every is None else type("BestCheckpoint", (_BestCheckpoint, TrainerCallback), {})(
+        classifier, setup.encode(validation_rows), words, setup.tokenizer.mask_token_id, protocol.eval_every)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=epochs, learning_rate=lr,
-            warmup_steps=max(1, int(0.1 * steps)), weight_decay=0.0, lr_scheduler_type="linear",
+            output_dir=tmp, per_device_train_batch_size=size, learning_rate=protocol.learning_rate(pet), **length,
+            warmup_steps=max(1, int(0.1 * steps)) if linear else 0, weight_decay=protocol.weight_decay,
+            lr_scheduler_type="linear" if linear else "constant",
             logging_strategy="no" if quiet else "steps", logging_steps=max(1, int(steps / 5)),
             save_strategy="no", report_to=[], use_cpu=setup.device.type == "cpu", seed=seed, data_seed=seed,
             disable_tqdm=quiet or not setup.progress, remove_unused_columns=False,
         )
         trainer = BridgeTrainer(model=classifier, args=training_args, train_dataset=data, data_collator=collate,
-                                bridge=regularizer, bridge_weight=alpha if regularizer is not None else 0.0)
+                                bridge=regularizer, bridge_weight=alpha if regularizer is not None else 0.0,
+                                callbacks=[selector] if selector else None)
         if quiet:
             trainer.remove_callback(PrinterCallback)
         result = trainer.train()
-    return classifier, words, float(result.training_loss)
+    selection = None if selector is None else selector.restore_best()
+    return classifier, words, float(result.training_loss), selection
+
+
+class _BestCheckpoint:
+    """Mixed into a Trainer callback: validation accuracy and task loss every ``every`` steps and at the last;
+    keeps a copy of the trainable parameters of the best step (the released code's choice:
+    highest accuracy, ties to the lower loss; then the earlier step)."""
+
+    def __init__(self, classifier, encoded, words, mask_token_id, every: int):
+        self.classifier, self.encoded, self.words, self.mask_id, self.every = (
+            classifier, encoded, words, mask_token_id, int(every))
+        self.curve, self.best, self.best_state = [], None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        training = self.classifier.training
+        scores = evaluate(self.classifier, *self.encoded, self.words, self.mask_id)
+        self.classifier.train(training)
+        point = {"step": state.global_step, "accuracy": scores["accuracy"], "task_loss": scores["task_loss"]}
+        self.curve.append(point)
+        rank = (-point["accuracy"], point["task_loss"])
+        if self.best is None or rank < (-self.best["accuracy"], self.best["task_loss"]):
+            self.best = point
+            self.best_state = {n: p.detach().clone() for n, p in self.classifier.named_parameters() if p.requires_grad}
+
+    def restore_best(self) -> dict:
+        with torch.no_grad():
+            params = dict(self.classifier.named_parameters())
+            for name, value in self.best_state.items():
+                params[name].copy_(value)
+        return {"chosen_step": self.best["step"], "curve": self.curve}
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+from .protocol import add_protocol_arguments
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub: everything is local
 
 __all__ = ["main", "build_parser", "DEFAULTS"]
@@ -188,26 +190,27 @@ def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
                         help="g's matrix products while training (fitting g is always fp32)")
 
 
-def _defaults(unset: tuple):
+def _defaults(unset: tuple, changer: str = "--quick"):
     """(default(name), helped(name, text)): an option's default, None for those in ``unset``
-    (``sbpet study`` resolves them, --quick changing them), whose help then states the default
-    itself (the formatter shows only real ones)."""
+    (``sbpet study`` resolves them, --quick changing them; ``sbpet train``'s --protocol), whose
+    help then states the default itself (the formatter shows only real ones)."""
 
     def default(name):
         return None if name in unset else DEFAULTS[name]
 
     def helped(name, text):
-        return f"{text} (default: {_shown(DEFAULTS[name])}; --quick changes it)" if name in unset else text
+        return f"{text} (default: {_shown(DEFAULTS[name])}; {changer} changes it)" if name in unset else text
 
     return default, helped
 
 
-def _add_training(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
-    default, helped = _defaults(unset)
+def _add_training(parser: argparse.ArgumentParser, unset: tuple = (), changer: str = "--quick") -> None:
+    default, helped = _defaults(unset, changer)
     parser.add_argument("--epochs", type=_positive_float, default=default("epochs"),
                         help=helped("epochs", "training epochs"))
-    parser.add_argument("--batch-size", type=_positive_int, default=default("batch_size"), help="training batch size")
-    parser.add_argument("--lr", type=_positive_float, default=default("lr"), help="PET learning rate")
+    parser.add_argument("--batch-size", type=_positive_int, default=default("batch_size"),
+                        help=helped("batch_size", "training batch size"))
+    parser.add_argument("--lr", type=_positive_float, default=default("lr"), help=helped("lr", "PET learning rate"))
 
 
 def _add_bridge(parser: argparse.ArgumentParser, choices: tuple, text: str) -> None:
@@ -261,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--shots", type=_positive_int, default=16, help="few-shot training examples per class")
     train.add_argument("--seed", type=_seed, default=0,
                        help="the run's seed: few-shot sample, validation split, PET initialisation, dropout, data order")
-    _add_training(train)
+    _add_training(train, ("epochs", "batch_size", "lr"), "--protocol paper")
+    add_protocol_arguments(train)
     train.add_argument("--out", help="run folder (default: <cache>/runs/<pet>-<regularizer>-<bridge>-a<alpha>-"
                        "<shots>shot-seed<seed>-<hash of the other settings>; vanilla: "
                        "<pet>-none-<shots>shot-seed<seed>-<hash>)")
@@ -370,16 +374,20 @@ def _run_folder(setup, args, config: dict) -> str:
 def cmd_train(args) -> int:
     import torch
 
+    from dataclasses import asdict
+
     from .demo import save_run
     from .experiment import Setup, deterministic_algorithms, evaluate, train_few_shot
+    from .protocol import protocol_from_args
     from .runs import run_config
 
     start = time.time()
     _resolve_bridge(args)
+    protocol = protocol_from_args(args)
     setup = Setup(args)
-    setup.check_sizes([args.shots], [args.pet])
+    setup.check_sizes([args.shots], [args.pet], protocol.virtual_tokens)
     bridge_name, measure_bridge, kind = args.bridge, args.measure_bridge, args.regularizer
-    config = run_config(setup, args)
+    config = run_config(setup, args, protocol)
     out = _run_folder(setup, args, config)
     with deterministic_algorithms():
         reg = setup.regularizer(measure_bridge, kind=kind)
@@ -388,9 +396,9 @@ def cmd_train(args) -> int:
               f"{len(setup.test)}; PET {args.pet}; regulariser "
               + (f"{kind} {bridge_name}, alpha {args.alpha}" if bridge_name != "none" else "none")
               + f"; seed {args.seed}; device {setup.device}, {torch.get_num_threads()} threads")
-        classifier, words, train_loss = train_few_shot(
+        classifier, words, train_loss, selection = train_few_shot(
             setup, args.pet, train_rows, args.seed, regularizer=None if bridge_name == "none" else reg,
-            alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, positions=args.positions,
+            alpha=args.alpha, lr=args.lr, positions=args.positions, protocol=protocol, validation_rows=val_rows,
         )
         mask_id = setup.tokenizer.mask_token_id
         metrics = evaluate(classifier, *setup.encode(setup.test), words, mask_id, {"bridge": reg})
@@ -406,12 +414,14 @@ def cmd_train(args) -> int:
         "test_per_class": args.test_per_class, "val_per_class": args.val_per_class, "metrics": metrics,
         "validation": {"accuracy": validation["accuracy"], "task_loss": validation["task_loss"]},
         "threads": torch.get_num_threads(), "model_dir": setup.model_dir, "data_dir": setup.data_dir,
-        "config": config,
+        "protocol": asdict(protocol), "selection": selection, "config": config,
     })
     elapsed = time.time() - start
     print(f"validation accuracy {validation['accuracy']:.4f}  test accuracy {metrics['accuracy']:.4f}  "
           f"task loss {metrics['task_loss']:.4f}  bridge loss {metrics['bridge_loss']:.4f}  "
-          f"({len(setup.test)} test examples, {elapsed:.0f} s; run {'replaced in' if replaced else 'saved to'} {out})")
+          f"({len(setup.test)} test examples, {elapsed:.0f} s; "
+          + (f"protocol {protocol.name}, step {selection['chosen_step']} chosen on validation; " if selection else "")
+          + f"run {'replaced in' if replaced else 'saved to'} {out})")
     return 0
 
 

@@ -56,6 +56,7 @@ def plot_runs(setup, runs, out: str, examples: int = 40, untuned: bool = False) 
 
     from ..core.bridges import layer_times
     from .demo import load_run
+    from .protocol import OURS, Protocol
     from ..modules.regularizer import BridgeRegularizer
 
     columns = ([None] if untuned else []) + list(runs or [])
@@ -69,7 +70,8 @@ def plot_runs(setup, runs, out: str, examples: int = 40, untuned: bool = False) 
         else:
             with open(os.path.join(run, "run.json")) as f:
                 meta = json.load(f)
-        classifier, encoder, words = setup.build_classifier(meta["pet"], setup.args.seed)
+        protocol = Protocol(**meta["protocol"]) if meta.get("protocol") else OURS  # virtual tokens, ...
+        classifier, encoder, words = setup.build_classifier(meta["pet"], setup.args.seed, protocol)
         if run is not None:
             load_run(run, classifier)
         g_dir = meta.get("g_dir")

@@ -22,10 +22,14 @@ __all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run"]
 RUN_FILES = ("run.json", "pet.safetensors")
 
 
-def run_config(setup, args) -> dict:
+def run_config(setup, args, protocol=None) -> dict:
     """Everything a ``sbpet train`` run's result depends on, from its resolved options (``args.bridge``
-    the trained bridge or "none", ``args.measure_bridge`` the bridge whose g scores it)."""
+    the trained bridge or "none", ``args.measure_bridge`` the bridge whose g scores it) and its
+    :class:`~sbpet.cli.protocol.Protocol` (the parts that differ from ours; epochs, batch size and
+    lr are keys of their own)."""
     a = args
+    parts = {} if protocol is None else {k: v for k, v in protocol.key().items()
+                                         if k not in ("epochs", "batch_size", "lr")}
     vanilla = a.bridge == "none"
     return {
         "pet": a.pet, "regularizer": "none" if vanilla else a.regularizer, "bridge": a.bridge,
@@ -39,6 +43,7 @@ def run_config(setup, args) -> dict:
         "device": setup.device.type, "backend": a.backend, "precision": a.precision,
         # Only where it is not the default, so the runs made before the option keep their names.
         **({"positions": a.positions} if not vanilla and getattr(a, "positions", "mask") != "mask" else {}),
+        **({"protocol": parts} if parts else {}),
     }
 
 

@@ -236,7 +236,7 @@ def _execute(setup, run: Run, regularizers: dict, test_data) -> dict:
     a = setup.args
     train_rows, val_rows = setup.sample(run.shots, run.seed)
     reg = None if run.kind_and_bridge is None else regularizers[run.kind_and_bridge]
-    classifier, words, train_loss = train_few_shot(
+    classifier, words, train_loss, _ = train_few_shot(
         setup, run.pet, train_rows, run.seed, regularizer=reg, alpha=run.alpha or 0.0, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, quiet=True,
     )

@@ -122,7 +122,8 @@ def test_help_shows_defaults_and_the_deprecated_alias(capsys):
         build_parser().parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("weight of the bridge loss (default: 0.1)", "PET method (default: lora)",
-                  "few-shot training examples per class (default: 16)", "(default: 0.005)",
+                  "few-shot training examples per class (default: 16)",
+                  "PET learning rate (default: 0.005; --protocol paper changes it)",
                   "(default: brownian)", "deprecated alias of --bridge"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text
