@@ -17,7 +17,6 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
 import os
 from dataclasses import dataclass
 
@@ -64,8 +63,8 @@ def read_rotten_tomatoes(path: str) -> tuple[list[tuple[str, int]], list[str]]:
     ([(text, class index)], ["fresh", "rotten"]). Plot summaries (``category`` "plot") are not
     reviews and are left out; whitespace is collapsed; empty texts are dropped."""
     classes = sorted(SENTIMENT_WORDS)
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        rows = csv.DictReader(io.StringIO(f.read()))
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f)
         if not {"category", "text"} <= set(rows.fieldnames or ()):
             raise ValueError(f"{path} has no category / text columns: not the Rotten Tomatoes corpus")
         examples = [(" ".join(row["text"].split()), classes.index(row["category"])) for row in rows

@@ -141,7 +141,8 @@ class Setup:
 
             from ..hf.prefix import prefix_tuning_support
 
-            reason = prefix_tuning_support(MODEL_MAPPING[type(self.model_config)])
+            model_class = MODEL_MAPPING[type(self.model_config)] if type(self.model_config) in MODEL_MAPPING else None
+            reason = None if model_class is None else prefix_tuning_support(model_class)  # else: apply_pet checks
             if reason is not None:
                 raise ValueError(f"--pet prefix with --model-dir {self.model_dir}: {reason}")
         limit = getattr(self.model_config, "max_position_embeddings", None)

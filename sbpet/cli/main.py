@@ -398,7 +398,7 @@ def cmd_train(args) -> int:
               + f"; seed {args.seed}; device {setup.device}, {torch.get_num_threads()} threads")
         classifier, words, train_loss, selection = train_few_shot(
             setup, args.pet, train_rows, args.seed, regularizer=None if bridge_name == "none" else reg,
-            alpha=args.alpha, lr=args.lr, positions=args.positions, protocol=protocol, validation_rows=val_rows,
+            alpha=args.alpha, positions=args.positions, protocol=protocol, validation_rows=val_rows,
         )
         mask_id = setup.tokenizer.mask_token_id
         metrics = evaluate(classifier, *setup.encode(setup.test), words, mask_id, {"bridge": reg})

@@ -59,7 +59,8 @@ _PRESETS = {"ours": OURS, "paper": PAPER}
 
 
 def resolve(name: str = "ours", **parts) -> Protocol:
-    """The preset ``name`` with every part in ``parts`` that is not None set on its own.
+    """The preset ``name`` with every part in ``parts`` that is not None set on its own (``epochs``
+    without ``steps`` trains by epochs, whatever the preset's steps).
 
     Example:
         >>> resolve("paper", steps=200).steps, resolve("paper").learning_rate("prompt")
@@ -71,6 +72,8 @@ def resolve(name: str = "ours", **parts) -> Protocol:
     unknown = set(chosen) - set(asdict(OURS))
     if unknown:
         raise TypeError(f"unknown protocol parts: {sorted(unknown)}")
+    if "epochs" in chosen and "steps" not in chosen:  # epochs asked for on their own: train by epochs
+        chosen["steps"] = None
     protocol = replace(_PRESETS[name], **chosen)
     if protocol.schedule not in ("linear", "constant"):
         raise ValueError(f"--schedule must be linear or constant, got {protocol.schedule!r}")

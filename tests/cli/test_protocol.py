@@ -25,6 +25,7 @@ def test_presets_and_parts():
     mixed = protocol.resolve("paper", steps=30, lr=2e-4, dropout=None)
     assert (mixed.steps, mixed.learning_rate("prompt"), mixed.dropout) == (30, 2e-4, False)
     assert protocol.resolve("ours", eval_every=5).key() == {"eval_every": 5}
+    assert (protocol.resolve("paper", epochs=3).steps, protocol.resolve("paper", epochs=3, steps=9).steps) == (None, 9)
 
 
 @pytest.mark.parametrize("parts, message", [({"steps": 0}, "--steps must be >= 1"),
