@@ -14,7 +14,7 @@ setup(
     # The layers, bottom up (README "Architecture"). kernels/ is installed as sbpet.kernels, never
     # as a top-level `kernels` (Hugging Face's package of that name).
     packages=["sbpet", "sbpet.core", "sbpet.kernels", "sbpet.backends", "sbpet.modules", "sbpet.hf",
-              "sbpet.cli"],
+              "sbpet.cli", "sbpet.cli.study"],
     package_dir={"sbpet": "sbpet", "sbpet.kernels": "kernels"},
     # Ranges, not pins: constraints.txt is the tested set the README's commands install, and
     # `python -m tools.drift` (CI's last step) tries the newest releases. An upper bound goes here

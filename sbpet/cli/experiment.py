@@ -26,6 +26,7 @@ from . import datasets, demo
 from .protocol import OURS, Protocol
 
 __all__ = [
+    "FIT_CURVE",
     "REGULARIZER_KINDS",
     "TEST_SPLIT_SEED",
     "Setup",
@@ -33,13 +34,16 @@ __all__ = [
     "default_cache",
     "deterministic_algorithms",
     "evaluate",
+    "read_fit_curve",
     "seed_everything",
     "train_few_shot",
+    "trim_padding",
 ]
 
 REGULARIZER_KINDS = ("pdf", "sde")
 POSITIONS = ("mask", "all")  # which tokens R regularises in sbpet train (see train_few_shot)
 TEST_SPLIT_SEED = 0  # the one test split of a corpus: never the run's seed
+FIT_CURVE = "fit_curve.json"  # in a cached g's folder: R per fitting step
 
 
 def seed_everything(seed: int) -> None:
@@ -217,46 +221,53 @@ class Setup:
         classifier = demo.PromptClassifier(pet_model, self.tokenizer.mask_token_id, words)
         return classifier.to(self.device), encoder, words
 
-    def g_config(self, bridge: str, kind: str = "pdf") -> dict:
-        """Everything the fitted g depends on (its cache key)."""
+    def g_config(self, bridge: str, kind: str = "pdf", fit_steps: int | None = None) -> dict:
+        """Everything the fitted g depends on (its cache key); ``fit_steps`` None: ``--fit-steps``."""
         if kind not in REGULARIZER_KINDS:
             raise ValueError(f"--regularizer must be one of {REGULARIZER_KINDS}, got {kind!r}")
         a = self.args
+        steps = a.fit_steps if fit_steps is None else int(fit_steps)
         return {"model_dir": self.model_dir, "data_dir": self.data_dir, "kind": kind, "bridge": bridge,
-                "dims": list(self.dims), "fit_steps": a.fit_steps, "fit_batch_size": a.fit_batch_size,
+                "dims": list(self.dims), "fit_steps": steps, "fit_batch_size": a.fit_batch_size,
                 "fit_lr": a.fit_lr, "fit_seed": a.fit_seed, "max_length": a.max_length,
                 "test_per_class": a.test_per_class, "test_split_seed": TEST_SPLIT_SEED}
 
-    def g_dir(self, bridge: str, kind: str = "pdf") -> str:
-        """The cache folder of the g of ``kind`` ("pdf" or "sde") and ``bridge``."""
+    def g_dir(self, bridge: str, kind: str = "pdf", fit_steps: int | None = None) -> str:
+        """The cache folder of the g of ``kind`` ("pdf" or "sde"), ``bridge`` and fitting budget."""
         name = os.path.basename(os.path.normpath(self.model_dir))
-        return os.path.join(self.cache, "g", f"{name}-{kind}-{bridge}-{config_digest(self.g_config(bridge, kind))}")
+        digest = config_digest(self.g_config(bridge, kind, fit_steps))
+        return os.path.join(self.cache, "g", f"{name}-{kind}-{bridge}-{digest}")
 
-    def regularizer(self, bridge: str, encoder=None, kind: str = "pdf", force: bool = False):
+    def regularizer(self, bridge: str, encoder=None, kind: str = "pdf", force: bool = False,
+                    fit_steps: int | None = None):
         """The fitted g of ``kind`` and ``bridge`` on the device: from the cache, or fitted now
-        (on the corpus minus the test split, PLM frozen, seeded with ``args.fit_seed``), saved
-        and loaded back, so a fresh fit and a cached one are the same module."""
+        (``fit_steps`` steps, None: ``--fit-steps``; on the corpus minus the test split, PLM
+        frozen, seeded with ``args.fit_seed``), saved with its fitting curve (``fit_curve.json``:
+        R per step) and loaded back, so a fresh fit and a cached one are the same module."""
         from ..hf.fitting import fit_mapping
 
-        path = self.g_dir(bridge, kind)
+        path = self.g_dir(bridge, kind, fit_steps)
+        steps = self.g_config(bridge, kind, fit_steps)["fit_steps"]
         encoder = self.encoder() if encoder is None else encoder
         if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
             a = self.args
             reg = self._new_regularizer(bridge, kind, encoder)
             texts = [t for t, _ in self.split()[0]]
-            print(f"fitting the {kind} g ({bridge} bridge; {a.fit_steps} steps, {len(texts)} texts) -> {path}")
+            print(f"fitting the {kind} g ({bridge} bridge; {steps} steps, {len(texts)} texts) -> {path}")
             if force:
                 import shutil
 
                 shutil.rmtree(os.path.join(path, "fit"), ignore_errors=True)
             history = fit_mapping(
-                encoder, self.tokenizer, texts, reg, steps=a.fit_steps, batch_size=a.fit_batch_size,
+                encoder, self.tokenizer, texts, reg, steps=steps, batch_size=a.fit_batch_size,
                 max_length=a.max_length, learning_rate=a.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
                 save_every=50, seed=a.fit_seed, progress=self.progress,
                 backend=a.backend if kind == "pdf" else None,
             )
             reg.save_pretrained(path)
             losses = history["loss"]
+            with open(os.path.join(path, FIT_CURVE), "w", encoding="utf-8") as f:
+                json.dump({"steps": steps, "loss": losses}, f)
             print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
         else:
             print(f"using the cached g in {path}")
@@ -279,6 +290,30 @@ class Setup:
 
         options = {"backend": self.args.backend, "precision": self.args.precision} if kind == "pdf" else {}
         return BridgeRegularizer.from_pretrained(path, model=encoder, **options).to(self.device)
+
+
+def read_fit_curve(g_dir: str) -> list | None:
+    """R per fitting step of the cached g in ``g_dir``: from its ``fit_curve.json``, else from its
+    fitting checkpoint's history (a g fitted before the curve was saved); None when neither is there."""
+    try:
+        with open(os.path.join(g_dir, FIT_CURVE), encoding="utf-8") as f:
+            return list(json.load(f)["loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from ..hf.fitting import CHECKPOINT_NAME, FIT_STATE_NAME
+
+    state = os.path.join(g_dir, "fit", CHECKPOINT_NAME, FIT_STATE_NAME)
+    if not os.path.isfile(state):
+        return None
+    return list(torch.load(state, map_location="cpu", weights_only=False)["history"])
+
+
+def trim_padding(batch: dict) -> dict:
+    """The batch without its trailing columns of padding (prompts are right-padded to
+    ``--max-length``; short texts, as movie reviews, then cost what they hold). Read on the host,
+    where the collated batch is."""
+    length = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :length] if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def default_cache() -> str:
@@ -335,7 +370,7 @@ def train_few_shot(setup: Setup, pet: str, train_rows, seed: int, *, regularizer
         bridge_labels = every_token_bridge_labels(ids, mask, bridge_labels, setup.tokenizer.all_special_ids)
     data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i], "bridge_labels": bridge_labels[i]}
             for i in range(len(y))]
-    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    collate = lambda rows: trim_padding({k: torch.stack([r[k] for r in rows]) for k in rows[0]})  # noqa: E731
     size = protocol.batch_size
     steps = protocol.steps or len(data) * protocol.epochs / size
     if regularizer is not None and hasattr(regularizer, "reseed"):
@@ -426,7 +461,8 @@ def evaluate(classifier, input_ids, attention_mask, labels, label_word_ids, mask
     correct = task = 0.0
     for start in range(0, len(labels), batch_size):
         rows = slice(start, start + batch_size)
-        ids, mask, y = input_ids[rows].to(device), attention_mask[rows].to(device), labels[rows].to(device)
+        batch = trim_padding({"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]})
+        ids, mask, y = batch["input_ids"].to(device), batch["attention_mask"].to(device), labels[rows].to(device)
         out = classifier(input_ids=ids, attention_mask=mask, labels=y, output_hidden_states=bool(regularizers))
         count = len(y)
         task += float(out.loss) * count

@@ -26,6 +26,7 @@ import sys
 import time
 
 from .protocol import add_protocol_arguments
+from .study.grid import add_study_arguments
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub: everything is local
 
@@ -148,9 +149,10 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
+def _add_setup(parser: argparse.ArgumentParser, unset: tuple = (), lists: tuple = ()) -> None:
     """The options every subcommand shares; those named in ``unset`` default to None (resolved
-    by ``sbpet study``, whose --quick changes them)."""
+    by ``sbpet study``, whose --quick changes them), those in ``lists`` take a comma list (checked
+    by ``sbpet study``)."""
 
     default, helped = _defaults(unset)
     parser.add_argument("--model-dir", type=_model_folder,
@@ -169,8 +171,10 @@ def _add_setup(parser: argparse.ArgumentParser, unset: tuple = ()) -> None:
     parser.add_argument("--dims", type=_dims, default=default("dims"),
                         help="widths of g's layers, the last is the latent size; the SDE "
                         "regulariser uses only the last (its drift network has width 128, depth 2)")
-    parser.add_argument("--fit-steps", type=_positive_int, default=default("fit_steps"),
-                        help=helped("fit_steps", "AdamW steps when fitting g"))
+    listed = "fit_steps" in lists
+    parser.add_argument("--fit-steps", type=str if listed else _positive_int, default=default("fit_steps"),
+                        help=helped("fit_steps",
+                                    "AdamW steps when fitting g" + (": a comma list, one g each" if listed else "")))
     parser.add_argument("--fit-batch-size", type=_positive_int, default=default("fit_batch_size"),
                         help="texts per step when fitting g")
     parser.add_argument("--fit-lr", type=_positive_float, default=default("fit_lr"),
@@ -289,25 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="PNG path (default: <cache>/trajectories.png)")
 
     study = sub.add_parser(
-        "study", help="a seeded grid of PETs x regularisers x shots x alphas with table and plot",
+        "study", help="a seeded grid of protocols x PETs x regularisers x g budgets x positions x shots x alphas",
         formatter_class=_HelpFormatter,
-        description="Run every PET x regulariser x shots x alpha x seed (paired: for a seed every regulariser "
-        "trains on the same few-shot sample from the same PET initialisation), cache every run by its full "
-        "configuration (an interrupted study resumes; a changed setting reruns only what it changes), and write "
-        "runs.csv/json, table.md (alpha chosen on the validation split) and study.png to --out. " + REPRODUCIBLE)
+        description="Run every protocol x PET x regulariser x g budget x positions x shots x alpha x seed (paired: "
+        "for a seed every regularised run trains on the same few-shot sample from the same PET initialisation as the "
+        "vanilla run of its protocol), cache every run by its full configuration (an interrupted study resumes; a "
+        "changed setting reruns only what it changes), and write runs.csv/json, table.md (alpha chosen on the "
+        "validation split; paired differences with 95%% intervals and sign tests), study.png (the dose-response) and "
+        "fit_curves.png to --out. " + REPRODUCIBLE)
     quickable = ("max_length", "fit_steps", "test_per_class", "val_per_class", "epochs")
-    _add_setup(study, unset=quickable)
-    study.add_argument("--pets", help="comma list of " + ",".join(PETS) + " (default: lora,prompt,bitfit)")
-    study.add_argument("--regularizers",
-                       help="comma list of none, pdf-brownian, pdf-ou, sde-brownian, sde-ou (default: none,pdf-brownian,pdf-ou)")
-    study.add_argument("--shots", help="comma list of few-shot examples per class (default: 4,16)")
-    study.add_argument("--alphas", help="comma list of bridge-loss weights for the regularised runs (default: 0.1,0.5)")
-    study.add_argument("--seeds", type=int, help="number of seeds, 0..n-1 (default: 5)")
+    _add_setup(study, unset=quickable, lists=("fit_steps",))
+    add_study_arguments(study, PETS)
     _add_training(study, unset=quickable)
     study.add_argument("--out", help="output folder (default: <cache>/study)")
     study.add_argument("--quick", action="store_true",
-                       help="a tiny grid for CI: lora; none,pdf-brownian; 4 shots; alpha 0.1; 2 seeds; 1 epoch; "
-                       "g fitted 20 steps; 20 test and 4 validation examples per class (options given explicitly win)")
+                       help="a tiny grid for CI: both protocols (the paper's 4 steps, validated every 2); lora; "
+                       "none,pdf-brownian; 4 shots; alpha 0.1; 2 seeds; 1 epoch; g fitted 20 steps; 20 test and 4 "
+                       "validation examples per class (options given explicitly win)")
     return parser
 
 

@@ -170,7 +170,7 @@ def test_bad_options_fail_at_parse_time_naming_the_option(command, option, value
                       for a in act.option_strings}
     if option not in parser_options:
         pytest.skip(f"sbpet {command} has no {option}")
-    if command == "study" and option in ("--shots", "--alpha"):
+    if command == "study" and option in ("--shots", "--alpha", "--fit-steps"):
         pytest.skip("sbpet study takes lists (tested in test_study.py)")
     monkeypatch.setattr("sbpet.cli.experiment.Setup.__init__", lambda *a, **k: pytest.fail("Setup was built"))
     assert main([command, option, value]) == 2

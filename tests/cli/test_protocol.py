@@ -120,3 +120,29 @@ def test_best_checkpoint_restores_the_chosen_step(monkeypatch):
     selection = selector.restore_best()
     assert [p["step"] for p in selection["curve"]] == [2, 4, 6, 7]  # every 2 steps and the last (7)
     assert selection["chosen_step"] == 4 and torch.all(model.weight == 4.0)
+
+
+def test_trimmed_padding_changes_no_prediction(tmp_path):
+    """Prompts are right-padded to --max-length; training and evaluation drop the trailing pad
+    columns. The [MASK] logits and the bridge loss are those of the padded batch."""
+    from sbpet.cli.experiment import evaluate, trim_padding
+
+    args = build_parser().parse_args(["train", *_options(tmp_path), "--max-length", "40"])
+    setup = Setup(args)
+    ids, mask, labels = setup.encode(setup.test)
+    batch = trim_padding({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    length = int(mask.sum(1).max())
+    assert length < 40 and batch["input_ids"].shape == (len(labels), length) and torch.equal(batch["labels"], labels)
+    assert torch.equal(batch["attention_mask"], mask[:, :length]) and not mask[:, length:].any()
+    classifier, _, words = setup.build_classifier("lora", 0)
+    reg = setup.regularizer("brownian")
+    kw = dict(label_word_ids=words, mask_token_id=setup.tokenizer.mask_token_id, regularizers={"g": reg})
+    whole, one_by_one = evaluate(classifier, ids, mask, labels, **kw), evaluate(classifier, ids, mask, labels,
+                                                                                batch_size=1, **kw)
+    with torch.no_grad():
+        padded = classifier(input_ids=ids, attention_mask=mask, labels=labels).logits
+        trimmed = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(trimmed, padded, rtol=1e-5, atol=1e-5)
+    assert whole["accuracy"] == one_by_one["accuracy"]
+    assert whole["task_loss"] == pytest.approx(one_by_one["task_loss"], rel=1e-5)
+    assert whole["bridge_loss"]["g"] == pytest.approx(one_by_one["bridge_loss"]["g"], rel=1e-4)
