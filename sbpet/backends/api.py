@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import dispatch
-from ..core.bridges import Bridge, get_bridge
+from ..core.bridges import Bridge, get_bridge, marginals_on
 from .dispatch import BACKENDS, resolve_backend
 from ..core.mapping import BridgeMapping
 from ..core.precision import check_precision
@@ -125,7 +125,7 @@ def bridge_loss(
     for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but hidden_states are on {device}")
-    mean_coef, variance = bridge.marginals(inputs.num_states)
+    mean_coef, variance = marginals_on(bridge, inputs.num_states, device)  # cached there: no copy per call
     # ``precision`` decides how g's products run, not an enclosing autocast region: R is computed
     # (and returned) in float32 (float64 states: float64) whether or not the model runs under autocast.
     with torch.autocast(device.type, enabled=False):
@@ -146,6 +146,6 @@ def bridge_loss(
             **({"check_finite": True} if chosen.checks_finite else {}),
         )
     if full_nll and inputs.targets.numel():
-        log_norm = 0.5 * mapping.latent_size * torch.log(2 * math.pi * variance).mean()
-        loss = loss + float(log_norm)
+        host_variance = bridge.marginals(inputs.num_states)[1]  # a host number: no device read
+        loss = loss + float(0.5 * mapping.latent_size * torch.log(2 * math.pi * host_variance).mean())
     return loss

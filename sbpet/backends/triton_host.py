@@ -65,6 +65,10 @@ def triton_is_usable(device) -> bool:
 
 
 def device_vector(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` as float32 on ``device``: cast there when already there (no host round trip),
+    else from pinned memory (no host synchronisation)."""
+    if values.device == torch.device(device):
+        return values.detach().to(torch.float32)
     host = values.detach().to("cpu", torch.float32)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)  # no host synchronisation

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["Bridge", "BrownianBridge", "OUBridge", "BRIDGES", "get_bridge", "layer_times"]
+__all__ = ["Bridge", "BrownianBridge", "OUBridge", "BRIDGES", "get_bridge", "layer_times", "marginals_on"]
 
 
 def layer_times(num_states: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
@@ -105,3 +105,24 @@ def get_bridge(bridge: str | Bridge) -> Bridge:
         if key in BRIDGES:
             return BRIDGES[key]()
     raise ValueError(f"bridge must be one of {sorted(BRIDGES)} or a Bridge, got {bridge!r}")
+
+
+_ON_DEVICE: dict = {}  # (bridge type, its attributes, L + 1, device) -> (mean_coef, variance) there
+
+
+def marginals_on(bridge: Bridge, num_states: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bridge.marginals(num_states)`` (float64 [L+1]) on ``device``: computed on the host and
+    copied the first time a (bridge, L+1, device) is asked for, the same tensors after that, so a
+    training step does no host work and no host-to-device copy for them (a copy from pageable
+    memory blocks the host). Bridges are keyed by type and attributes; one whose attributes
+    cannot be hashed is recomputed every call. Do not modify the returned tensors in place."""
+    device = torch.device(device)
+    try:
+        key = (type(bridge), tuple(sorted(vars(bridge).items())), int(num_states), device)
+        hash(key)
+    except TypeError:
+        return tuple(m.to(device) for m in bridge.marginals(num_states))
+    found = _ON_DEVICE.get(key)
+    if found is None:
+        found = _ON_DEVICE[key] = tuple(m.to(device) for m in bridge.marginals(num_states))
+    return found

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..backends import dispatch
+from ..core.bridges import marginals_on
 from ..core.precision import check_precision
 from ..core.validation import shift_labels_left
 from .prefix import enable_prefix_tuning, is_prefix_tuned
@@ -348,7 +349,7 @@ class BridgeCapture:
         self._reset()
         device = contexts[0].device
         batch_index, targets = batch_index.to(device), targets.to(device)
-        mean_coef, variance = reg.bridge.marginals(num_states)
+        mean_coef, variance = marginals_on(reg.bridge, num_states, device)  # cached there: no copy per call
         args = (batch_index, targets, reg.mapping, reg.tail, mean_coef, variance, self.precision)
         trains = (any(p.requires_grad for p in reg.mapping.parameters()), bool(reg.tail.requires_grad))
         key = (
@@ -368,7 +369,8 @@ class BridgeCapture:
         if reg.full_nll and targets.numel():
             import math
 
-            loss = loss + float(0.5 * reg.mapping.latent_size * torch.log(2 * math.pi * variance).mean())
+            host_variance = reg.bridge.marginals(num_states)[1]  # a host number: no device read
+            loss = loss + float(0.5 * reg.mapping.latent_size * torch.log(2 * math.pi * host_variance).mean())
         return loss
 
     def remove(self) -> None:

@@ -42,3 +42,48 @@ def test_get_bridge_rejects_unknown():
         get_bridge("levy")
     assert isinstance(get_bridge("OU"), OUBridge)
     assert set(sbpet.BRIDGES) == {"brownian", "ou"}
+
+
+class _ScaledBridge(BrownianBridge):
+    """A bridge with an attribute (so part of its cache key) that counts its host computations."""
+
+    calls = 0
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def marginals(self, num_states):
+        type(self).calls += 1
+        coef, var = super().marginals(num_states)
+        return coef, var * self.scale
+
+
+def test_marginals_on_a_device_are_computed_and_copied_once():
+    """bridge_loss and the hooks take the marginals from a per-(bridge, L+1, device) cache: the
+    host computes (and copies) them once, not every step; another attribute value, L+1 or
+    device is another entry."""
+    from sbpet.core.bridges import marginals_on
+
+    _ScaledBridge.calls = 0
+    first = marginals_on(_ScaledBridge(0.5), 4, "cpu")
+    assert _ScaledBridge.calls == 1
+    again = marginals_on(_ScaledBridge(0.5), 4, torch.device("cpu"))  # an equal bridge, another object
+    assert _ScaledBridge.calls == 1 and all(a is b for a, b in zip(first, again))
+    torch.testing.assert_close(first[1], BrownianBridge().marginals(4)[1] * 0.5, rtol=0, atol=0)
+    assert first[0].dtype == torch.float64
+    marginals_on(_ScaledBridge(0.25), 4, "cpu"), marginals_on(_ScaledBridge(0.5), 5, "cpu")
+    meta = marginals_on(_ScaledBridge(0.5), 4, "meta")
+    assert _ScaledBridge.calls == 4 and meta[0].device.type == "meta"
+
+    # Through the public functional route: two calls, one host computation.
+    torch.manual_seed(0)
+    states = [torch.randn(2, 5, 8) for _ in range(3)]
+    labels = torch.full((2, 5), -100)
+    labels[:, 1] = torch.tensor([3, 7])
+    g, tail = sbpet.BridgeMapping(8, (6, 4)), torch.randn(10, 4)
+    bridge = _ScaledBridge(2.0)
+    _ScaledBridge.calls = 0
+    losses = [sbpet.bridge_loss(states, labels, torch.ones(2, 5), g, tail, bridge, backend="torch") for _ in range(2)]
+    assert _ScaledBridge.calls == 1 and torch.equal(losses[0], losses[1])
+    plain = sbpet.bridge_loss(states, labels, torch.ones(2, 5), g, tail, "brownian", backend="torch")
+    torch.testing.assert_close(losses[0], plain / 2)  # twice the variance: half the loss
