@@ -276,3 +276,14 @@ def assert_trainer_steps_match(results, kinds, one_process):
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{kind} {name}: {m}")
         for key in ("loss", "task_loss", "bridge_loss"):
             assert log[key] == pytest.approx(single_log[key], rel=1e-5), (kind, key)
+
+
+def documented_fitting_order(texts, batch_size, seed, steps):
+    """fit_mapping's batches of a list, written out from its docs (not from its code): text k of
+    the run is randperm(n)[k % n] under the seed seed * 7919 + k // n."""
+    n = len(texts)
+    out = []
+    for k in range(steps * batch_size):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + k // n))
+        out.append(texts[int(perm[k % n])])
+    return [out[i:i + batch_size] for i in range(0, len(out), batch_size)]

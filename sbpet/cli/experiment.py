@@ -230,7 +230,9 @@ class Setup:
         return {"model_dir": self.model_dir, "data_dir": self.data_dir, "kind": kind, "bridge": bridge,
                 "dims": list(self.dims), "fit_steps": steps, "fit_batch_size": a.fit_batch_size,
                 "fit_lr": a.fit_lr, "fit_seed": a.fit_seed, "max_length": a.max_length,
-                "test_per_class": a.test_per_class, "test_split_seed": TEST_SPLIT_SEED}
+                "test_per_class": a.test_per_class, "test_split_seed": TEST_SPLIT_SEED,
+                # fit_mapping runs the frozen PLM under bf16 autocast on CUDA (the key of a CPU g is unchanged)
+                **({"backbone_dtype": "auto"} if self.device.type == "cuda" else {})}
 
     def g_dir(self, bridge: str, kind: str = "pdf", fit_steps: int | None = None) -> str:
         """The cache folder of the g of ``kind`` ("pdf" or "sde"), ``bridge`` and fitting budget."""
@@ -251,7 +253,7 @@ class Setup:
         encoder = self.encoder() if encoder is None else encoder
         if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
             a = self.args
-            reg = self._new_regularizer(bridge, kind, encoder)
+            reg = self.new_regularizer(bridge, kind, encoder)
             texts = [t for t, _ in self.split()[0]]
             print(f"fitting the {kind} g ({bridge} bridge; {steps} steps, {len(texts)} texts) -> {path}")
             if force:
@@ -273,7 +275,9 @@ class Setup:
             print(f"using the cached g in {path}")
         return self._load(path, encoder, kind)
 
-    def _new_regularizer(self, bridge, kind, encoder):
+    def new_regularizer(self, bridge: str, kind: str, encoder):
+        """An unfitted g of ``kind`` ("pdf" or "sde") and ``bridge`` for ``encoder``, with this
+        setup's dims, backend, precision and fitting seed."""
         from ..modules.regularizer import BridgeRegularizer
         from ..modules.sde import SDEBridgeRegularizer
 

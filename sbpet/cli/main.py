@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--force", action="store_true", help="refit even if a cached g exists")
     fit.add_argument("--out", help="also save g to this folder")
     fit.add_argument("--overwrite", action="store_true", help="replace the g that --out already holds")
+    fit.add_argument("--text-files", action="append", metavar="GLOB",
+                     help="fit on the non-empty lines of these text files (a glob or comma list of globs; "
+                     "repeatable), streamed in file order, instead of the corpus; needs --out (not cached)")
 
     train = sub.add_parser("train", help="train a (bridge-regularised) few-shot PET classifier",
                            formatter_class=_HelpFormatter,
@@ -342,6 +345,10 @@ def cmd_fit(args) -> int:
             raise ValueError(f"--out: {args.out} exists and is not a folder")
         if os.path.isfile(os.path.join(args.out, "sbpet_config.json")) and not args.overwrite:
             raise ValueError(f"--out: {args.out} already holds a g; pass --overwrite to replace it")
+    if args.text_files:
+        from .corpus import fit_on_text_files
+
+        return fit_on_text_files(args)
     setup = Setup(args)
     with deterministic_algorithms():
         reg = setup.regularizer(args.bridge, kind=args.regularizer, force=args.force)

@@ -1,7 +1,8 @@
 """Layer 5, the Hugging Face integration: hooks that capture hidden states and build bridge labels
 (:mod:`.capture`), :class:`BridgeTrainer` (:mod:`.trainer`), fitting g on a corpus
-(:mod:`.fitting`), PET helpers (:mod:`.peft_utils`) and peft's prefix tuning on current
-transformers (:mod:`.prefix`); :mod:`.loading` loads a model with no hub kernels.
+(:mod:`.fitting`; lists, streams, datasets and text files: :mod:`.corpus`), PET helpers
+(:mod:`.peft_utils`) and peft's prefix tuning on current transformers (:mod:`.prefix`);
+:mod:`.loading` loads a model with no hub kernels.
 
 The capture helpers are imported here (they need only torch); the trainer and the fitting import
 ``transformers`` and are loaded on first use.
@@ -23,6 +24,7 @@ from .capture import (
 _LAZY = {
     "BridgeTrainer": "trainer",
     "fit_mapping": "fitting",
+    "TextFiles": "corpus",
     "apply_bitfit": "peft_utils",
     "task_head_parameter_names": "peft_utils",
     "trainable_parameter_names": "peft_utils",

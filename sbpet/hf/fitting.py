@@ -1,22 +1,29 @@
-"""Fitting g on plain text with the PLM frozen (docs/METHOD.md "Fitting g")."""
+"""Fitting g on plain text with the PLM frozen (docs/METHOD.md "Fitting g"), in one process or
+under ``torch.distributed`` (``torchrun``) with the same result: the batch is global, each process
+runs its share of it through the backbone, g's gradients are summed over the processes weighted
+by their share of the regularised positions."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
-from collections.abc import Sequence
+import time
 
 import torch
 
 from ..backends.dispatch import check_backend_name
 from .capture import BridgeCapture, find_backbone_and_layers
 from ..core.precision import check_precision
+from .corpus import batch_indices, fitting_texts, make_fitting_batch, text_batches, tokenise_texts
 
 __all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "CHECKPOINT_NAME", "FIT_STATE_NAME"]
 
 CHECKPOINT_NAME = "checkpoint"
 FIT_STATE_NAME = "fit_state.pt"
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_batch_indices = batch_indices  # the list path's order (kept under its old name)
 
 
 def _schedule(warmup: int, total: int):
@@ -26,58 +33,6 @@ def _schedule(warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
-
-
-def tokenise_texts(tokenizer, texts: Sequence[str], max_length: int):
-    """Tokenise ``texts`` (truncated to ``max_length``) as :func:`fit_mapping` does: one
-    (input ids [S] long, special-token mask [S] bool) pair per text."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    rows = []
-    for ids in encoded["input_ids"]:
-        special = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)
-        rows.append((torch.tensor(ids, dtype=torch.long), torch.tensor(special, dtype=torch.bool)))
-    return rows
-
-
-def _batch_indices(step: int, batch_size: int, count: int, seed: int) -> list[int]:
-    """Deterministic in (seed, step): an epoch-wise shuffle, so a resumed run sees the same data."""
-    out = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(k, count)
-        perm = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
-def make_fitting_batch(rows, indices, pad_id, mask_id, vocab, probability, corrupt, causal, ignore, gen):
-    """One of :func:`fit_mapping`'s batches from :func:`tokenise_texts`'s ``rows``: pad, choose ~``probability`` of the ordinary tokens as targets (at least one per
-    sequence), and corrupt the inputs as in masked-LM training (80% [MASK], 10% random, 10%
-    kept) unless the model is causal. Returns input_ids, attention_mask, labels [B, S]."""
-    length = max(rows[i][0].numel() for i in indices)
-    batch = len(indices)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    labels = torch.full((batch, length), ignore, dtype=torch.long)
-    for b, i in enumerate(indices):
-        ids, special = rows[i]
-        n = ids.numel()
-        input_ids[b, :n] = ids
-        attention_mask[b, :n] = 1
-        candidates = (~special).nonzero().squeeze(1)
-        if causal:
-            candidates = candidates[candidates >= 1]  # the first token has no predecessor state
-        if candidates.numel() == 0:
-            continue
-        chosen = candidates[torch.rand(candidates.numel(), generator=gen) < probability]
-        if chosen.numel() == 0:
-            chosen = candidates[torch.randint(candidates.numel(), (1,), generator=gen)]
-        labels[b, chosen] = ids[chosen]
-        if corrupt and not causal and mask_id is not None:
-            draw = torch.rand(chosen.numel(), generator=gen)
-            masked, randomised = chosen[draw < 0.8], chosen[(draw >= 0.8) & (draw < 0.9)]
-            input_ids[b, masked] = mask_id
-            input_ids[b, randomised] = torch.randint(vocab, (randomised.numel(),), generator=gen)
-    return input_ids, attention_mask, labels
 
 
 def _save_checkpoint(directory, regularizer, optimizer, scheduler, step, history, signature):
@@ -122,10 +77,50 @@ def _load_checkpoint(directory, model, regularizer, optimizer, scheduler, signat
     return int(state["step"]), list(state["history"])
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _autocast_dtype(backbone_dtype, device: torch.device):
+    """The dtype the frozen backbone runs in under autocast (None: no autocast)."""
+    if backbone_dtype == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else None
+    if backbone_dtype in (None, "fp32"):
+        return None
+    if backbone_dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(f"backbone_dtype must be 'auto', 'bf16', 'fp16', 'fp32' or None, got {backbone_dtype!r}")
+    return _AUTOCAST_DTYPES[backbone_dtype]
+
+
+def _autocast(device: torch.device, dtype):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _regularised_count(labels: torch.Tensor, causal: bool, ignore: int) -> int:
+    """R's positions in ``labels`` [B, S] (host): the labels kept after the causal shift."""
+    return int((labels[:, 1:] if causal else labels).ne(ignore).sum())
+
+
+def _reduce_step(params, loss: torch.Tensor) -> float:
+    """Sum g's gradients and the weighted R over the processes in one all-reduce; returns R."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+        offset += g.numel()
+    return float(flat[-1])
+
+
 def fit_mapping(
     model,
     tokenizer,
-    texts: Sequence[str],
+    texts,
     regularizer,
     *,
     steps: int = 500,
@@ -144,30 +139,54 @@ def fit_mapping(
     progress: bool = True,
     backend: str | None = None,
     precision: str = "fp32",
+    text_column: str = "text",
+    backbone_dtype: str | None = "auto",
 ) -> dict:
     """Fit the regulariser's mapping g (and a trainable tail) on ``texts`` with the PLM frozen.
 
-    Each step takes ``batch_size`` texts (tokenised, truncated to ``max_length``), picks about
-    ``mask_probability`` of the ordinary tokens as targets (their own ids become the labels; with
-    ``corrupt_inputs`` the inputs are corrupted as in masked-LM training: 80% [MASK], 10% random,
-    10% kept; never for a causal regulariser, ``shift_labels=True``), runs the PLM's backbone
-    frozen, in eval mode and without autograd, and takes one AdamW step on R (linear warmup over
-    ``warmup_ratio * steps``, then linear decay; gradient-norm clipping). The hidden states are
-    captured with :class:`~sbpet.hf.BridgeCapture`.
+    Each step takes ``batch_size`` texts (tokenised as they are needed, truncated to
+    ``max_length``), picks about ``mask_probability`` of the ordinary tokens as targets (their own
+    ids become the labels; with ``corrupt_inputs`` the inputs are corrupted as in masked-LM
+    training: 80% [MASK], 10% random, 10% kept; never for a causal regulariser,
+    ``shift_labels=True``), runs the PLM's backbone frozen, in eval mode and without autograd, and
+    takes one AdamW step on R (linear warmup over ``warmup_ratio * steps``, then linear decay;
+    gradient-norm clipping). The hidden states are captured with :class:`~sbpet.hf.BridgeCapture`.
+
+    Which texts a step takes:
+        - a list (any ``Sequence``) of strings, blank ones dropped: an epoch-wise shuffle seeded by
+          ``seed`` (:func:`~sbpet.hf.corpus.batch_indices`);
+        - a map-style ``datasets.Dataset``: its ``text_column``, shuffled alike, read row by row;
+        - any other iterable (a generator, an endless stream, a ``datasets.IterableDataset`` whose
+          rows hold ``text_column``, :class:`~sbpet.hf.corpus.TextFiles`): consecutive chunks of
+          ``batch_size`` non-blank texts in stream order; training starts at once, the stream is
+          never held whole. A re-iterable one starts again when it ends; a one-shot iterator that
+          ends before the last step is an error. Resuming skips the ``step * batch_size`` texts
+          already used.
+
+    Under ``torch.distributed`` (e.g. ``torchrun --nproc_per_node N``; gloo on CPU, nccl on
+    CUDA) ``batch_size`` is the global batch: every process reads the same texts and builds the
+    same batch, runs rows ``rank::N`` of it through the backbone, and g's gradients and R are
+    summed over the processes, each weighted by its share of the batch's regularised positions,
+    so the loss history and g are those of one process (up to float rounding). Every process
+    starts from rank 0's g; only rank 0 writes the checkpoint (on a file system all can read).
 
     Args:
         model: the PLM (``PreTrainedModel``); it is not changed.
-        tokenizer: its tokenizer. texts: the corpus (strings).
+        tokenizer: its tokenizer. texts: the corpus, as above.
         regularizer: the :class:`~sbpet.BridgeRegularizer` to fit, trained in place on the
             model's device; frozen again when done.
-        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files plus optimizer,
-            scheduler, step and loss history) is written every ``save_every`` steps and at the end.
-            With ``resume`` an existing checkpoint there is loaded and the run continues from
-            its step with the same data order; a checkpoint from different settings is an error.
+        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files plus ``fit_state.pt``:
+            optimizer, scheduler, step and loss ``history``) is written every ``save_every``
+            steps and at the end. With ``resume`` an existing checkpoint there is loaded and the
+            run continues from its step with the same data; one from different settings is an error.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
             regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: g's products while fitting; ``"fp32"`` by default whatever the regulariser's
             own setting, because R of a fitted g is a cancelling difference (README "Precision").
+        text_column: the column of a ``datasets`` dataset (or the key of mapping rows) holding the text.
+        backbone_dtype: the frozen backbone's autocast dtype: ``"auto"`` (bf16 on a CUDA device
+            that has it, none elsewhere), ``"bf16"``, ``"fp16"``, or ``"fp32"``/None (no
+            autocast). g's own products stay at ``precision``.
 
     Returns:
         ``{"loss": [R per step], "steps": steps, "resumed_from": step or 0}``.
@@ -186,76 +205,107 @@ def fit_mapping(
         check_backend_name(backend)
     if not 0 < mask_probability <= 1:
         raise ValueError(f"mask_probability must be in (0, 1], got {mask_probability}")
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise ValueError("texts is empty: fit_mapping needs some text")
+    rank, world = _process_group()
+    if batch_size < world:
+        raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {world} processes")
+    texts = fitting_texts(texts, text_column)
     backbone, _ = find_backbone_and_layers(model)
     device = next(backbone.parameters()).device
+    autocast_dtype = _autocast_dtype(backbone_dtype, device)
+    signature = {"steps": steps, "batch_size": batch_size, "max_length": max_length,
+                 "seed": seed, "mask_probability": mask_probability,
+                 "texts": len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream"}
+    if autocast_dtype is not None:  # absent otherwise, so fp32 checkpoints of earlier versions resume
+        signature["backbone_dtype"] = str(autocast_dtype).removeprefix("torch.")
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    model.requires_grad_(False)
-    regularizer.to(device)
-    regularizer.train()
-    regularizer.mapping.requires_grad_(True)
-    if isinstance(regularizer.tail, torch.nn.Parameter):
-        regularizer.tail.requires_grad_(True)
-    params = [p for p in regularizer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    warmup = int(round(warmup_ratio * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
-    signature = {"steps": steps, "batch_size": batch_size, "max_length": max_length,
-                 "seed": seed, "mask_probability": mask_probability, "texts": len(texts)}
-
-    start, history = 0, []
-    if checkpoint_dir is not None and resume and os.path.isdir(os.path.join(checkpoint_dir, CHECKPOINT_NAME)):
-        start, history = _load_checkpoint(checkpoint_dir, model, regularizer, optimizer, scheduler, signature)
-    resumed_from = start
-
-    rows = tokenise_texts(tokenizer, texts, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    causal = regularizer.shift_labels
-    # The PDF regulariser needs only each layer's context and regularised rows (hooks); the SDE
-    # regulariser reads whole token paths, so it takes the model's hidden states.
-    is_pdf = regularizer.config.get("kind", "pdf") == "pdf"
-    capture = BridgeCapture(backbone, regularizer, backend, precision) if is_pdf else None
-    bar = tqdm(total=steps, initial=start, desc="fitting g", disable=not progress, dynamic_ncols=True)
+    capture, bar = None, None
     try:
+        model.eval()
+        model.requires_grad_(False)
+        regularizer.to(device)
+        regularizer.train()
+        regularizer.mapping.requires_grad_(True)
+        if isinstance(regularizer.tail, torch.nn.Parameter):
+            regularizer.tail.requires_grad_(True)
+        params = [p for p in regularizer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        warmup = int(round(warmup_ratio * steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
+
+        start, history = 0, []
+        if checkpoint_dir is not None and resume and os.path.isdir(os.path.join(checkpoint_dir, CHECKPOINT_NAME)):
+            start, history = _load_checkpoint(checkpoint_dir, model, regularizer, optimizer, scheduler, signature)
+        if world > 1:  # every process starts from rank 0's g (a seeded init may still differ by rank)
+            for tensor in regularizer.state_dict().values():
+                torch.distributed.broadcast(tensor, 0)
+        resumed_from = start
+        batches = text_batches(texts, batch_size, seed, start, text_column)
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        causal, ignore = regularizer.shift_labels, regularizer.ignore_index
+        # The PDF regulariser needs only each layer's context and regularised rows (hooks); the SDE
+        # regulariser reads whole token paths, so it takes the model's hidden states.
+        is_pdf = regularizer.config.get("kind", "pdf") == "pdf"
+        capture = BridgeCapture(backbone, regularizer, backend, precision) if is_pdf else None
+        # no_grad, not inference_mode: the states the backbone yields feed g, which autograd records.
+        bar = tqdm(total=steps, initial=start, desc="fitting g", disable=not progress or rank != 0,
+                   dynamic_ncols=True)
         for step in range(start, steps):
+            began = time.perf_counter()
             gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            indices = _batch_indices(step, batch_size, len(rows), seed)
+            rows = tokenise_texts(tokenizer, next(batches), max_length)
             input_ids, attention_mask, labels = make_fitting_batch(
-                rows, indices, pad_id, tokenizer.mask_token_id, len(tokenizer), mask_probability,
-                corrupt_inputs, causal, regularizer.ignore_index, gen,
+                rows, range(len(rows)), pad_id, tokenizer.mask_token_id, len(tokenizer), mask_probability,
+                corrupt_inputs, causal, ignore, gen,
             )
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            tokens = int(attention_mask.sum())
+            if world > 1:  # this process's share of the global batch, weighted by its positions
+                mine = slice(rank, None, world)
+                weight = _regularised_count(labels[mine], causal, ignore) / max(
+                    1, _regularised_count(labels, causal, ignore))
+                input_ids, attention_mask, labels = input_ids[mine], attention_mask[mine], labels[mine]
+            input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
             if capture is not None:
-                with torch.no_grad(), capture.armed(labels.to(device), attention_mask):
+                with torch.no_grad(), _autocast(device, autocast_dtype), capture.armed(labels, attention_mask):
                     backbone(input_ids=input_ids, attention_mask=attention_mask)
                 loss = capture.loss()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), _autocast(device, autocast_dtype):
                     outputs = backbone(
                         input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
                     )
-                loss = regularizer(outputs.hidden_states, labels.to(device), attention_mask)  # the SDE one
+                hidden = outputs.hidden_states
+                if autocast_dtype is not None:
+                    hidden = tuple(h.float() for h in hidden)
+                loss = regularizer(hidden, labels, attention_mask)  # the SDE one
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1:
+                loss = loss * weight
+                loss.backward()
+                value = _reduce_step(params, loss)
+            else:
+                loss.backward()
+                value = float(loss.detach())
             if max_grad_norm and max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
-            value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"R became {value} at step {step}: lower the learning rate")
             history.append(value)
             bar.update(1)
-            bar.set_postfix(R=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(R=f"{value:.4f}", tok_s=f"{tokens / max(time.perf_counter() - began, 1e-9):.0f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
             if checkpoint_dir is not None and (done % max(1, save_every) == 0 or done == steps):
-                _save_checkpoint(checkpoint_dir, regularizer, optimizer, scheduler, done, history, signature)
+                if rank == 0:
+                    _save_checkpoint(checkpoint_dir, regularizer, optimizer, scheduler, done, history, signature)
+                if world > 1:
+                    torch.distributed.barrier()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if capture is not None:
             capture.remove()
         regularizer.requires_grad_(False)

@@ -127,6 +127,27 @@ def test_fit_force_twice_gives_the_same_g(tmp_path, capsys):
     assert fits[0][1] == fits[1][1]
 
 
+def test_fit_on_text_files(tmp_path, capsys):
+    """`sbpet fit --text-files`: g fitted on the files' lines, saved to --out with its checkpoint,
+    nothing in the cache; a glob matching nothing and a missing --out are refused by name."""
+    common = _tiny_options(tmp_path, tmp_path / "cache")
+    corpus = tmp_path / "texts"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the cat sat on the mat\n\nmarket shares rose\n")
+    (corpus / "b.txt").write_text("team won the game\nfilm star music\n")
+    out = tmp_path / "g_files"
+    assert main(["fit", *common, "--text-files", f"{corpus}/a.txt,{corpus}/none*.txt", "--out", str(out)]) == 2
+    assert "--text-files: patterns: " in capsys.readouterr().err
+    assert main(["fit", *common, "--text-files", str(corpus / "*.txt")]) == 2
+    assert "--text-files needs --out" in capsys.readouterr().err
+    assert main(["fit", *common, "--text-files", str(corpus / "a.txt"), "--text-files", str(corpus / "b*"),
+                 "--out", str(out)]) == 0
+    assert "on the lines of 2 file(s)" in capsys.readouterr().out
+    state = torch.load(out / "fit" / "checkpoint" / "fit_state.pt", weights_only=False)
+    assert len(state["history"]) == 4 and state["signature"]["texts"] == "stream"
+    assert (out / "sbpet_config.json").is_file() and not (tmp_path / "cache" / "g").exists()
+
+
 def test_train_with_the_sde_regularizer(tmp_path, capsys):
     """`--regularizer sde`: its own g (fitted and cached under a key holding the kind) trains
     through BridgeTrainer's hidden-states path."""

@@ -1,15 +1,26 @@
-"""fit_mapping: R decreases, only g trains, the PLM is untouched, checkpoints resume exactly."""
+"""fit_mapping: R decreases, only g trains, the PLM is untouched, checkpoints resume exactly, a
+list and a stream of the same texts give the same g, and so do one and two processes."""
 
+import itertools
 import os
+import sys
 
 import pytest
 import torch
 from transformers import BertForMaskedLM, GPT2LMHeadModel
 
-import sbpet.hf.fitting as fitting
-from hf_helpers import tiny_bert_config, tiny_gpt2_config, tiny_regularizer, tiny_texts, tiny_tokenizer
-from sbpet.hf.fitting import fit_mapping
-from sbpet.modules.regularizer import BridgeRegularizer
+# spawned workers import this module and the shared helpers (tests/) by name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sbpet.hf.fitting as fitting  # noqa: E402
+from hf_helpers import (  # noqa: E402
+    documented_fitting_order, init_gloo, spawn_workers, tiny_bert_config, tiny_gpt2_config, tiny_regularizer,
+    tiny_texts, tiny_tokenizer,
+)
+from sbpet.hf.corpus import TextFiles  # noqa: E402
+from sbpet.hf.fitting import fit_mapping  # noqa: E402
+from sbpet.modules.regularizer import BridgeRegularizer  # noqa: E402
 
 
 def _setup(tmp_path):
@@ -103,3 +114,145 @@ def test_fit_continues_a_loaded_regulariser(kind, tmp_path):
     changed = [k for k, v in loaded.state_dict().items() if not torch.equal(v, before[k])]
     assert "tail" in changed and any(k != "tail" for k in changed), changed
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def _state(reg):
+    return {k: v.detach().clone() for k, v in reg.state_dict().items()}
+
+
+def _endless_texts():
+    """tiny_texts over and over, one at a time (never ends: fit_mapping must not hold it whole)."""
+    return itertools.cycle(tiny_texts())
+
+
+def test_fit_of_a_list_follows_the_documented_order(tmp_path):
+    """A list is fitted in its documented order: a stream of the same texts in that order (whose
+    batches are consecutive chunks) gives bit for bit the same losses and g."""
+    model, tokenizer, texts, reg = _setup(tmp_path)
+    streamed = tiny_regularizer(model)
+    streamed.load_state_dict(reg.state_dict())
+    common = dict(steps=7, batch_size=5, progress=False, seed=3, learning_rate=1e-2)  # batches cross epochs
+    from_list = fit_mapping(model, tokenizer, texts, reg, **common)
+    order = (t for batch in documented_fitting_order(texts, 5, 3, 7) for t in batch)
+    from_stream = fit_mapping(model, tokenizer, order, streamed, **common)
+    assert from_stream["loss"] == from_list["loss"]
+    for k, v in _state(reg).items():
+        assert torch.equal(streamed.state_dict()[k], v), k
+
+
+def test_streamed_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """An endless generator trains at once; a run that stops (after its step-3 checkpoint) and is
+    called again with the same generator skips the texts it used and ends with the g of a run that
+    never stopped. Text files are a stream too."""
+    model, tokenizer, _, reg = _setup(tmp_path)
+    start = _state(reg)
+    resumed = tiny_regularizer(model)
+    resumed.load_state_dict(start)
+    common = dict(steps=6, batch_size=4, progress=False, seed=1, save_every=3)
+    straight = fit_mapping(model, tokenizer, _endless_texts(), reg, **common)
+
+    ckpt, real_save = tmp_path / "ckpt", fitting._save_checkpoint
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit_mapping(model, tokenizer, _endless_texts(), resumed, checkpoint_dir=ckpt, **common)
+    monkeypatch.setattr(fitting, "_save_checkpoint", real_save)
+    again = fit_mapping(model, tokenizer, _endless_texts(), resumed, checkpoint_dir=ckpt, **common)
+    assert again["resumed_from"] == 3 and again["loss"] == straight["loss"]
+    for k, v in _state(reg).items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("\n".join(tiny_texts()) + "\n")
+    files = tiny_regularizer(model)
+    files.load_state_dict(start)
+    from_files = fit_mapping(model, tokenizer, TextFiles(str(tmp_path / "corpus" / "*.txt")), files, **common)
+    assert from_files["loss"] == straight["loss"]  # the file's lines, cycled, are the same stream
+    with pytest.raises(ValueError, match="texts is empty"):
+        fit_mapping(model, tokenizer, iter([]), tiny_regularizer(model), steps=1)
+    assert any(p.requires_grad for p in model.parameters())  # restored after the error too
+
+
+def test_backbone_autocast(tmp_path):
+    """backbone_dtype: off on the CPU by default (a list fit keeps the checkpoint signature of
+    earlier versions), bf16 autocast when asked (recorded in the signature), bad values named."""
+    model, tokenizer, texts, reg = _setup(tmp_path)
+    fit_mapping(model, tokenizer, texts, reg, steps=2, batch_size=4, progress=False, checkpoint_dir=tmp_path / "a")
+    state = torch.load(tmp_path / "a" / "checkpoint" / "fit_state.pt", weights_only=False)
+    assert set(state["signature"]) == {"steps", "batch_size", "max_length", "seed", "mask_probability", "texts"}
+    history = fit_mapping(model, tokenizer, texts, reg, steps=2, batch_size=4, progress=False,
+                          backbone_dtype="bf16", checkpoint_dir=tmp_path / "b")
+    assert all(torch.isfinite(torch.tensor(history["loss"])))
+    state = torch.load(tmp_path / "b" / "checkpoint" / "fit_state.pt", weights_only=False)
+    assert state["signature"]["backbone_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="backbone_dtype"):
+        fit_mapping(model, tokenizer, texts, reg, steps=1, backbone_dtype="int8")
+
+
+FIT = dict(steps=6, batch_size=5, progress=False, seed=2, learning_rate=1e-2, save_every=3)
+
+
+def _fresh(directory):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config())
+    return model, tiny_tokenizer(directory), tiny_regularizer(model)
+
+
+def _fitting_worker(rank, world, store, out):
+    init_gloo(rank, world, store)
+    try:
+        model, tokenizer, reg = _fresh(f"{store}-tok-{rank}")
+        start = _state(reg)
+        listed = fit_mapping(model, tokenizer, tiny_texts(), reg, **FIT)
+        results = {"list": (listed["loss"], _state(reg))}
+        # a streamed run that stops on every process after its step-3 checkpoint
+        reg.load_state_dict(start)
+        real_barrier = torch.distributed.barrier
+
+        def barrier_then_stop(*args, **kwargs):
+            real_barrier(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        torch.distributed.barrier = barrier_then_stop
+        try:
+            fit_mapping(model, tokenizer, _endless_texts(), reg, checkpoint_dir=f"{store}-ckpt", **FIT)
+        except KeyboardInterrupt:
+            results["stopped"] = True
+        finally:
+            torch.distributed.barrier = real_barrier
+        if rank == 0:
+            torch.save(results, out)
+        real_barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fit_on_two_processes_equals_one(tmp_path):
+    """With 2 processes (gloo) the batch of 5 is split 3 + 2 and the result is one process's: the
+    same losses and g. A streamed run stopped on 2 processes after its step-3 checkpoint and called
+    again on 1 process ends with the g of an uninterrupted run."""
+    store, out = str(tmp_path / "store"), str(tmp_path / "two.pt")
+    spawn_workers(_fitting_worker, (2, store, out), "fit_mapping")
+    two = torch.load(out)
+    model, tokenizer, reg = _fresh(tmp_path)
+    start = _state(reg)
+    one = fit_mapping(model, tokenizer, tiny_texts(), reg, **FIT)
+    losses, state = two["list"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["loss"]), rtol=0, atol=1e-4)
+    for k, v in _state(reg).items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
+
+    assert two["stopped"]
+    reg.load_state_dict(start)
+    straight = fit_mapping(model, tokenizer, _endless_texts(), reg, **FIT)
+    resumed = tiny_regularizer(model)
+    again = fit_mapping(model, tokenizer, _endless_texts(), resumed, checkpoint_dir=f"{store}-ckpt", **FIT)
+    assert again["resumed_from"] == 3
+    torch.testing.assert_close(torch.tensor(again["loss"]), torch.tensor(straight["loss"]), rtol=0, atol=1e-4)
+    for k, v in _state(reg).items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
