@@ -14,8 +14,10 @@
 5. runs the training-step benchmark (benchmarks/train_step.py): one BridgeTrainer step with LoRA,
    bf16 autocast, without and with the regulariser for every backend, on BERT-large at the GLUE
    shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time);
-6. torch.compile of the reference (fwd+bwd first) in the time left;
-7. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
+6. fitting g's throughput (benchmarks/bench_fitting.py: fit_mapping on a BERT-base shape, bf16
+   backbone, sequences/s and tokens/s with and without the regulariser's share);
+7. torch.compile of the reference (fwd+bwd first) in the time left;
+8. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
 
 ``--dry-run`` runs the whole flow on the CPU (tiny shapes and tiny training configurations, small
 ceilings, one quick test module) in seconds: it is what tests/bench/test_gpu_check.py runs. Optional
@@ -164,6 +166,35 @@ def run_train_steps(device, configs, deadline, quick: bool) -> list[dict]:
                  "reason": f"{type(exc).__name__}: {str(exc)[:300]}"} for name in configs]
 
 
+def run_fitting(device, deadline) -> list[dict]:
+    """Fitting g's throughput (benchmarks/bench_fitting.py), one record per configuration."""
+    from benchmarks.bench_fitting import measure_fitting
+
+    name = "bert-base" if device.type == "cuda" else "tiny-bert"
+    if time.monotonic() > deadline:
+        return [{"benchmark": "fitting", "config": name, "status": "skipped", "reason": "out of time"}]
+    try:
+        record = measure_fitting(name, device, rounds=3)
+    except Exception as exc:  # recorded, the rest of the check goes on
+        return [{"benchmark": "fitting", "config": name, "status": "error", "reason": repr(exc)[:300]}]
+    _say(f"fitting {name}: {record['seq_per_s']:.0f} seq/s, {record['tok_per_s']:.0f} tok/s "
+         f"(backbone alone {record['backbone_seq_per_s']:.0f} seq/s; regulariser share "
+         f"{record['regulariser_share']:.0%})")
+    return [{"benchmark": "fitting", "status": "ok", **record}]
+
+
+def _fitting_table(records: list[dict]) -> str:
+    lines = ["", "| fitting g | seq/s | tok/s | backbone seq/s | backbone tok/s | regulariser share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['config']} | {r['status']}: {r.get('reason', '')} | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['seq_per_s']:.0f} | {r['tok_per_s']:.0f} | {r['backbone_seq_per_s']:.0f} "
+                     f"| {r['backbone_tok_per_s']:.0f} | {r['regulariser_share']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
 def _dispatch_choices() -> list[dict]:
     """What ``auto`` chose in this process (kernel table and training steps), with its timings."""
     from sbpet.backends import dispatch
@@ -267,25 +298,27 @@ def main(argv=None) -> int:
         train = [{"benchmark": "train_step", "config": c, "variant": "none", "status": "skipped",
                   "reason": "not requested (--train-budget-s 0)"} for c in train_configs]
     suite.free_device(device)
+    fitting = run_fitting(device, deadline - 60)
+    suite.free_device(device)
     results = table_order(suite, shapes, results + run_benchmarks(
         suite, device, dtype, shapes, deadline - 5, with_compile, ceilings, quick=args.dry_run, phases=("compile",)))
 
     data = {"environment": env, "ceilings": ceilings, "targets": suite.TARGETS, "tests": tests,
             "shapes": {s: suite.shape_record(suite.SHAPES[s]) for s in shapes},
             "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1), "results": results,
-            "train_step": train, "dispatch": _dispatch_choices(), "autotune": _autotune_choices()}
+            "train_step": train, "fitting": fitting, "dispatch": _dispatch_choices(), "autotune": _autotune_choices()}
     stem = ("dryrun-" if args.dry_run else "") + f"{slug(env.get('device') or device.type)}-{env['date']}"
     json_path = os.path.join(args.outdir, stem + ".json")
     md_path = os.path.join(args.outdir, stem + ".md")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, default=str)
-    table = report.render(*report.load_records(data)) + _dispatch_table(data["dispatch"])
+    table = report.render(*report.load_records(data)) + _fitting_table(fitting) + _dispatch_table(data["dispatch"])
     table += "".join(f"autotune: {' '.join(c['key'])} -> {c['tile']}\n" for c in data["autotune"])
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(table)
     _say(f"wrote {json_path} and {md_path} in {data['elapsed_s']} s")
     print(table, flush=True)
-    bad = [r for r in results + train if r.get("status") in ("wrong", "error")]
+    bad = [r for r in results + train + fitting if r.get("status") in ("wrong", "error")]
     tests_failed = tests.get("returncode") not in (None, 0) or tests.get("timed_out")
     return 1 if bad or tests_failed else 0
 
