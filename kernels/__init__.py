@@ -15,6 +15,31 @@ installed (``HAS_TRITON``).
 """
 
 import os
+import sys
+
+
+def _step_aside_for_hugging_face_kernels() -> bool:
+    """Imported as a top-level ``kernels`` (the repository root is on ``sys.path``, as under
+    ``python -m pytest`` in a checkout): Hugging Face's ``kernels`` package, which transformers
+    >= 5.25 imports when it is installed, must win. Load it in our place and return True; False
+    when it is not installed (then this package stands, as before)."""
+    import importlib.machinery
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, elsewhere)
+    if spec is None or spec.loader is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[__name__] = module  # what `import kernels` returns once this file has run
+    spec.loader.exec_module(module)
+    return True
+
+
+if __name__ == "kernels":
+    # The rest of this file then fills a module that nothing refers to; it imports no submodule.
+    _step_aside_for_hugging_face_kernels()
 
 try:
     import triton  # noqa: F401
