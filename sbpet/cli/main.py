@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for a seed every regularised run trains on the same few-shot sample from the same PET initialisation as the "
         "vanilla run of its protocol), cache every run by its full configuration (an interrupted study resumes; a "
         "changed setting reruns only what it changes), and write runs.csv/json, table.md (alpha chosen on the "
-        "validation split; paired differences with 95%% intervals and sign tests), study.png (the dose-response) and "
+        "validation split; paired differences with 95% intervals and sign tests), study.png (the dose-response) and "
         "fit_curves.png to --out. " + REPRODUCIBLE)
     quickable = ("max_length", "fit_steps", "test_per_class", "val_per_class", "epochs")
     _add_setup(study, unset=quickable, lists=("fit_steps",))
