@@ -278,3 +278,39 @@ def test_autocast_leaves_r_in_float32():
     assert hooked.dtype == full.dtype == want.dtype == torch.float32
     torch.testing.assert_close(full, want, rtol=0, atol=0)
     torch.testing.assert_close(hooked, want, rtol=1e-6, atol=1e-6)
+
+
+def test_hooks_and_module_take_the_device_cached_marginals(monkeypatch):
+    """Both routes (hooks: BridgeCapture.loss; module: BridgeRegularizer.forward via bridge_loss)
+    read the marginals from sbpet.core.bridges.marginals_on, computed on the host once per
+    (bridge, L+1, device), never per step."""
+    import sbpet.backends.api as api
+    import sbpet.hf.capture as capture_module
+    from sbpet.core import bridges
+
+    model, base = _bert("lora")
+    reg = tiny_regularizer(base)
+    ids, mask, y = classification_batch()
+    labels = masked_lm_bridge_labels(ids, y, MASK_ID, LABEL_WORDS)
+    asked, computed = [], []
+    real_on, real_marginals = bridges.marginals_on, type(reg.bridge).marginals
+
+    def spy_on(bridge, num_states, device):
+        asked.append(num_states)
+        return real_on(bridge, num_states, device)
+
+    monkeypatch.setattr(capture_module, "marginals_on", spy_on)
+    monkeypatch.setattr(api, "marginals_on", spy_on)
+    monkeypatch.setattr(type(reg.bridge), "marginals", lambda self, n: computed.append(n) or real_marginals(self, n))
+    bridges._ON_DEVICE.clear()
+    capture = BridgeCapture(model, reg)
+    for _ in range(2):
+        with torch.no_grad(), capture.armed(labels, mask):
+            model(input_ids=ids, attention_mask=mask)
+        capture.loss()
+    capture.remove()
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for _ in range(2):
+        reg(states, labels, mask)
+    assert asked == [len(states)] * 4 and computed == [len(states)]
