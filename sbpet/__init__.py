@@ -25,6 +25,7 @@ import warnings
 
 from .backends.api import bridge_loss
 from .backends.torch_backend import bridge_loss_from_parts
+from .core.checks import check_deferred
 from .core.bridges import BRIDGES, Bridge, BrownianBridge, OUBridge, get_bridge, layer_times
 from .core.mapping import BridgeMapping, tail_from_embeddings
 from .core.precision import PRECISIONS
@@ -38,9 +39,9 @@ _LAZY = {
     "BridgeTrainer": "hf.trainer",
     "fit_mapping": "hf.fitting",
     "BridgeCapture": "hf.capture",
-    "masked_lm_bridge_labels": "hf.capture",
-    "classification_bridge_labels": "hf.capture",
-    "causal_lm_bridge_labels": "hf.capture",
+    "masked_lm_bridge_labels": "hf.labels",
+    "classification_bridge_labels": "hf.labels",
+    "causal_lm_bridge_labels": "hf.labels",
     "align_to_states": "hf.capture",
     "apply_bitfit": "hf.peft_utils",
     "enable_prefix_tuning": "hf.prefix",
@@ -119,6 +120,7 @@ __all__ = [
     "BrownianBridge",
     "OUBridge",
     "bridge_loss",
+    "check_deferred",
     "get_bridge",
     "layer_times",
     "tail_from_embeddings",

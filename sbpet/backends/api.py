@@ -10,7 +10,8 @@ from . import dispatch
 from ..core.bridges import Bridge, get_bridge, marginals_on
 from .dispatch import BACKENDS, resolve_backend
 from ..core.mapping import BridgeMapping
-from ..core.precision import check_precision
+from ..core.precision import autocast_off, check_precision
+from ..core import checks
 from ..core.validation import check_finite_states, validate_inputs
 
 __all__ = ["bridge_loss", "BACKENDS", "resolve_backend", "select_loss_backend"]
@@ -40,7 +41,8 @@ def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, pre
     params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
     runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args), states, params)
     # training g or the tail makes the fused strategy use atomics (not a deterministic candidate)
-    return dispatch.select("loss", backend, states[0].device, key, runners, atomics=flags[1] or flags[2])
+    return dispatch.select("loss", backend, states[0].device, key, runners, atomics=flags[1] or flags[2],
+                           padded=inputs.num_valid is not None)
 
 
 def bridge_loss(
@@ -57,6 +59,7 @@ def bridge_loss(
     backend: str = "auto",
     precision: str = "fp32",
     num_layers: int | None = None,
+    max_positions: int | None = None,
 ) -> torch.Tensor:
     """The stochastic-bridge regulariser R of docs/METHOD.md as a function.
 
@@ -81,6 +84,15 @@ def bridge_loss(
             ``"tf32"`` or ``"bf16"`` (bf16 operands, float32 accumulation); see
             :mod:`sbpet.core.precision`.
         num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
+        max_positions: a fixed capacity for the regularised positions (the most one batch can
+            hold): no host read to count them and one shape for every batch (CUDA graphs,
+            ``torch.compile``), at the cost of that many rows; torch and reference backends. None:
+            exact positions (free for ``labels`` on the CPU; ``nonzero`` on a device reads one
+            number back). See :mod:`sbpet.core.positions`.
+
+    Host syncs: none when ``labels`` and ``attention_mask`` lie on the CPU or ``max_positions`` is
+    given, after a route's first call on a device (which checks every value eagerly); the value
+    checks are then deferred to :func:`sbpet.check_deferred` (:mod:`sbpet.core.checks`).
 
     Returns:
         Scalar float32 tensor R (float64 for float64 states; under autocast too, which never
@@ -120,6 +132,8 @@ def bridge_loss(
         ignore_index=ignore_index,
         shift_labels=shift_labels,
         check_finite=False,  # below: by the backend from its contexts where it can (no second read)
+        max_positions=max_positions,
+        route="loss",
     )
     device = inputs.hidden_states[0].device
     for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
@@ -128,9 +142,13 @@ def bridge_loss(
     mean_coef, variance = marginals_on(bridge, inputs.num_states, device)  # cached there: no copy per call
     # ``precision`` decides how g's products run, not an enclosing autocast region: R is computed
     # (and returned) in float32 (float64 states: float64) whether or not the model runs under autocast.
-    with torch.autocast(device.type, enabled=False):
+    eager = inputs.check_mode == "eager"
+    extra = {} if inputs.num_valid is None else {"num_valid": inputs.num_valid}
+    with autocast_off(device):
         chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
-        if not chosen.checks_finite:
+        if chosen.checks_finite:
+            extra["check_finite"] = eager
+        elif eager:
             check_finite_states(inputs.hidden_states, inputs.attention_mask)
         loss = chosen.loss(
             inputs.hidden_states,
@@ -143,9 +161,23 @@ def bridge_loss(
             mean_coef,
             variance,
             precision,
-            **({"check_finite": True} if chosen.checks_finite else {}),
+            **extra,
         )
-    if full_nll and inputs.targets.numel():
-        host_variance = bridge.marginals(inputs.num_states)[1]  # a host number: no device read
-        loss = loss + float(0.5 * mapping.latent_size * torch.log(2 * math.pi * host_variance).mean())
+    if inputs.check_mode == "deferred":
+        checks.defer("nonfinite", (~torch.isfinite(loss)).long())
+    if full_nll:
+        loss = add_normalising_terms(loss, bridge, inputs.num_states, mapping.latent_size, inputs.targets.numel(),
+                                     inputs.num_valid)
     return loss
+
+
+def add_normalising_terms(loss, bridge: Bridge, num_states: int, latent_size: int, rows: int, num_valid=None):
+    """``full_nll``: R plus the log-variance and 2*pi terms (a host number: no device read), where
+    there is a regularised row (``num_valid``, when given, counts them on the device)."""
+    if rows == 0:
+        return loss
+    host_variance = bridge.marginals(num_states)[1]
+    constant = float(0.5 * latent_size * torch.log(2 * math.pi * host_variance).mean())
+    if num_valid is None:
+        return loss + constant
+    return loss + constant * (num_valid > 0).to(loss.dtype)

@@ -217,7 +217,7 @@ class Selector:
         the fastest. During CUDA-graph capture nothing is timed: recorded, else ``analytic``."""
         if key in self.choices:
             return self.choices[key]
-        if _capturing_graph():
+        if _capturing_graph() or torch.compiler.is_compiling():
             return analytic
         times = {}
         timer = self.timer or cuda_event_timer
@@ -248,15 +248,22 @@ def _bucket(n: int) -> int:
 
 
 def select(op: str, backend: str, device: torch.device, key: tuple, runners: Callable[[list[str]], dict],
-           atomics: bool = True) -> Backend:
+           atomics: bool = True, padded: bool = False) -> Backend:
     """The :class:`Backend` that runs operation ``op`` ("loss", "parts" or "capture").
 
     ``key`` describes the call (dtype, precision, sizes, grad flags); sizes that vary between
     batches are bucketed here (and dropped under DDP). ``runners(names)`` builds, for the
     candidate names, callables that run the operation forward + backward on the call's inputs.
     ``atomics``: the call trains g or the tail (False for the capture, whose kernel has no
-    atomics); under deterministic algorithms it leaves out :data:`ATOMIC_CANDIDATES`."""
+    atomics); under deterministic algorithms it leaves out :data:`ATOMIC_CANDIDATES`. ``padded``:
+    the positions come at a fixed capacity (:mod:`sbpet.core.positions`), which the Triton kernels
+    do not take: ``auto`` runs torch, an explicit "triton" raises ValueError."""
     name = resolve_backend(backend, device, atomics)
+    if padded and name.startswith("triton"):
+        raise ValueError("backend='triton' takes exact positions only: give labels on the CPU (found on the host, "
+                         "no sync) or leave max_positions None (outside torch.compile), or use the torch backend")
+    if padded and name == "auto":
+        return get_backend("torch")
     if name != "auto":
         return get_backend(name)
     candidates = ["torch", "triton"] if op == "capture" else ["torch", *TRITON_CANDIDATES]
@@ -268,8 +275,9 @@ def select(op: str, backend: str, device: torch.device, key: tuple, runners: Cal
 
 def shape_key(*sizes: int) -> tuple:
     """Sizes that vary from batch to batch, as they enter a key: powers of two, or nothing under
-    DDP (see the module docstring)."""
-    if _distributed_world():
+    DDP (see the module docstring) and inside ``torch.compile`` (a size read there would specialise
+    the graph on it: one recompile per size)."""
+    if _distributed_world() or torch.compiler.is_compiling():
         return ()
     return tuple(_bucket(s) for s in sizes)
 

@@ -43,14 +43,31 @@ def tail_points(tail: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return tail[targets]
 
 
-def bridge_loss_from_latents(latents, ends, mean_coef, variance) -> torch.Tensor:
-    """METHOD.md steps 6-7: mean over (l, n) of sum_d (z - mean_coef_l e)^2 / (2 var_l)."""
+def bridge_loss_from_latents(latents, ends, mean_coef, variance, num_valid=None) -> torch.Tensor:
+    """METHOD.md steps 6-7: mean over (l, n) of sum_d (z - mean_coef_l e)^2 / (2 var_l).
+    ``num_valid``: only the first ``num_valid`` rows count (fixed capacity, a device count:
+    :mod:`sbpet.core.positions`)."""
     mean_coef = mean_coef.to(latents)
     variance = variance.to(latents)
     residual = latents - mean_coef[:, None, None] * ends[None].to(latents)
     per_pair = residual.pow(2).sum(dim=-1) / (2 * variance[:, None])
-    pairs = max(per_pair.numel(), 1)
-    return per_pair.sum() / pairs
+    if num_valid is None:
+        return per_pair.sum() / max(per_pair.numel(), 1)
+    valid = valid_rows(per_pair.shape[1], num_valid)
+    return (per_pair * valid).sum() / (num_valid.clamp(min=1) * per_pair.shape[0]).to(per_pair.dtype)
+
+
+def valid_rows(capacity: int, num_valid: torch.Tensor) -> torch.Tensor:
+    """bool [capacity]: the rows a fixed capacity fills (the first ``num_valid``)."""
+    return torch.arange(capacity, device=num_valid.device) < num_valid
+
+
+def zero_padding(tokens: torch.Tensor, num_valid) -> torch.Tensor:
+    """[L+1, C, H] token rows with the padding rows of a fixed capacity zeroed: whatever they held
+    (a padded position may hold a NaN) never reaches g, and they get a zero gradient."""
+    if num_valid is None:
+        return tokens
+    return tokens.masked_fill(~valid_rows(tokens.shape[1], num_valid)[None, :, None], 0)
 
 
 def reference_bridge_loss(
@@ -64,6 +81,7 @@ def reference_bridge_loss(
     mean_coef,
     variance,
     precision="fp32",
+    num_valid=None,
 ):
     """The bridge regulariser R on validated inputs (the contract every backend honours).
 
@@ -76,6 +94,8 @@ def reference_bridge_loss(
         mean_coef, variance: [L+1] bridge marginals at the layer times (METHOD.md step 6).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's products run
             (:mod:`sbpet.core.precision`).
+        num_valid: None, or (fixed capacity) a 0-d int64 device tensor: only the first
+            ``num_valid`` of the rows are regularised (:mod:`sbpet.core.positions`).
 
     Returns:
         Scalar R (float32, or float64 for float64 inputs): the mean over the (L+1) * N pairs of
@@ -85,9 +105,12 @@ def reference_bridge_loss(
     states = torch.stack(list(hidden_states)).to(compute_dtype)
     contexts = context(states, attention_mask)
     inputs = mapping_inputs(states, contexts, batch_index, seq_index)
+    if num_valid is not None:
+        hidden = states.shape[-1]
+        inputs = torch.cat([inputs[..., :hidden], zero_padding(inputs[..., hidden:], num_valid)], dim=-1)
     latents = latent_points(mapping, inputs, precision)
     ends = tail_points(tail, targets)
-    return bridge_loss_from_latents(latents, ends, mean_coef, variance)
+    return bridge_loss_from_latents(latents, ends, mean_coef, variance, num_valid)
 
 
 def reference_capture_layer(states, attention_mask, batch_index, seq_index):
@@ -99,10 +122,10 @@ def reference_capture_layer(states, attention_mask, batch_index, seq_index):
 
 
 def reference_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
-                              precision="fp32"):
+                              precision="fp32", num_valid=None):
     """R from the parts (lists of L+1 contexts [B, H] and token rows [N, H]) by the reference's
     steps 2-7: concatenate [context ; token] per row, run the whole mapping, score the bridge."""
     contexts, tokens = torch.stack(list(contexts)), torch.stack(list(tokens))
-    inputs = torch.cat([contexts[:, batch_index], tokens.to(contexts.dtype)], dim=-1)
+    inputs = torch.cat([contexts[:, batch_index], zero_padding(tokens.to(contexts.dtype), num_valid)], dim=-1)
     latents = latent_points(mapping, inputs, precision)
-    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)
+    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance, num_valid)

@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from ..core.precision import check_precision, matmul
-from .reference import bridge_loss_from_latents, tail_points
+from .reference import bridge_loss_from_latents, tail_points, zero_padding
 
 __all__ = [
     "torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "chain_backward", "chain_forward",
@@ -42,7 +42,7 @@ def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Ten
     not finite (a host check is free there); on a GPU they take the zeroing copy too (one more pass
     over the layer, but no host synchronisation)."""
     acc = mask_weights.dtype
-    if states.dtype == acc and states.device.type == "cpu":
+    if states.dtype == acc and states.device.type == "cpu" and not torch.compiler.is_compiling():
         total = torch.bmm(mask_weights[:, None, :], states).squeeze(1)
         if bool(torch.isfinite(total).all()):
             return total
@@ -203,6 +203,7 @@ def torch_bridge_loss(
     mean_coef,
     variance,
     precision: str = "fp32",
+    num_valid=None,
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
     :func:`sbpet.backends.reference.reference_bridge_loss`."""
@@ -211,7 +212,7 @@ def torch_bridge_loss(
     wide_rows = any(h.requires_grad for h in hidden_states)
     contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows)
     return bridge_loss_from_parts(
-        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision
+        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision, num_valid
     )
 
 
@@ -238,7 +239,8 @@ def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wi
 
 
 def bridge_loss_from_parts(
-    contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision: str = "fp32"
+    contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision: str = "fp32",
+    num_valid=None,
 ):
     """R from precomputed contexts and token rows (METHOD.md steps 3-7), same result as
     :func:`torch_bridge_loss` on the hidden states they came from.
@@ -253,6 +255,8 @@ def bridge_loss_from_parts(
         mapping: :class:`~sbpet.BridgeMapping` g; tail: [V, D] tail points.
         mean_coef, variance: [L+1] bridge marginals (``bridge.marginals(L + 1)``).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"``: how g's dots run (:mod:`sbpet.core.precision`).
+        num_valid: None, or (fixed capacity) a 0-d int64 tensor: only the first ``num_valid`` rows
+            are regularised, the others are zeroed and weigh nothing (:mod:`sbpet.core.positions`).
 
     Returns:
         Scalar R; exactly 0 (zero gradients) when N == 0. Gradients flow to ``contexts``,
@@ -288,5 +292,5 @@ def bridge_loss_from_parts(
             f"batch_index and targets must be [N] = [{tokens.shape[1]}], got "
             f"{tuple(batch_index.shape)} and {tuple(targets.shape)}"
         )
-    latents = mapping_from_parts(mapping, contexts, tokens, batch_index, precision)
-    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance)
+    latents = mapping_from_parts(mapping, contexts, zero_padding(tokens, num_valid), batch_index, precision)
+    return bridge_loss_from_latents(latents, tail_points(tail, targets), mean_coef, variance, num_valid)

@@ -352,7 +352,7 @@ def train_few_shot(setup: Setup, pet: str, train_rows, seed: int, *, regularizer
 
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
-    from ..hf.capture import masked_lm_bridge_labels
+    from ..hf.labels import masked_lm_bridge_labels
     from ..hf.labels import every_token_bridge_labels
     from ..hf.trainer import BridgeTrainer
 

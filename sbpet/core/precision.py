@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "matmul", "linear", "round_to_tf32", "matmul_scope"]
+__all__ = ["PRECISIONS", "autocast_off", "check_precision", "matmul", "linear", "round_to_tf32", "matmul_scope"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -107,3 +107,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pre
         with matmul_scope(x.device, precision):
             out = torch.nn.functional.linear(x, weight)
     return out if bias is None else out + bias.to(dtype)
+
+
+def autocast_off(device: torch.device):
+    """A region where autocast is off on ``device``'s type, so that ``precision`` alone decides how
+    g's products run (a no-op for device types without autocast, such as ``meta``)."""
+    device_type = torch.device(device).type
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

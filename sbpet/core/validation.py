@@ -1,8 +1,10 @@
 """Input checks at the public boundary (docs/METHOD.md "Conventions").
 
-Backends assume valid input: this module checks shapes, dtypes, devices, label ranges and the
-finiteness of the real tokens' states once, with messages that name the argument, and finds the
-regularised positions (the one host synchronisation the loss needs; every value check shares it).
+Backends assume valid input: this module checks shapes, dtypes and devices (always: no data is
+read), and label ranges, empty sequences and the finiteness of the real tokens' states under the
+sync policy of :mod:`sbpet.core.checks` (eager with messages that name the argument where reading
+is free or on a route's first call, else deferred to :func:`sbpet.check_deferred`), and finds the
+regularised positions (:mod:`sbpet.core.positions`).
 
 Finiteness costs a read of every state. ``validate_inputs(check_finite=False)`` leaves it out, for
 a caller that checks afterwards: :func:`check_finite_states` (that read, one more host sync) or
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checks
+from .positions import find_positions, to_device
+
 __all__ = [
     "BridgeInputs", "check_finite_contexts", "check_finite_states", "check_int", "shift_labels_left",
     "validate_inputs",
@@ -31,8 +36,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class BridgeInputs:
     """Validated inputs in the form every backend takes.
 
-    hidden_states: list of L+1 tensors [B, S, H]; attention_mask: [B, S]; batch_index,
-    seq_index, targets: int64 [N] (the regularised positions and their label ids).
+    hidden_states: list of L+1 tensors [B, S, H]; attention_mask: [B, S] bool on the states'
+    device; batch_index, seq_index, targets: int64 [C] (the regularised positions and their label
+    ids); num_valid: None when C = N, else the device count of valid rows (fixed capacity:
+    :mod:`sbpet.core.positions`); check_mode: this call's value-check mode for the states
+    (:func:`sbpet.core.checks.check_mode`).
     """
 
     hidden_states: list[torch.Tensor]
@@ -40,6 +48,8 @@ class BridgeInputs:
     batch_index: torch.Tensor
     seq_index: torch.Tensor
     targets: torch.Tensor
+    num_valid: torch.Tensor | None = None
+    check_mode: str = "eager"
 
     @property
     def num_states(self) -> int:
@@ -102,6 +112,8 @@ def validate_inputs(
     ignore_index: int = -100,
     shift_labels: bool = False,
     check_finite: bool = True,
+    max_positions: int | None = None,
+    route: str = "loss",
 ) -> BridgeInputs:
     """Check the public inputs and find the regularised positions.
 
@@ -111,7 +123,10 @@ def validate_inputs(
     zero, labels outside ``[0, vocab_size)`` other than ``ignore_index``, a non-int
     ``ignore_index`` or ``num_layers``, and a NaN or infinity in the states of a real token (mask
     nonzero; padded positions may hold anything; ``check_finite=False`` leaves this check to the
-    caller, see the module docstring). ``attention_mask=None`` means every token is real.
+    caller, see the module docstring). ``attention_mask=None`` means every token is real. The
+    value checks follow :mod:`sbpet.core.checks` for ``route``. ``labels`` and ``attention_mask``
+    may lie on the CPU while the states are on an accelerator (positions found on the host, no
+    sync); ``max_positions``: fixed capacity (:mod:`sbpet.core.positions`).
     """
     ignore_index = check_int(ignore_index, "ignore_index")
     if num_layers is not None:
@@ -151,52 +166,37 @@ def validate_inputs(
         raise ValueError(f"labels must be [B, S] = {(batch, seq)}, got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device != first.device:
-        raise ValueError(f"labels is on {labels.device} but hidden_states are on {first.device}")
+    device = first.device
+    if labels.device not in (device, torch.device("cpu")):
+        raise ValueError(f"labels is on {labels.device} but hidden_states are on {device} (the CPU also works)")
 
     if attention_mask is None:
-        attention_mask = torch.ones(batch, seq, dtype=torch.long, device=first.device)
+        attention_mask = torch.ones(batch, seq, dtype=torch.long, device=labels.device)
     elif not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
     if attention_mask.shape != (batch, seq):
         raise ValueError(
             f"attention_mask must be [B, S] = {(batch, seq)}, got {tuple(attention_mask.shape)}"
         )
-    if attention_mask.device != first.device:
+    if attention_mask.device not in (device, torch.device("cpu")):
         raise ValueError(
-            f"attention_mask is on {attention_mask.device} but hidden_states are on {first.device}"
+            f"attention_mask is on {attention_mask.device} but hidden_states are on {device} (the CPU also works)"
         )
 
     labels = labels.long()
     if shift_labels:
         labels = shift_labels_left(labels, ignore_index)
-    regularised = labels != ignore_index
     real = attention_mask != 0  # boolean from here on: every real token weighs the same
-    nonfinite = _nonfinite_positions(states, real).sum() if check_finite else torch.zeros_like(real.sum())
-    # One host sync for all four checks.
-    empty_rows, below, above, bad_states = torch.stack(
-        [
-            real.sum(dim=1).eq(0).sum(),
-            (regularised & (labels < 0)).sum(),
-            (regularised & (labels >= vocab_size)).sum(),
-            nonfinite,
-        ]
-    ).tolist()
-    if empty_rows:
-        raise ValueError(
-            f"attention_mask has {empty_rows} sequence(s) with no real token (all zero): "
-            "their context mean is undefined"
-        )
-    if below or above:
-        bad = labels[regularised & ((labels < 0) | (labels >= vocab_size))]
-        raise ValueError(
-            f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
-            f"found {bad.numel()} outside, e.g. {bad[:5].tolist()}"
-        )
-    if bad_states:
-        raise _nonfinite_error(states, real)
-    batch_index, seq_index = regularised.nonzero(as_tuple=True)
-    return BridgeInputs(states, real, batch_index, seq_index, labels[batch_index, seq_index])
+    state_mode = checks.check_mode(route, device)
+    positions = find_positions(labels, real, device, vocab_size=vocab_size, ignore_index=ignore_index, route=route,
+                               max_positions=max_positions, state_mode=state_mode)
+    real = to_device(real, device)
+    if check_finite and state_mode == "eager":
+        check_finite_states(states, real)
+    elif check_finite and state_mode == "deferred":
+        checks.defer("nonfinite", _nonfinite_positions(states, real).any().long())
+    return BridgeInputs(states, real, positions.batch_index, positions.seq_index, positions.targets,
+                        positions.num_valid, state_mode)
 
 
 def _nonfinite_positions(states: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Hugging Face glue: capture what the regulariser needs with forward hooks, and build the
-regularised positions and labels for the three setups (prompt-based masked LM, sequence
-classification, causal LM), virtual tokens of prompt tuning included.
+"""Hugging Face glue: capture what the regulariser needs with forward hooks, virtual tokens of
+prompt tuning included (the bridge labels of the three setups live in :mod:`.labels`, re-exported
+here).
 
 Why hooks: ``output_hidden_states=True`` keeps every layer's [B, S, H] state alive and hands back
 a tuple of all of them. The regulariser only needs, per layer, the context (a masked mean, METHOD.md
@@ -22,15 +22,18 @@ and values: the layers' states keep S positions and nothing shifts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..backends import dispatch
+from ..backends.api import add_normalising_terms
+from ..core import checks
 from ..core.bridges import marginals_on
-from ..core.precision import check_precision
-from ..core.validation import shift_labels_left
+from ..core.positions import find_positions, to_device
+from ..core.precision import autocast_off, check_precision
+from ..core.validation import check_int, shift_labels_left
+from .labels import causal_lm_bridge_labels, classification_bridge_labels, masked_lm_bridge_labels  # noqa: F401
 from .prefix import enable_prefix_tuning, is_prefix_tuned
 
 __all__ = [
@@ -190,6 +193,13 @@ class BridgeCapture:
             loss (None: the regulariser's ``backend``); see :mod:`sbpet.backends.dispatch`.
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
             regulariser's ``precision``).
+        max_positions: a fixed capacity for the regularised positions (see
+            :func:`sbpet.bridge_loss`; None: exact).
+
+    Host syncs: none when the armed labels and mask lie on the CPU (the positions are found there
+    and handed over in one non-blocking copy; :class:`BridgeTrainer` and ``fit_mapping`` arm them
+    so) or with ``max_positions``, after the first call (which checks every value eagerly); see
+    :mod:`sbpet.core.checks` for the deferred checks.
 
     Example:
         >>> capture = BridgeCapture(model, regularizer)
@@ -199,7 +209,8 @@ class BridgeCapture:
         >>> capture.remove()                                        # when done
     """
 
-    def __init__(self, model: nn.Module, regularizer, backend: str | None = None, precision: str | None = None):
+    def __init__(self, model: nn.Module, regularizer, backend: str | None = None, precision: str | None = None,
+                 max_positions: int | None = None):
         from ..modules.regularizer import BridgeRegularizer
 
         if not isinstance(regularizer, BridgeRegularizer) or regularizer.config.get("kind", "pdf") != "pdf":
@@ -210,6 +221,7 @@ class BridgeCapture:
         self.regularizer = regularizer
         self.backend = dispatch.check_backend_name(regularizer.backend if backend is None else backend)
         self.precision = check_precision(regularizer.precision if precision is None else precision)
+        self.max_positions = None if max_positions is None else check_int(max_positions, "max_positions", minimum=1)
         if is_prefix_tuned(model):  # peft's prefix tuning on transformers >= 5.24 (see .prefix)
             enable_prefix_tuning(model)
         self.backbone, self.layers = find_backbone_and_layers(model)
@@ -270,37 +282,26 @@ class BridgeCapture:
         )
         if reg.shift_labels:
             labels = shift_labels_left(labels, reg.ignore_index)
-        regularised = labels != reg.ignore_index
         real = attention_mask != 0  # boolean: any nonzero value is a real token, all weigh the same
-        empty, bad = torch.stack(
-            [
-                real.sum(1).eq(0).sum(),
-                (regularised & ((labels < 0) | (labels >= reg.vocab_size))).sum(),
-            ]
-        ).tolist()
-        if empty:
-            raise ValueError(f"attention_mask has {empty} sequence(s) with no real token (all zero)")
-        if bad:
-            raise ValueError(
-                f"labels must be in [0, {reg.vocab_size}) or ignore_index={reg.ignore_index}; "
-                f"{bad} are outside"
-            )
-        batch_index, seq_index = regularised.nonzero(as_tuple=True)
+        device = self._states_device(labels.device)
+        mode = checks.check_mode("capture", device)
+        positions = find_positions(labels, real, device, vocab_size=reg.vocab_size, ignore_index=reg.ignore_index,
+                                   route="capture", max_positions=self.max_positions, state_mode=mode)
         self._reset()
-        self._positions = (
-            labels.shape,
-            real,
-            batch_index,
-            seq_index,
-            labels[batch_index, seq_index],
-        )
+        self._positions = (labels.shape, to_device(real, device), positions, mode)
+
+    def _states_device(self, fallback: torch.device) -> torch.device:
+        """Where the layers' states will lie: the regulariser's device (g runs on them)."""
+        tail = self.regularizer.tail
+        return tail.device if tail.device.type != "cpu" else torch.device(fallback)
 
     # -- hooks --------------------------------------------------------------------------------
 
     def _record(self, index: int, states: torch.Tensor):
         if not self._armed or index in self._parts:
             return  # not armed, or a recompute (gradient checkpointing) of a recorded layer
-        shape, mask, batch_index, seq_index, _ = self._positions
+        shape, mask, positions, _ = self._positions
+        batch_index, seq_index = positions.batch_index, positions.seq_index
         if states.dim() != 3 or states.shape[:2] != shape:
             raise ValueError(
                 f"layer {index} gave states of shape {tuple(states.shape)} but the armed labels "
@@ -308,14 +309,15 @@ class BridgeCapture:
                 f"{tuple(shape)}: labels/attention_mask must be the batch's, before any virtual tokens"
             )
         device = states.device
-        mask, batch_index, seq_index = mask.to(device), batch_index.to(device), seq_index.to(device)
+        mask, batch_index, seq_index = (to_device(t, device) for t in (mask, batch_index, seq_index))
         batch, seq, hidden = states.shape
         key = (states.dtype, hidden, *dispatch.shape_key(batch, seq, batch_index.numel()), states.requires_grad)
 
         runners = dispatch.runners_for(lambda b, xs: b.capture_layer(xs[0], mask, batch_index, seq_index), [states])
         # The model may run under autocast; the context is accumulated in float32 regardless.
-        with torch.autocast(device.type, enabled=False):
-            backend = dispatch.select("capture", self.backend, device, key, runners, atomics=False)
+        with autocast_off(device):
+            backend = dispatch.select("capture", self.backend, device, key, runners, atomics=False,
+                                      padded=positions.padded)
             self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
 
     def _first_layer_hook(self, module, args, kwargs):
@@ -343,13 +345,15 @@ class BridgeCapture:
                 "`with capture.armed(...)`?"
             )
         reg = self.regularizer
-        _, _, batch_index, _, targets = self._positions
+        _, _, positions, mode = self._positions
         contexts = [self._parts[i][0] for i in range(num_states)]
         tokens = [self._parts[i][1] for i in range(num_states)]
         self._reset()
         device = contexts[0].device
-        batch_index, targets = batch_index.to(device), targets.to(device)
+        batch_index, targets = to_device(positions.batch_index, device), to_device(positions.targets, device)
         mean_coef, variance = marginals_on(reg.bridge, num_states, device)  # cached there: no copy per call
+        num_valid = positions.num_valid
+        extra = {} if num_valid is None else {"num_valid": to_device(num_valid, device)}
         args = (batch_index, targets, reg.mapping, reg.tail, mean_coef, variance, self.precision)
         trains = (any(p.requires_grad for p in reg.mapping.parameters()), bool(reg.tail.requires_grad))
         key = (
@@ -360,17 +364,22 @@ class BridgeCapture:
 
         params = [p for p in reg.mapping.parameters() if p.requires_grad] + [reg.tail]
         runners = dispatch.runners_for(
-            lambda b, xs: b.loss_from_parts(xs[:num_states], xs[num_states:], *args), [*contexts, *tokens], params
+            lambda b, xs: b.loss_from_parts(xs[:num_states], xs[num_states:], *args, **extra), [*contexts, *tokens],
+            params,
         )
-        with torch.autocast(device.type, enabled=False):
+        with autocast_off(device):
             # training g or the tail makes the fused strategy use atomics (not a deterministic candidate)
-            backend = dispatch.select("parts", self.backend, device, key, runners, atomics=any(trains))
-            loss = backend.loss_from_parts(contexts, tokens, *args)
-        if reg.full_nll and targets.numel():
-            import math
-
-            host_variance = reg.bridge.marginals(num_states)[1]  # a host number: no device read
-            loss = loss + float(0.5 * reg.mapping.latent_size * torch.log(2 * math.pi * host_variance).mean())
+            backend = dispatch.select("parts", self.backend, device, key, runners, atomics=any(trains),
+                                      padded=positions.padded)
+            loss = backend.loss_from_parts(contexts, tokens, *args, **extra)
+        if mode == "eager" and not bool(torch.isfinite(loss)):
+            raise ValueError("R is not finite: a NaN or inf in the hidden states of a real token (attention_mask "
+                             "nonzero), or g overflowed")
+        if mode == "deferred":
+            checks.defer("nonfinite", (~torch.isfinite(loss)).long())
+        if reg.full_nll:
+            loss = add_normalising_terms(loss, reg.bridge, num_states, reg.mapping.latent_size, targets.numel(),
+                                         extra.get("num_valid"))
         return loss
 
     def remove(self) -> None:
@@ -378,117 +387,3 @@ class BridgeCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-# ----------------------------------------------------------------------------------------------
-# Regularised positions and labels for the three setups
-
-
-def _check_class_labels(class_labels: torch.Tensor, label_word_ids: Sequence[int], batch: int):
-    if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (batch,):
-        raise ValueError(
-            f"class_labels must be a [B] = [{batch}] tensor, got "
-            f"{getattr(class_labels, 'shape', type(class_labels).__name__)}"
-        )
-    words = torch.as_tensor(list(label_word_ids), dtype=torch.long, device=class_labels.device)
-    if words.dim() != 1 or words.numel() == 0:
-        raise ValueError("label_word_ids must be a non-empty list of token ids, one per class")
-    if bool(((class_labels < 0) | (class_labels >= words.numel())).any()):
-        raise ValueError(f"class_labels must be in [0, {words.numel()}) (one label word per class)")
-    return words[class_labels.long()]
-
-
-def masked_lm_bridge_labels(
-    input_ids: torch.Tensor,
-    class_labels: torch.Tensor,
-    mask_token_id: int,
-    label_word_ids: Sequence[int],
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Prompt-based masked LM (the paper's setup): each sequence's [MASK] token is regularised
-    towards its class's verbalizer word.
-
-    Args:
-        input_ids: [B, S] with exactly one ``mask_token_id`` per sequence.
-        class_labels: [B] class indices; label_word_ids: the verbalizer's token id per class.
-
-    Returns:
-        [B, S] long: the label word id at the [MASK], ``ignore_index`` elsewhere.
-
-    Example:
-        >>> ids = torch.tensor([[101, 5, 103, 102], [101, 103, 7, 102]])
-        >>> masked_lm_bridge_labels(ids, torch.tensor([1, 0]), 103, [2000, 3000])
-        tensor([[-100, -100, 3000, -100],
-                [-100, 2000, -100, -100]])
-    """
-    is_mask = input_ids == mask_token_id
-    counts = is_mask.sum(1)
-    if bool((counts != 1).any()):
-        raise ValueError(
-            f"every sequence needs exactly one mask token (id {mask_token_id}); counts "
-            f"{counts.tolist()}"
-        )
-    words = _check_class_labels(class_labels, label_word_ids, input_ids.shape[0])
-    labels = torch.full_like(input_ids, ignore_index, dtype=torch.long)
-    labels[is_mask] = words
-    return labels
-
-
-def classification_bridge_labels(
-    attention_mask: torch.Tensor,
-    class_labels: torch.Tensor,
-    label_word_ids: Sequence[int],
-    position: str | int = "first",
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Sequence classification: one chosen position per sequence, regularised towards its class's
-    label word.
-
-    Args:
-        attention_mask: [B, S] (1 for real tokens; padding on either side).
-        class_labels: [B] class indices; label_word_ids: a token id per class.
-        position: ``"first"`` (the first real token, e.g. BERT's [CLS]), ``"last"`` (the last
-            real token, where a causal LM classifier reads its logits) or an int index.
-
-    Returns:
-        [B, S] long labels, ``ignore_index`` except at the chosen positions.
-
-    Example:
-        >>> mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-        >>> classification_bridge_labels(mask, torch.tensor([0, 1]), [11, 12], "last")
-        tensor([[-100, -100,   11, -100],
-                [-100, -100, -100,   12]])
-    """
-    batch, seq = attention_mask.shape
-    words = _check_class_labels(class_labels, label_word_ids, batch)
-    real = attention_mask != 0
-    steps = torch.arange(seq, device=attention_mask.device).expand(batch, seq)
-    if position == "first":
-        index = torch.where(real, steps, seq).min(1).values
-    elif position == "last":
-        index = torch.where(real, steps, -1).max(1).values
-    elif isinstance(position, int) and -seq <= position < seq:
-        index = torch.full((batch,), position % seq, device=attention_mask.device)
-    else:
-        raise ValueError(f"position must be 'first', 'last' or an int in [-{seq}, {seq}), got {position!r}")
-    if bool(((index < 0) | (index >= seq)).any()):
-        raise ValueError("attention_mask has a sequence with no real token")
-    labels = torch.full((batch, seq), ignore_index, dtype=torch.long, device=attention_mask.device)
-    labels[torch.arange(batch, device=labels.device), index] = words
-    return labels
-
-
-def causal_lm_bridge_labels(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_index: int = -100
-) -> torch.Tensor:
-    """Causal LM: the Hugging Face labels (input ids, padding ignored), to be used with a
-    regulariser built with ``shift_labels=True`` so that the state at s predicts token s+1.
-
-    Example:
-        >>> causal_lm_bridge_labels(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))
-        tensor([[   5,    6, -100]])
-    """
-    labels = input_ids.clone().long()
-    if attention_mask is not None:
-        labels[attention_mask == 0] = ignore_index
-    return labels

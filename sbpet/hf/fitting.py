@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
 from .capture import BridgeCapture, find_backbone_and_layers
 from ..core.precision import check_precision
@@ -265,9 +266,10 @@ def fit_mapping(
                 weight = _regularised_count(labels[mine], causal, ignore) / max(
                     1, _regularised_count(labels, causal, ignore))
                 input_ids, attention_mask, labels = input_ids[mine], attention_mask[mine], labels[mine]
+            host_labels, host_mask = labels, attention_mask  # positions found on the host: no device read
             input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
             if capture is not None:
-                with torch.no_grad(), _autocast(device, autocast_dtype), capture.armed(labels, attention_mask):
+                with torch.no_grad(), _autocast(device, autocast_dtype), capture.armed(host_labels, host_mask):
                     backbone(input_ids=input_ids, attention_mask=attention_mask)
                 loss = capture.loss()
             else:
@@ -298,6 +300,8 @@ def fit_mapping(
             bar.set_postfix(R=f"{value:.4f}", tok_s=f"{tokens / max(time.perf_counter() - began, 1e-9):.0f}",
                             lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
+            if done % max(1, save_every) == 0 or done == steps:
+                check_deferred()  # the input checks deferred since the last one (sbpet.core.checks)
             if checkpoint_dir is not None and (done % max(1, save_every) == 0 or done == steps):
                 if rank == 0:
                     _save_checkpoint(checkpoint_dir, regularizer, optimizer, scheduler, done, history, signature)

@@ -8,6 +8,7 @@ import os
 import torch
 from transformers import Trainer
 
+from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
 from .capture import BridgeCapture, align_to_states, num_virtual_tokens
 from ..core.precision import check_precision
@@ -113,6 +114,24 @@ class BridgeTrainer(Trainer):
         self._bridge_last_logged = 0
         self._loss_kwargs_checked = False
         self._eval_bridge_sums = None
+        self._host_inputs: dict = {}
+
+    def _prepare_inputs(self, inputs):
+        """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels and the
+        attention mask: the regulariser finds its positions there (no device read) and hands them
+        over in one non-blocking copy (:mod:`sbpet.core.positions`)."""
+        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask")
+                if isinstance(inputs.get(key), torch.Tensor) and inputs[key].device.type == "cpu"}
+        prepared = super()._prepare_inputs(inputs)
+        self._host_inputs = host
+        return prepared
+
+    def _on_host(self, tensor, key: str):
+        """The host copy of the batch's ``key`` when ``tensor`` is its device copy, else ``tensor``."""
+        host = self._host_inputs.get(key)
+        if isinstance(tensor, torch.Tensor) and host is not None and host.shape == tensor.shape:
+            return host
+        return tensor
 
     # Keep the bridge labels through the Trainer's removal of unused columns.
     def _set_signature_columns_if_needed(self):
@@ -198,8 +217,10 @@ class BridgeTrainer(Trainer):
             self.check_loss_uses_num_items(model, inputs, num_items_in_batch)
         if self.bridge is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        bridge_labels = self._bridge_labels(inputs, bridge_labels)
-        attention_mask = inputs.get("attention_mask")
+        from_key = BRIDGE_LABELS_KEY if bridge_labels is not None else "labels"
+        bridge_labels = self._on_host(self._bridge_labels(inputs, bridge_labels), from_key)
+        attention_mask = self._on_host(inputs.get("attention_mask"), "attention_mask")
+        self._host_inputs = {}
         if self._bridge_capture is not None:
             with self._bridge_capture.armed(bridge_labels, attention_mask):
                 task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -344,6 +365,8 @@ class BridgeTrainer(Trainer):
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def log(self, logs, start_time=None):
+        if "loss" in logs:
+            check_deferred()  # the value checks deferred since the last log (sbpet.core.checks): one read
         if "loss" in logs and self._bridge_sums is not None:
             steps = max(1, self.state.global_step - self._bridge_last_logged)
             sums = self._bridge_sums

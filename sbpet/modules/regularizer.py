@@ -121,9 +121,10 @@ class BridgeRegularizer(nn.Module):
         return self.tail.shape[0]
 
     def forward(self, hidden_states, labels, attention_mask=None, *, backend: str | None = None,
-                precision: str | None = None) -> torch.Tensor:
+                precision: str | None = None, max_positions: int | None = None) -> torch.Tensor:
         """R of ``hidden_states`` (L+1 tensors [B, S, H] or [L+1, B, S, H]) for ``labels`` [B, S];
-        ``backend`` / ``precision`` override the module's own for this call."""
+        ``backend`` / ``precision`` override the module's own for this call; ``max_positions``: see
+        :func:`sbpet.bridge_loss`."""
         return bridge_loss(
             hidden_states,
             labels,
@@ -137,6 +138,7 @@ class BridgeRegularizer(nn.Module):
             backend=self.backend if backend is None else backend,
             precision=self.precision if precision is None else precision,
             num_layers=self.num_layers,
+            max_positions=max_positions,
         )
 
     def extra_repr(self) -> str:

@@ -238,9 +238,9 @@ def test_every_route_says_whether_its_backward_uses_atomics(train_g, monkeypatch
     seen = []
     real = dispatch.select
 
-    def spy(op, backend, device, key, runners, atomics=True):
+    def spy(op, backend, device, key, runners, atomics=True, padded=False):
         seen.append((op, atomics))
-        return real(op, backend, device, key, runners, atomics)
+        return real(op, backend, device, key, runners, atomics, padded)
 
     monkeypatch.setattr(dispatch, "select", spy)
     torch.manual_seed(0)
