@@ -55,12 +55,29 @@ class LayerTable:
     aligned: bool
 
 
+# Layer tables already on a device, by (values, device): in a training loop the caching allocator
+# hands the layers the same addresses step after step, so the table is copied once, not per call
+# (and a CUDA graph replays with a table that stays where it was captured). Read-only: never write
+# into one (rows_table clones before it edits).
+_TABLES: dict = {}
+_TABLES_KEPT = 256
+
+
 def _to_device(values, device) -> torch.Tensor:
+    key = (str(device), repr(values))
+    cached = _TABLES.get(key)
+    if cached is not None:
+        return cached
     host = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         # pinned + non_blocking: an asynchronous copy, no host synchronisation.
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host.to(device)
+    if len(_TABLES) >= _TABLES_KEPT:
+        _TABLES.pop(next(iter(_TABLES)))  # the oldest
+    _TABLES[key] = table
+    return table
 
 
 def layer_table(hidden_states) -> LayerTable:
@@ -83,7 +100,7 @@ def layer_table(hidden_states) -> LayerTable:
     return LayerTable(
         base=base,
         offsets=_to_device(offsets, base.device),
-        strides=_to_device(strides, base.device).reshape(-1),
+        strides=_to_device([x for layer in strides for x in layer], base.device),
         contiguous_h=contiguous_h,
         aligned=aligned,
     )

@@ -183,3 +183,43 @@ def test_checkpoints_hold_the_regulariser_and_resume(tmp_path, caplog):
     wrong = tiny_regularizer(base, dims=(24, 5))
     with pytest.raises(ValueError, match="does not match"):
         trainer_for(model, wrong, max_steps=4).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+@pytest.mark.parametrize("capture", ["hooks", "hidden_states"])
+def test_the_regulariser_gets_the_host_labels_and_mask(capture, tmp_path, monkeypatch):
+    """BridgeTrainer finds the positions on the batch's host copies (no device read), not on the
+    copies the Trainer moves to the device: the move is simulated by a clone (new storage)."""
+    import sbpet.core.validation
+    import sbpet.hf.capture
+    from transformers import Trainer
+
+    host, moved, seen = set(), set(), []
+
+    def collate_and_note(rows):
+        batch = collate(rows)
+        host.update(batch[key].data_ptr() for key in ("bridge_labels", "attention_mask"))
+        return batch
+
+    def move(self, data):
+        if isinstance(data, torch.Tensor):
+            data = data.clone()
+            moved.add(data.data_ptr())
+            return data
+        return original(self, data)
+
+    original = Trainer._prepare_input
+    monkeypatch.setattr(Trainer, "_prepare_input", move)
+    for module in (sbpet.hf.capture, sbpet.core.validation):
+        found = module.find_positions
+
+        def spy(labels, real, *args, _found=found, **kwargs):
+            seen.append(labels.data_ptr())
+            return _found(labels, real, *args, **kwargs)
+
+        monkeypatch.setattr(module, "find_positions", spy)
+    model, base = pet_model("lora")
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, max_steps=2), train_dataset=classification_data(),
+                            data_collator=collate_and_note, bridge=tiny_regularizer(base), capture=capture)
+    trainer.train()
+    assert len(seen) == 2 and moved
+    assert set(seen) <= host and not set(seen) & moved
