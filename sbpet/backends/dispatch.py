@@ -29,8 +29,9 @@ with float32 atomics), logged once; the GEMM strategy sums them in a fixed order
 Triton strategy does for calls that train neither (PET training: no atomics anywhere); the key
 records the mode. Under DDP rank 0's choice is broadcast to every rank and the key leaves out the row
 counts (ranks see different batches; a collective per new key must be reached by all ranks
-together). During CUDA-graph capture a recorded choice, else the analytic one (torch), is used:
-never a timing.
+together). During CUDA-graph capture and inside ``torch.compile`` (where sizes are not read: no key
+specialises a graph) a recorded choice, else the latest one timed for the key less its sizes, else
+the analytic one (torch), is used: never a timing.
 """
 
 from __future__ import annotations
@@ -211,14 +212,17 @@ class Selector:
         self.timer = timer
         self.choices: dict = {}
         self.timings: dict = {}
+        self.families: dict = {}  # key less its sizes -> the latest timed choice
 
-    def choose(self, key, runners: Callable[[], dict], analytic: str = ANALYTIC_CHOICE) -> str:
+    def choose(self, key, runners: Callable[[], dict], analytic: str = ANALYTIC_CHOICE, family=None) -> str:
         """The recorded choice for ``key``, else time ``runners()`` (name -> callable) and record
-        the fastest. During CUDA-graph capture nothing is timed: recorded, else ``analytic``."""
+        the fastest. During CUDA-graph capture and inside ``torch.compile`` nothing is timed: the
+        choice recorded for ``key``, else the latest one timed for its ``family`` (the key less its
+        sizes, which a compiled region does not read), else ``analytic``."""
         if key in self.choices:
             return self.choices[key]
         if _capturing_graph() or torch.compiler.is_compiling():
-            return analytic
+            return self.families.get(key if family is None else family, analytic)
         times = {}
         timer = self.timer or cuda_event_timer
         for name, run in runners().items():
@@ -233,6 +237,7 @@ class Selector:
             torch.distributed.broadcast_object_list(shared, src=0)
             choice = shared[0]
         self.choices[key] = choice
+        self.families[key if family is None else family] = choice
         self.timings[key] = times
         measured = ", ".join(f"{n} {t:.3f} ms" for n, t in sorted(times.items(), key=lambda x: x[1]))
         logger.info("sbpet auto chose %s for %s (%s)", choice, key, measured or "no timing: analytic choice")
@@ -270,7 +275,13 @@ def select(op: str, backend: str, device: torch.device, key: tuple, runners: Cal
     candidates = _deterministic_candidates(candidates, atomics)
     full_key = (op, str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", *key,
                 atomics and torch.are_deterministic_algorithms_enabled())
-    return get_backend(selector.choose(full_key, lambda: runners(candidates)))
+    family = tuple(k for k in full_key if not isinstance(k, _Size))
+    return get_backend(selector.choose(full_key, lambda: runners(candidates), family=family))
+
+
+class _Size(int):
+    """A size in a key (from :func:`shape_key`): an int that :func:`select` can leave out to name the
+    key's family."""
 
 
 def shape_key(*sizes: int) -> tuple:
@@ -279,7 +290,7 @@ def shape_key(*sizes: int) -> tuple:
     the graph on it: one recompile per size)."""
     if _distributed_world() or torch.compiler.is_compiling():
         return ()
-    return tuple(_bucket(s) for s in sizes)
+    return tuple(_Size(_bucket(s)) for s in sizes)
 
 
 def runners_for(call: Callable, tensors, extra=()) -> Callable[[list[str]], dict]:

@@ -70,6 +70,28 @@ def test_graph_capture_never_times(monkeypatch):
     assert len(timer.calls) == calls and "new" not in selector.choices
 
 
+def test_a_compiled_region_takes_the_choice_timed_for_its_family(monkeypatch):
+    """Inside torch.compile the sizes are not read (shape_key is empty there): select() falls back
+    on the choice last timed eagerly for the same key less its sizes, never times, and never takes
+    another family's choice."""
+    timer = FakeTimer({"torch": 2.0, "triton": 1.0}, ["torch", "triton"])
+    monkeypatch.setattr(dispatch, "selector", dispatch.Selector(timer=timer))
+    monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device, atomics=True: "auto")
+    monkeypatch.setattr(dispatch, "get_backend", lambda name: name)
+    runners = lambda names: {n: (lambda: None) for n in names}  # noqa: E731
+    cpu = torch.device("cpu")
+    eager_key = (torch.float32, "fp32", *dispatch.shape_key(4, 128, 17), True)
+    assert dispatch.select("loss", "auto", cpu, eager_key, runners, atomics=False) == "triton:gemm"
+    calls = len(timer.calls)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_key = (torch.float32, "fp32", *dispatch.shape_key(4, 128, 17), True)
+    assert compiled_key == (torch.float32, "fp32", True)
+    assert dispatch.select("loss", "auto", cpu, compiled_key, runners, atomics=False) == "triton:gemm"
+    other = (torch.bfloat16, "fp32", True)
+    assert dispatch.select("loss", "auto", cpu, other, runners, atomics=False) == dispatch.ANALYTIC_CHOICE
+    assert len(timer.calls) == calls
+
+
 def test_ddp_broadcasts_rank0_choice_and_drops_row_counts(monkeypatch):
     monkeypatch.setattr(dispatch, "_distributed_world", lambda: True)
     broadcasts = []
