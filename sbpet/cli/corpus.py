@@ -4,7 +4,10 @@ not to the cache, whose keys name the dataset corpus."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+import torch
 
 
 def fit_on_text_files(args) -> int:
@@ -12,15 +15,14 @@ def fit_on_text_files(args) -> int:
     ``args.text_files`` (globs, repeated or comma-separated), read as a stream in file order and
     cycled, with the fitting options of ``args`` (steps, batch size, lr, seed, max length,
     backend); save it to ``args.out``. An interrupted fit resumes from ``<out>/fit`` (``--force``
-    starts again). Returns the exit status 0.
+    starts again). Under ``torchrun`` the processes share the global batch
+    (:func:`launched_process_group`); rank 0 writes. Returns the exit status 0.
 
     Raises:
         ValueError: naming ``--out`` when it is not given, ``--text-files`` when a glob matches
             no file (both before anything slow).
     """
     from ..hf.corpus import TextFiles
-    from ..hf.fitting import fit_mapping
-    from .experiment import Setup, deterministic_algorithms
 
     if not args.out:
         raise ValueError("--text-files needs --out: a g fitted on your files is saved there, not in the cache")
@@ -28,16 +30,49 @@ def fit_on_text_files(args) -> int:
         files = TextFiles(args.text_files)
     except ValueError as exc:
         raise ValueError(f"--text-files: {exc}") from None
+    with launched_process_group(args) as rank:
+        return _fit(args, files, rank)
+
+
+@contextlib.contextmanager
+def launched_process_group(args):
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join the launcher's process group
+    for the fit and leave it after: gloo on the CPU, nccl on CUDA with each process on
+    ``cuda:LOCAL_RANK`` (``args.device`` is set so). Yields this process's rank (0 alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        yield torch.distributed.get_rank() if world > 1 and torch.distributed.is_initialized() else 0
+        return
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield torch.distributed.get_rank()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _fit(args, files, rank: int) -> int:
+    from ..hf.fitting import fit_mapping
+    from .experiment import Setup, deterministic_algorithms
+
     setup = Setup(args)
     encoder = setup.encoder()
     reg = setup.new_regularizer(args.bridge, args.regularizer, encoder)
     checkpoint = os.path.join(args.out, "fit")
-    if args.force:
+    if args.force and rank == 0:
         import shutil
 
         shutil.rmtree(checkpoint, ignore_errors=True)
-    print(f"fitting the {args.regularizer} g ({args.bridge} bridge; {args.fit_steps} steps) on the lines of "
-          f"{len(files.paths)} file(s) -> {args.out}")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process starts from the same checkpoint folder
+    say = print if rank == 0 else (lambda *a, **k: None)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    say(f"fitting the {args.regularizer} g ({args.bridge} bridge; {args.fit_steps} steps) on the lines of "
+        f"{len(files.paths)} file(s) -> {args.out}" + (f" ({world} processes share each batch)" if world > 1 else ""))
     with deterministic_algorithms():
         history = fit_mapping(
             encoder, setup.tokenizer, files, reg, steps=args.fit_steps, batch_size=args.fit_batch_size,
@@ -46,7 +81,8 @@ def fit_on_text_files(args) -> int:
             backend=args.backend if args.regularizer == "pdf" else None,
         )
     losses = history["loss"]
-    print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
-    reg.save_pretrained(args.out)
-    print(f"saved g to {args.out}")
+    say(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
+    if rank == 0:
+        reg.save_pretrained(args.out)
+    say(f"saved g to {args.out}")
     return 0
