@@ -6,14 +6,17 @@
 2. measures the two ceilings once: device-to-device copy bandwidth (bytes read + written) and a
    bf16 8192^3 matmul's rate (``triton.testing.do_bench`` medians);
 3. runs the test suite on CUDA tensors in a subprocess (``pytest tests -q -x``, junit XML and log
-   into OUTDIR; the tests pick CUDA when it is available);
+   into OUTDIR; the tests pick CUDA when it is available), tests/gpu included: no host sync after
+   the first call on either route (``torch.cuda.set_sync_debug_mode("error")``) and a CUDA-graph
+   replay of the torch backend with new labels;
 4. runs the benchmark suite: the paper's data path (benchmarks/paper.py), eager reference, torch,
    triton at the four shapes of the benchmarks issue in bf16, forward and forward+backward; every
    backend is checked against the reference before it is timed; a backend that OOMs or does not
    fit in the time budget is skipped with the reason recorded;
 5. runs the training-step benchmark (benchmarks/train_step.py): one BridgeTrainer step with LoRA,
    bf16 autocast, without and with the regulariser for every backend, on BERT-large at the GLUE
-   shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time);
+   shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time), with the host
+   syncs of one warm step per variant;
 6. fitting g's throughput (benchmarks/bench_fitting.py: fit_mapping on a BERT-base shape, bf16
    backbone, sequences/s and tokens/s with and without the regulariser's share);
 7. torch.compile of the reference (fwd+bwd first) in the time left;

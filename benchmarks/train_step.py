@@ -123,7 +123,9 @@ def build_model(config: TrainConfig, device: torch.device):
 
 
 def make_batch(config: TrainConfig, device: torch.device) -> dict:
-    """One batch on ``device`` with ``bridge_labels`` [B, S] as BridgeTrainer reads it."""
+    """One batch with ``bridge_labels`` [B, S] as BridgeTrainer reads it: on the host (pinned when
+    ``device`` is CUDA), as the Trainer's DataLoader hands it over; the Trainer moves it every step
+    and the regulariser finds its positions on the host copy (no sync)."""
     gen = torch.Generator().manual_seed(0)
     B, S, V = config.batch, config.seq, config.vocab
     ids = torch.randint(5, V, (B, S), generator=gen)
@@ -138,7 +140,7 @@ def make_batch(config: TrainConfig, device: torch.device) -> dict:
         mask = torch.ones(B, S, dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone(),
                  "bridge_labels": sbpet.causal_lm_bridge_labels(ids, mask)}
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory() if torch.device(device).type == "cuda" else v for k, v in batch.items()}
 
 
 def _why_not(variant: str, device: torch.device) -> str | None:
@@ -283,6 +285,8 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                     step()
                     sync(device)
                     records[v]["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+                for v, step in steps.items():
+                    records[v]["syncs_per_step"] = _count_syncs(step, device)
             if steps:
                 times = _time_interleaved(steps, device, warmup, min_rounds, max_rounds, seconds, deadline)
                 _summarise(records, times, device)
@@ -330,6 +334,20 @@ def _step_function(trainer, model, batch, device):
         return loss
 
     return step
+
+
+def _count_syncs(step, device) -> int:
+    """Host synchronisations in one ``step()`` on CUDA: the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (the Trainer's own included: compare with ``none``)."""
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def _check(records, trainers, model, batch, device):
@@ -443,6 +461,7 @@ def _run(config_names, device, deadline, log, kwargs, reserve_s: float) -> list[
             med = r.get("median_s")
             log(f"  {r['variant']:6s} {r.get('status', '?'):7s} "
                 + (f"{med * 1e3:9.2f} ms" + (f"  {100 * r['overhead']:+.1f}%" if "overhead" in r else "")
+                   + (f"  {r['syncs_per_step']} syncs" if r.get("syncs_per_step") is not None else "")
                    if med else str(r.get("reason", ""))[:150]))
         records += out
     return records
