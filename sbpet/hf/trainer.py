@@ -286,10 +286,8 @@ class BridgeTrainer(Trainer):
             finally:
                 handle.remove()
             device = states[-1][0].device
-            labels, mask = align_to_states(
-                bridge_labels.to(device), None if mask is None else mask.to(device),
-                num_virtual_tokens(model), self.bridge.ignore_index,
-            )
+            # labels and mask as the batch holds them (the host, in the Trainer's loop): no device read
+            labels, mask = align_to_states(bridge_labels, mask, num_virtual_tokens(model), self.bridge.ignore_index)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 bridge_loss = self.bridge(states[-1], labels, mask, **self._bridge_options)
         count = self._regularised_count(bridge_labels).to(bridge_loss.device).float()
