@@ -6,7 +6,7 @@
 2. measures the two ceilings once: device-to-device copy bandwidth (bytes read + written) and a
    bf16 8192^3 matmul's rate (``triton.testing.do_bench`` medians);
 3. runs the test suite on CUDA tensors in a subprocess (``pytest tests -q -x``, junit XML and log
-   into OUTDIR; the tests pick CUDA when it is available), tests/gpu included: no host sync after
+   into OUTDIR; the tests pick CUDA when it is available), tests/hf/test_sync_free.py included: no sync after
    the first call on either route (``torch.cuda.set_sync_debug_mode("error")``) and a CUDA-graph
    replay of the torch backend with new labels;
 4. runs the benchmark suite: the paper's data path (benchmarks/paper.py), eager reference, torch,

@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 import weakref
 
 import torch
@@ -18,7 +19,7 @@ import torch
 import sbpet
 
 __all__ = [
-    "AllocationTracker", "environment", "free_device", "is_oom", "measure_ceilings", "measure_memory",
+    "AllocationTracker", "count_syncs", "environment", "free_device", "is_oom", "measure_ceilings", "measure_memory",
     "output_bytes", "summarize", "sync", "time_cuda", "time_interleaved",
 ]
 
@@ -99,6 +100,20 @@ def measure_memory(step, device, backend: str) -> dict:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_syncs(step, device) -> int:
+    """Host synchronisations in one ``step()`` on CUDA: the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (the Trainer's own included: compare with ``none``)."""
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:

@@ -216,6 +216,7 @@ def render_train_steps(records: list[dict]) -> str:
         syncs = "-" if r.get("syncs_per_step") is None else str(r["syncs_per_step"])
         chosen = r.get("auto_choice") or r.get("resolved_backend")
         variant = r["variant"] + (f" ({chosen})" if r["variant"] == "auto" and chosen else "")
+        variant += ", compiled" if r.get("compiled") else ""
         autocast = "bf16" if r.get("mixed_precision") == "bf16" else "-"
         capture = f"{r['capture']}, {r.get('g_precision', 'fp32')}" if r.get("capture") else "-"
         check = "-" if r.get("check_error") is None else f"{r['check_error']:.1e} vs {r.get('checked_against')}"

@@ -47,7 +47,7 @@ import torch
 
 import sbpet
 from benchmarks import suite
-from benchmarks.measure import sync
+from benchmarks.measure import count_syncs, sync
 
 __all__ = ["TrainConfig", "TRAIN_CONFIGS", "CPU_TRAIN_CONFIGS", "GPU_TRAIN_CONFIGS", "VARIANTS",
            "run_config", "run"]
@@ -157,13 +157,13 @@ def _why_not(variant: str, device: torch.device) -> str | None:
     return None
 
 
-def _trainer(model, regularizer, device, outdir, capture):
+def _trainer(model, regularizer, device, outdir, capture, compile_model: bool = False):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=outdir, per_device_train_batch_size=1, learning_rate=1e-4, report_to=[],
                              save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
                              max_grad_norm=MAX_GRAD_NORM, bf16=device.type == "cuda", use_cpu=device.type == "cpu",
-                             dataloader_pin_memory=False)
+                             dataloader_pin_memory=False, torch_compile=compile_model)
     trainer = sbpet.BridgeTrainer(model=model, args=args, bridge=regularizer, bridge_weight=BRIDGE_WEIGHT,
                                   capture=capture if regularizer is not None else None)
     trainer.create_optimizer()
@@ -217,8 +217,12 @@ def _time_interleaved(steps: dict, device, warmup: int, min_rounds: int, max_rou
 
 def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 2, min_rounds: int = 5,
                max_rounds: int = 50, seconds: float = 10.0, deadline: float | None = None,
-               capture: str | None = None, precision: str = "fp32", on_steps=None) -> list[dict]:
+               capture: str | None = None, precision: str = "fp32", on_steps=None,
+               compile_model: bool = False) -> list[dict]:
     """Check and time one step of every variant of ``config``; one JSON-able record per variant.
+
+    ``compile_model``: the model under ``torch.compile`` (the Trainer's ``torch_compile``, inductor;
+    the hooks are traced into the graph), every variant alike; the warm-up steps compile.
 
     ``capture``: BridgeTrainer's ("hooks" or "hidden_states"; None: its default). ``precision``:
     the regulariser's (g's products: "fp32", the default, "tf32" or "bf16"). ``on_steps``:
@@ -230,7 +234,11 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                    "mixed_precision": "bf16" if device.type == "cuda" else "no",
                    "model_dtype": config.model_dtype if device.type == "cuda" else "float32",
                    **{k: v for k, v in asdict(config).items() if k != "name"}, "lora_rank": LORA_RANK,
-                   "bridge_weight": BRIDGE_WEIGHT}
+                   "bridge_weight": BRIDGE_WEIGHT, "compiled": bool(compile_model), "syncs_per_step": None}
+    if compile_model:  # one graph set per variant's hooks (static, then dynamic): more than dynamo's default 8
+        from torch import _dynamo
+
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
     records = {v: dict(base_record, variant=v, backend=None if v == "none" else v) for v in variants}
     if "none" not in records:
         raise ValueError("variants must include 'none' (the step without the regulariser)")
@@ -269,7 +277,7 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                         tail = reg.tail.detach()
                         records[v].update(g_precision=precision,
                                           resolved_backend=sbpet.backends.api.resolve_backend(v, device))
-                    trainers[v], model_prepared = _trainer(model, reg, device, outdir, capture)
+                    trainers[v], model_prepared = _trainer(model, reg, device, outdir, capture, compile_model)
                     records[v]["capture"] = trainers[v].capture_mode if reg is not None else None
                 except ValueError as exc:
                     records[v].update(status="skipped", reason=f"ValueError: {str(exc)[:300]}")
@@ -286,7 +294,7 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                     sync(device)
                     records[v]["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
                 for v, step in steps.items():
-                    records[v]["syncs_per_step"] = _count_syncs(step, device)
+                    records[v]["syncs_per_step"] = count_syncs(step, device)
             if steps:
                 times = _time_interleaved(steps, device, warmup, min_rounds, max_rounds, seconds, deadline)
                 _summarise(records, times, device)
@@ -334,20 +342,6 @@ def _step_function(trainer, model, batch, device):
         return loss
 
     return step
-
-
-def _count_syncs(step, device) -> int:
-    """Host synchronisations in one ``step()`` on CUDA: the warnings of
-    ``torch.cuda.set_sync_debug_mode("warn")`` (the Trainer's own included: compare with ``none``)."""
-    sync(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def _check(records, trainers, model, batch, device):
@@ -477,6 +471,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
                         help="the regulariser's precision for g's products (default fp32)")
     parser.add_argument("--quick", action="store_true", help="one warm-up step, two rounds")
+    parser.add_argument("--compile", action="store_true", help="the model under torch.compile (inductor)")
     parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -484,7 +479,7 @@ def main(argv=None) -> int:
                                                           else CPU_TRAIN_CONFIGS)
     suite.apply_threads()
     records = run(names, device, quick=args.quick, seconds=args.seconds, capture=args.capture, precision=args.precision,
-                  log=lambda *a: print(*a, file=sys.stderr, flush=True))
+                  compile_model=args.compile, log=lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"environment": suite.environment(device), "train_step": records}, f, indent=1)
