@@ -132,7 +132,8 @@ def find_positions(
     states) with ``real`` [B, S] (bool, the real tokens) on ``device``, the states' device, and the
     value checks of both under the policy of :mod:`sbpet.core.checks` for ``route``.
 
-    ``max_positions``: fixed capacity (see the module docstring); None: exact (B * S on ``meta``). ``state_mode``: the check mode the caller already took for ``device``
+    ``max_positions``: fixed capacity (see the module docstring); None: exact (B * S on ``meta``).
+    ``state_mode``: the check mode the caller already took for ``device``
     (:func:`sbpet.core.checks.check_mode` marks a route's first call: ask once per call)."""
     batch, seq = labels.shape
     regularised = labels != ignore_index

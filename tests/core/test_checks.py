@@ -34,7 +34,8 @@ def _case():
 def test_the_first_call_is_eager_and_names_the_argument(reads_cost_a_sync):
     g, tail, states, labels, mask = _case()
     labels[1, 3] = 11
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\) or ignore_index=-100; found 1 outside, e\.g\. \[11\]"):
+    expected = r"labels must be in \[0, 11\) or ignore_index=-100; found 1 outside, e\.g\. \[11\]"
+    with pytest.raises(ValueError, match=expected):
         sbpet.bridge_loss(states, labels, mask, g, tail)
 
 
