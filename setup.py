@@ -25,6 +25,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "transformers>=4.45",
         "peft>=0.13",
+        "accelerate>=1.1",
         "numpy",
         "safetensors",
         "tqdm",

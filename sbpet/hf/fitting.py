@@ -6,6 +6,7 @@ by their share of the regularised positions."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -23,6 +24,8 @@ __all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "CHECKPOINT_NA
 
 CHECKPOINT_NAME = "checkpoint"
 FIT_STATE_NAME = "fit_state.pt"
+ENGINE_DIR = "engine"
+logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _batch_indices = batch_indices  # the list path's order (kept under its old name)
 
@@ -36,23 +39,93 @@ def _schedule(warmup: int, total: int):
     return factor
 
 
-def _save_checkpoint(directory, regularizer, optimizer, scheduler, step, history, signature):
+class _HostCopies:
+    """The batch's labels and mask on the host, where its positions are found for free. A plain
+    object, so that DistributedDataParallel (which moves tensors, and tuples of them, to its
+    device) passes it to the forward as it is."""
+
+    def __init__(self, labels: torch.Tensor, attention_mask: torch.Tensor):
+        self.labels, self.attention_mask = labels, attention_mask
+
+
+class _FitStep(torch.nn.Module):
+    """What the engine trains: R of one batch, with the regulariser (g, the only trainable part)
+    as its one submodule. The frozen backbone is held outside the module's parameters, so the
+    engine never replicates, reduces or checkpoints it (shard it beforehand for a PLM too large
+    for one device: its forward is called as it is)."""
+
+    def __init__(self, backbone, regularizer, capture, autocast_dtype):
+        super().__init__()
+        self.regularizer = regularizer
+        self._backbone = (backbone,)  # a tuple: not a registered submodule
+        self._capture, self._autocast_dtype = capture, autocast_dtype
+
+    def forward(self, input_ids, attention_mask, labels, host: _HostCopies):
+        backbone, device = self._backbone[0], input_ids.device
+        # no_grad, not inference_mode: the states the backbone yields feed g, which autograd records.
+        # g runs at its own precision, whatever mixed precision the engine was configured with.
+        with torch.autocast(device.type, enabled=False):
+            if self._capture is not None:
+                with torch.no_grad(), _autocast(device, self._autocast_dtype), \
+                        self._capture.armed(host.labels, host.attention_mask):
+                    backbone(input_ids=input_ids, attention_mask=attention_mask)
+                return self._capture.loss()
+            with torch.no_grad(), _autocast(device, self._autocast_dtype):
+                hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                  output_hidden_states=True).hidden_states
+            if self._autocast_dtype is not None:
+                hidden = tuple(h.float() for h in hidden)
+            return self.regularizer(hidden, labels, attention_mask)  # the SDE one
+
+
+def _engine(device: torch.device, world: int):
+    """accelerate's ``Accelerator`` for the fit: it wraps g for the process group the launcher
+    (``torchrun``, ``accelerate launch``) described, steps the optimizer and scheduler, clips and
+    saves the engine state. The batch is global (``split_batches``: the scheduler steps once per
+    step whatever the process count); the model stays where the caller put it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    accelerator = Accelerator(cpu=device.type == "cpu" and world > 1, device_placement=False,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if accelerator.num_processes != world:
+        raise ValueError(
+            f"torch.distributed has {world} processes but the environment describes "
+            f"{accelerator.num_processes}: launch with torchrun or accelerate launch (they set RANK, "
+            "WORLD_SIZE and LOCAL_RANK)"
+        )
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(
+            f"fit_mapping replicates g (it is small) and does not run under {kind}: launch it without "
+            "that option; to spread a large frozen PLM over the processes, shard its backbone yourself "
+            "before calling (torch.distributed.fsdp.fully_shard on each layer, then on the backbone)"
+        )
+    return accelerator
+
+
+def _save_checkpoint(directory, accelerator, regularizer, step, history, signature):
+    """``checkpoint/``: the regulariser's ``save_pretrained`` files, ``fit_state.pt`` (step, loss
+    history, signature) and ``engine/`` (accelerate's optimizer, scheduler and g state). Called
+    on every process (the engine may write a shard on each); rank 0 writes the rest."""
     final = os.path.join(directory, CHECKPOINT_NAME)
     partial = final + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    regularizer.save_pretrained(partial)
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "history": history, "signature": signature},
-        os.path.join(partial, FIT_STATE_NAME),
-    )
-    # Swap in the finished checkpoint only once it is complete: an interrupted save never
-    # replaces a good one.
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(os.path.join(partial, ENGINE_DIR))
+    if accelerator.is_main_process:
+        regularizer.save_pretrained(partial)
+        torch.save({"step": step, "history": history, "signature": signature},
+                   os.path.join(partial, FIT_STATE_NAME))
+        # Swap in the finished checkpoint only once it is complete: an interrupted save never
+        # replaces a good one.
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(directory, model, regularizer, optimizer, scheduler, signature):
+def _load_checkpoint(directory, model, regularizer, accelerator, optimizer, scheduler, signature):
     from ..modules.regularizer import BridgeRegularizer
 
     path = os.path.join(directory, CHECKPOINT_NAME)
@@ -73,8 +146,11 @@ def _load_checkpoint(directory, model, regularizer, optimizer, scheduler, signat
             f"the checkpoint in {path} was made with {state.get('signature')} but this run uses "
             f"{signature}: remove it or use another checkpoint_dir"
         )
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if "optimizer" in state:  # written before accelerate held the engine state
+        optimizer.optimizer.load_state_dict(state["optimizer"])
+        scheduler.scheduler.load_state_dict(state["scheduler"])
+    else:
+        accelerator.load_state(os.path.join(path, ENGINE_DIR))
     return int(state["step"]), list(state["history"])
 
 
@@ -106,16 +182,34 @@ def _regularised_count(labels: torch.Tensor, causal: bool, ignore: int) -> int:
     return int((labels[:, 1:] if causal else labels).ne(ignore).sum())
 
 
-def _reduce_step(params, loss: torch.Tensor) -> float:
-    """Sum g's gradients and the weighted R over the processes in one all-reduce; returns R."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
-        offset += g.numel()
-    return float(flat[-1])
+class _FitLog:
+    """R per step, kept on the device and read back in one copy every ``every`` steps, at every
+    checkpoint step (a checkpoint holds the whole history) and at the end; tokens per second over
+    the steps since the last read."""
+
+    def __init__(self, history: list, every: int, save_every: int):
+        self.history, self.every, self.save_every, self.pending = history, every, save_every, []
+        self.tokens, self.tokens_per_second, self._began = 0, 0.0, time.perf_counter()
+
+    def add(self, value: torch.Tensor) -> None:
+        self.pending.append(value.reshape(()))
+
+    def due(self, done: int, steps: int) -> bool:
+        return done % self.every == 0 or done % self.save_every == 0 or done == steps
+
+    def flush(self, done: int) -> int:
+        """Read the pending values (a non-finite one is an error naming its step); returns how many."""
+        values = torch.stack(self.pending).float().cpu().tolist()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                step = done - len(values) + i
+                raise FloatingPointError(f"R became {value} at step {step}: lower the learning rate")
+        self.history.extend(values)
+        now = time.perf_counter()
+        self.tokens_per_second = self.tokens / max(now - self._began, 1e-9)
+        logger.info("fitting g: step %d, R %.4f, %.0f tokens/s", done, values[-1], self.tokens_per_second)
+        self.pending, self.tokens, self._began = [], 0, now
+        return len(values)
 
 
 def fit_mapping(
@@ -142,6 +236,7 @@ def fit_mapping(
     precision: str = "fp32",
     text_column: str = "text",
     backbone_dtype: str | None = "auto",
+    log_every: int = 10,
 ) -> dict:
     """Fit the regulariser's mapping g (and a trainable tail) on ``texts`` with the PLM frozen.
 
@@ -164,21 +259,25 @@ def fit_mapping(
           ends before the last step is an error. Resuming skips the ``step * batch_size`` texts
           already used.
 
-    Under ``torch.distributed`` (e.g. ``torchrun --nproc_per_node N``; gloo on CPU, nccl on
-    CUDA) ``batch_size`` is the global batch: every process reads the same texts and builds the
-    same batch, runs rows ``rank::N`` of it through the backbone, and g's gradients and R are
-    summed over the processes, each weighted by its share of the batch's regularised positions,
-    so the loss history and g are those of one process (up to float rounding). Every process
-    starts from rank 0's g; only rank 0 writes the checkpoint (on a file system all can read).
+    The engine is accelerate's ``Accelerator``: it wraps g for the process group that ``torchrun``
+    or ``accelerate launch`` started (DistributedDataParallel; gloo on CPU, nccl on CUDA), steps
+    the optimizer and scheduler, clips, and saves and restores their state. ``batch_size`` is the
+    global batch: every process reads the same texts and builds the same batch, runs rows
+    ``rank::N`` of it through the backbone, and g's gradients and R are summed over the processes,
+    each weighted by its share of the batch's regularised positions, so the loss history and g
+    are those of one process (up to float rounding). Every process starts from rank 0's g. The
+    frozen backbone is not the engine's: it runs as given on each process (a PLM too large for
+    one device can be sharded beforehand, e.g. with ``fully_shard``; its forward is called alike
+    on every process). Put each process's model on its own device (``cuda:LOCAL_RANK``).
 
     Args:
         model: the PLM (``PreTrainedModel``); it is not changed.
         tokenizer: its tokenizer. texts: the corpus, as above.
         regularizer: the :class:`~sbpet.BridgeRegularizer` to fit, trained in place on the
             model's device; frozen again when done.
-        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files plus ``fit_state.pt``:
-            optimizer, scheduler, step and loss ``history``) is written every ``save_every``
-            steps and at the end. With ``resume`` an existing checkpoint there is loaded and the
+        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files, ``fit_state.pt``: step,
+            loss ``history`` and settings, and ``engine/``: accelerate's ``save_state`` of the
+            optimizer, scheduler and g) is written every ``save_every`` steps and at the end. With ``resume`` an existing checkpoint there is loaded and the
             run continues from its step with the same data; one from different settings is an error.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
             regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
@@ -187,7 +286,11 @@ def fit_mapping(
         text_column: the column of a ``datasets`` dataset (or the key of mapping rows) holding the text.
         backbone_dtype: the frozen backbone's autocast dtype: ``"auto"`` (bf16 on a CUDA device
             that has it, none elsewhere), ``"bf16"``, ``"fp16"``, or ``"fp32"``/None (no
-            autocast). g's own products stay at ``precision``.
+            autocast). g's own products stay at ``precision``, whatever mixed precision the
+            engine was launched with.
+        log_every: R is read back from the device every ``log_every`` steps (and at each
+            checkpoint), not every step; the progress bar and the ``sbpet.hf.fitting`` logger then
+            show R and tokens per second. A non-finite R is reported (FloatingPointError) then.
 
     Returns:
         ``{"loss": [R per step], "steps": steps, "resumed_from": step or 0}``.
@@ -229,84 +332,66 @@ def fit_mapping(
         regularizer.mapping.requires_grad_(True)
         if isinstance(regularizer.tail, torch.nn.Parameter):
             regularizer.tail.requires_grad_(True)
-        params = [p for p in regularizer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-        warmup = int(round(warmup_ratio * steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
-
-        start, history = 0, []
-        if checkpoint_dir is not None and resume and os.path.isdir(os.path.join(checkpoint_dir, CHECKPOINT_NAME)):
-            start, history = _load_checkpoint(checkpoint_dir, model, regularizer, optimizer, scheduler, signature)
-        if world > 1:  # every process starts from rank 0's g (a seeded init may still differ by rank)
-            for tensor in regularizer.state_dict().values():
-                torch.distributed.broadcast(tensor, 0)
-        resumed_from = start
-        batches = text_batches(texts, batch_size, seed, start, text_column)
-
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        causal, ignore = regularizer.shift_labels, regularizer.ignore_index
         # The PDF regulariser needs only each layer's context and regularised rows (hooks); the SDE
         # regulariser reads whole token paths, so it takes the model's hidden states.
         is_pdf = regularizer.config.get("kind", "pdf") == "pdf"
         capture = BridgeCapture(backbone, regularizer, backend, precision) if is_pdf else None
-        # no_grad, not inference_mode: the states the backbone yields feed g, which autograd records.
+        accelerator = _engine(device, world)
+        params = [p for p in regularizer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        warmup = int(round(warmup_ratio * steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
+        # Under a process group the engine wraps g for data parallelism (DDP broadcasts rank 0's g
+        # to every process, as a seeded init may differ by rank) and averages its gradients.
+        step_module, optimizer, scheduler = accelerator.prepare(
+            _FitStep(backbone, regularizer, capture, autocast_dtype), optimizer, scheduler)
+
+        start, history = 0, []
+        if checkpoint_dir is not None and resume and os.path.isdir(os.path.join(checkpoint_dir, CHECKPOINT_NAME)):
+            start, history = _load_checkpoint(checkpoint_dir, model, regularizer, accelerator, optimizer,
+                                              scheduler, signature)
+        resumed_from = start
+        batches = text_batches(texts, batch_size, seed, start, text_column)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        causal, ignore = regularizer.shift_labels, regularizer.ignore_index
+        log = _FitLog(history, max(1, log_every), max(1, save_every))
         bar = tqdm(total=steps, initial=start, desc="fitting g", disable=not progress or rank != 0,
                    dynamic_ncols=True)
         for step in range(start, steps):
-            began = time.perf_counter()
             gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
             rows = tokenise_texts(tokenizer, next(batches), max_length)
             input_ids, attention_mask, labels = make_fitting_batch(
                 rows, range(len(rows)), pad_id, tokenizer.mask_token_id, len(tokenizer), mask_probability,
                 corrupt_inputs, causal, ignore, gen,
             )
-            tokens = int(attention_mask.sum())
+            log.tokens += int(attention_mask.sum())  # the global batch's, counted on the host
+            weight = 1.0
             if world > 1:  # this process's share of the global batch, weighted by its positions
                 mine = slice(rank, None, world)
                 weight = _regularised_count(labels[mine], causal, ignore) / max(
                     1, _regularised_count(labels, causal, ignore))
                 input_ids, attention_mask, labels = input_ids[mine], attention_mask[mine], labels[mine]
-            host_labels, host_mask = labels, attention_mask  # positions found on the host: no device read
-            input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-            if capture is not None:
-                with torch.no_grad(), _autocast(device, autocast_dtype), capture.armed(host_labels, host_mask):
-                    backbone(input_ids=input_ids, attention_mask=attention_mask)
-                loss = capture.loss()
-            else:
-                with torch.no_grad(), _autocast(device, autocast_dtype):
-                    outputs = backbone(
-                        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
-                    )
-                hidden = outputs.hidden_states
-                if autocast_dtype is not None:
-                    hidden = tuple(h.float() for h in hidden)
-                loss = regularizer(hidden, labels, attention_mask)  # the SDE one
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                loss = loss * weight
-                loss.backward()
-                value = _reduce_step(params, loss)
-            else:
-                loss.backward()
-                value = float(loss.detach())
+            host = _HostCopies(labels, attention_mask)  # positions found on the host: no device read
+            loss = step_module(input_ids.to(device), attention_mask.to(device), labels.to(device), host)
+            # The engine averages g's gradients over the processes: scaled by the process count,
+            # each share counts by its positions, and the sum is the global batch's R.
+            accelerator.backward(loss * (weight * world))
             if max_grad_norm and max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"R became {value} at step {step}: lower the learning rate")
-            history.append(value)
-            bar.update(1)
-            bar.set_postfix(R=f"{value:.4f}", tok_s=f"{tokens / max(time.perf_counter() - began, 1e-9):.0f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.detach() * weight
+            log.add(accelerator.reduce(value, "sum") if world > 1 else value)
             done = step + 1
+            if log.due(done, steps):  # R is read back here, not every step
+                bar.update(log.flush(done))
+                bar.set_postfix(R=f"{history[-1]:.4f}", tok_s=f"{log.tokens_per_second:.0f}",
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if done % max(1, save_every) == 0 or done == steps:
                 check_deferred()  # the input checks deferred since the last one (sbpet.core.checks)
-            if checkpoint_dir is not None and (done % max(1, save_every) == 0 or done == steps):
-                if rank == 0:
-                    _save_checkpoint(checkpoint_dir, regularizer, optimizer, scheduler, done, history, signature)
-                if world > 1:
-                    torch.distributed.barrier()
+                if checkpoint_dir is not None:
+                    _save_checkpoint(checkpoint_dir, accelerator, regularizer, done, history, signature)
     finally:
         if bar is not None:
             bar.close()

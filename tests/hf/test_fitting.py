@@ -59,10 +59,13 @@ def test_fit_checkpoint_resume_is_exact(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fitting, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # R read back every 2 steps, and at the step-3 checkpoint
         fit_mapping(model, tokenizer, texts, reg, steps=8, batch_size=4, progress=False, seed=1,
-                    checkpoint_dir=ckpt, save_every=3)
+                    checkpoint_dir=ckpt, save_every=3, log_every=2)
     monkeypatch.setattr(fitting, "_save_checkpoint", real_save)
+    assert len(torch.load(ckpt / "checkpoint" / "fit_state.pt", weights_only=False)["history"]) == 3
+    engine = {p.name for p in (ckpt / "checkpoint" / "engine").iterdir()}  # accelerate's save_state
+    assert {"optimizer.bin", "scheduler.bin", "model.safetensors"} <= engine, engine
     resumed = tiny_regularizer(model)
     history = fit_mapping(model, tokenizer, texts, resumed, steps=8, batch_size=4, progress=False, seed=1,
                           checkpoint_dir=ckpt, save_every=3)
@@ -78,6 +81,37 @@ def test_fit_checkpoint_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="damaged"):
         fit_mapping(model, tokenizer, texts, tiny_regularizer(model), steps=8, batch_size=4,
                     progress=False, seed=1, checkpoint_dir=ckpt)
+
+
+def test_a_non_finite_r_is_reported_with_its_step(tmp_path, monkeypatch):
+    """R is read back every log_every steps, not every step; a NaN R is an error naming its step."""
+    model, tokenizer, texts, reg = _setup(tmp_path)
+    calls = []
+    real_loss = fitting.BridgeCapture.loss
+
+    def nan_from_the_third(self):
+        calls.append(None)
+        loss = real_loss(self)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(fitting.BridgeCapture, "loss", nan_from_the_third)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        fit_mapping(model, tokenizer, texts, reg, steps=8, batch_size=4, progress=False, log_every=3)
+    assert len(calls) == 3  # read back with steps 0 and 1 after step 2 (on the CPU the next step's eager
+    # input check would also stop it: g is NaN by then)
+
+
+def test_fsdp_and_deepspeed_engines_are_refused(tmp_path, monkeypatch):
+    """accelerate's FSDP / DeepSpeed would shard g itself: refused, pointing at sharding the backbone."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    model, tokenizer, texts, reg = _setup(tmp_path)
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, kind=kind: kind))
+        with pytest.raises(ValueError, match=f"does not run under {kind.value}.*fully_shard"):
+            fit_mapping(model, tokenizer, texts, reg, steps=1, batch_size=2, progress=False)
+    assert not any(p.requires_grad for p in reg.parameters())
 
 
 def test_fit_causal_lm_and_errors(tmp_path):
@@ -202,39 +236,61 @@ def _fresh(directory):
     return model, tiny_tokenizer(directory), tiny_regularizer(model)
 
 
+def _shard_backbone(model):
+    from torch.distributed.fsdp import fully_shard
+
+    from sbpet.hf import find_backbone_and_layers
+
+    backbone, layers = find_backbone_and_layers(model)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(backbone)
+
+
 def _fitting_worker(rank, world, store, out):
+    # what torchrun sets: accelerate, the engine under fit_mapping, reads the process group from it
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
     init_gloo(rank, world, store)
     try:
         model, tokenizer, reg = _fresh(f"{store}-tok-{rank}")
         start = _state(reg)
+        engines, real_engine = [], fitting._engine
+        fitting._engine = lambda *a: engines.append(real_engine(*a)) or engines[-1]
         listed = fit_mapping(model, tokenizer, tiny_texts(), reg, **FIT)
-        results = {"list": (listed["loss"], _state(reg))}
+        fitting._engine = real_engine
+        results = {"list": (listed["loss"], _state(reg)), "engine": engines[0].distributed_type.value}
+        # a backbone sharded by the caller (FSDP2: each layer, then the backbone as the root)
+        sharded_model, _, sharded_reg = _fresh(f"{store}-tok-{rank}")
+        _shard_backbone(sharded_model)
+        sharded = fit_mapping(sharded_model, tokenizer, tiny_texts(), sharded_reg, **FIT)
+        results["sharded"] = (sharded["loss"], _state(sharded_reg))
         # a streamed run that stops on every process after its step-3 checkpoint
         reg.load_state_dict(start)
-        real_barrier = torch.distributed.barrier
+        real_save = fitting._save_checkpoint
 
-        def barrier_then_stop(*args, **kwargs):
-            real_barrier(*args, **kwargs)
+        def save_then_stop(*args):
+            real_save(*args)
             raise KeyboardInterrupt
 
-        torch.distributed.barrier = barrier_then_stop
+        fitting._save_checkpoint = save_then_stop
         try:
             fit_mapping(model, tokenizer, _endless_texts(), reg, checkpoint_dir=f"{store}-ckpt", **FIT)
         except KeyboardInterrupt:
             results["stopped"] = True
         finally:
-            torch.distributed.barrier = real_barrier
+            fitting._save_checkpoint = real_save
         if rank == 0:
             torch.save(results, out)
-        real_barrier()
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_fit_on_two_processes_equals_one(tmp_path):
-    """With 2 processes (gloo) the batch of 5 is split 3 + 2 and the result is one process's: the
-    same losses and g. A streamed run stopped on 2 processes after its step-3 checkpoint and called
+    """With 2 processes (gloo, accelerate's DDP on g) the batch of 5 is split 3 + 2 and the result
+    is one process's: the same losses and g; also with the backbone sharded (FSDP2) by the caller. A streamed run stopped on 2 processes after its step-3 checkpoint and called
     again on 1 process ends with the g of an uninterrupted run."""
     store, out = str(tmp_path / "store"), str(tmp_path / "two.pt")
     spawn_workers(_fitting_worker, (2, store, out), "fit_mapping")
@@ -247,7 +303,11 @@ def test_fit_on_two_processes_equals_one(tmp_path):
     for k, v in _state(reg).items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
 
-    assert two["stopped"]
+    losses, state = two["sharded"]  # the backbone sharded over the 2 processes: the same fit
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["loss"]), rtol=0, atol=1e-4)
+    for k, v in _state(reg).items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
+    assert two["stopped"] and two["engine"] == "MULTI_CPU"  # accelerate ran the 2 processes
     reg.load_state_dict(start)
     straight = fit_mapping(model, tokenizer, _endless_texts(), reg, **FIT)
     resumed = tiny_regularizer(model)
