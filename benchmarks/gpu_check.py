@@ -16,7 +16,8 @@
 5. runs the training-step benchmark (benchmarks/train_step.py): one BridgeTrainer step with LoRA,
    bf16 autocast, without and with the regulariser for every backend, on BERT-large at the GLUE
    shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time), with the host
-   syncs of one warm step per variant;
+   syncs of one warm step per variant; then the first configuration again under torch.compile
+   (``--train-compile-budget-s``);
 6. fitting g's throughput (benchmarks/bench_fitting.py: fit_mapping on a BERT-base shape, bf16
    backbone, sequences/s and tokens/s with and without the regulariser's share);
 7. torch.compile of the reference (fwd+bwd first) in the time left;
@@ -150,8 +151,9 @@ def table_order(suite, shapes, records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: (shapes.index(r["shape"]), r["pass"] != "fwd", order[r["backend"]]))
 
 
-def run_train_steps(device, configs, deadline, quick: bool) -> list[dict]:
-    """The training-step benchmark (benchmarks/train_step.py) until ``deadline``; records."""
+def run_train_steps(device, configs, deadline, quick: bool, compile_model: bool = False) -> list[dict]:
+    """The training-step benchmark (benchmarks/train_step.py) until ``deadline``; records.
+    ``compile_model``: the model under torch.compile (records marked ``compiled``)."""
     try:
         import accelerate  # noqa: F401
         import peft  # noqa: F401
@@ -163,10 +165,11 @@ def run_train_steps(device, configs, deadline, quick: bool) -> list[dict]:
                  "reason": f"not run: {type(exc).__name__}: {exc}"} for name in configs]
     try:
         return train_step.run(configs, device, quick=quick, deadline=deadline, seconds=0.5 if quick else 10.0,
-                              log=_say)
+                              log=_say, compile_model=compile_model)
     except Exception as exc:  # a failure here must not cost the rest of the run
         return [{"benchmark": "train_step", "config": name, "variant": "none", "status": "error",
-                 "reason": f"{type(exc).__name__}: {str(exc)[:300]}"} for name in configs]
+                 "compiled": compile_model, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                for name in configs]
 
 
 def run_fitting(device, deadline) -> list[dict]:
@@ -241,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--train-budget-s", type=float, default=None,
                         help="the training-step benchmark's share (s; default 120, 30 in a dry run); 0 skips it")
+    parser.add_argument("--train-compile-budget-s", type=float, default=None,
+                        help="the compiled training step's share (s; first configuration only; default 150, "
+                             "0 in a dry run); 0 skips it")
     parser.add_argument("--train-configs", default=None,
                         help="comma list of benchmarks/train_step.py configurations (default: by device)")
     args = parser.parse_args(argv)
@@ -285,8 +291,10 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with_compile = not args.no_compile and not (args.dry_run and device.type == "cpu")
     train_budget = max(args.train_budget_s if args.train_budget_s is not None else 30.0 if args.dry_run else 120.0, 0.0)
-    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget, with_compile, ceilings,
-                             quick=args.dry_run, phases=("main",))
+    compiled_budget = args.train_compile_budget_s
+    compiled_budget = max(compiled_budget if compiled_budget is not None else 0.0 if args.dry_run else 150.0, 0.0)
+    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget - compiled_budget,
+                             with_compile, ceilings, quick=args.dry_run, phases=("main",))
 
     if args.train_configs:
         train_configs = [c for c in args.train_configs.split(",") if c]
@@ -300,6 +308,9 @@ def main(argv=None) -> int:
     else:
         train = [{"benchmark": "train_step", "config": c, "variant": "none", "status": "skipped",
                   "reason": "not requested (--train-budget-s 0)"} for c in train_configs]
+    if compiled_budget > 0:  # the first configuration under torch.compile (compiling takes most of it)
+        train += run_train_steps(device, train_configs[:1], min(time.monotonic() + compiled_budget, deadline - 5),
+                                 quick=args.dry_run, compile_model=True)
     suite.free_device(device)
     fitting = run_fitting(device, deadline - 60)
     suite.free_device(device)

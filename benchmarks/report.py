@@ -207,7 +207,8 @@ def render_train_steps(records: list[dict]) -> str:
     skipped, targets = [], []
     for r in records:
         if r.get("status") != "ok":
-            skipped.append(f"- {r['config']} {r['variant']}: {r.get('status')}: {r.get('reason')}")
+            mark = ", compiled" if r.get("compiled") else ""
+            skipped.append(f"- {r['config']} {r['variant']}{mark}: {r.get('status')}: {r.get('reason')}")
             continue
         model = f"{r.get('arch', '?')} L{r.get('layers')} H{r.get('hidden')}"
         cost = f"{100 * r['overhead']:+.1f}%" if r.get("overhead") is not None else "-"
