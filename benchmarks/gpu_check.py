@@ -16,10 +16,11 @@
 5. runs the training-step benchmark (benchmarks/train_step.py): one BridgeTrainer step with LoRA,
    bf16 autocast, without and with the regulariser for every backend, on BERT-large at the GLUE
    shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time), with the host
-   syncs of one warm step per variant; then the first configuration again under torch.compile
-   (``--train-compile-budget-s``);
+   syncs of one warm step per variant;
 6. fitting g's throughput (benchmarks/bench_fitting.py: fit_mapping on a BERT-base shape, bf16
-   backbone, sequences/s and tokens/s with and without the regulariser's share);
+   backbone, sequences/s and tokens/s with and without the regulariser's share), then the first
+   training-step configuration again under torch.compile (``--train-compile-budget-s`` at most,
+   in the time left);
 7. torch.compile of the reference (fwd+bwd first) in the time left;
 8. writes ``<gpu>-<yyyy-mm-dd>.json`` and ``.md`` into OUTDIR and prints the table last.
 
@@ -245,8 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-budget-s", type=float, default=None,
                         help="the training-step benchmark's share (s; default 120, 30 in a dry run); 0 skips it")
     parser.add_argument("--train-compile-budget-s", type=float, default=None,
-                        help="the compiled training step's share (s; first configuration only; default 150, "
-                             "0 in a dry run); 0 skips it")
+                        help="at most this long for the compiled training step (s; first configuration only, "
+                             "after fitting, in the time left; default 150, 0 in a dry run); 0 skips it")
     parser.add_argument("--train-configs", default=None,
                         help="comma list of benchmarks/train_step.py configurations (default: by device)")
     args = parser.parse_args(argv)
@@ -293,8 +294,8 @@ def main(argv=None) -> int:
     train_budget = max(args.train_budget_s if args.train_budget_s is not None else 30.0 if args.dry_run else 120.0, 0.0)
     compiled_budget = args.train_compile_budget_s
     compiled_budget = max(compiled_budget if compiled_budget is not None else 0.0 if args.dry_run else 150.0, 0.0)
-    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget - compiled_budget,
-                             with_compile, ceilings, quick=args.dry_run, phases=("main",))
+    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget, with_compile, ceilings,
+                             quick=args.dry_run, phases=("main",))
 
     if args.train_configs:
         train_configs = [c for c in args.train_configs.split(",") if c]
@@ -308,12 +309,13 @@ def main(argv=None) -> int:
     else:
         train = [{"benchmark": "train_step", "config": c, "variant": "none", "status": "skipped",
                   "reason": "not requested (--train-budget-s 0)"} for c in train_configs]
-    if compiled_budget > 0:  # the first configuration under torch.compile (compiling takes most of it)
-        train += run_train_steps(device, train_configs[:1], min(time.monotonic() + compiled_budget, deadline - 5),
-                                 quick=args.dry_run, compile_model=True)
     suite.free_device(device)
     fitting = run_fitting(device, deadline - 60)
     suite.free_device(device)
+    if compiled_budget > 0:  # the first configuration under torch.compile, in the time the kernels left
+        train += run_train_steps(device, train_configs[:1], min(time.monotonic() + compiled_budget, deadline - 5),
+                                 quick=args.dry_run, compile_model=True)
+        suite.free_device(device)
     results = table_order(suite, shapes, results + run_benchmarks(
         suite, device, dtype, shapes, deadline - 5, with_compile, ceilings, quick=args.dry_run, phases=("compile",)))
 
