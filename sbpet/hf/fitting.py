@@ -110,10 +110,13 @@ def _save_checkpoint(directory, accelerator, regularizer, step, history, signatu
     on every process (the engine may write a shard on each); rank 0 writes the rest."""
     final = os.path.join(directory, CHECKPOINT_NAME)
     partial = final + ".partial"
+    engine = os.path.join(partial, ENGINE_DIR)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(partial, ENGINE_DIR))
+        os.makedirs(engine)
+    accelerator.wait_for_everyone()  # every process writes into engine/ (its random state at least)
+    accelerator.save_state(engine)
+    accelerator.wait_for_everyone()  # ... before rank 0 moves the directory
     if accelerator.is_main_process:
         regularizer.save_pretrained(partial)
         torch.save({"step": step, "history": history, "signature": signature},
