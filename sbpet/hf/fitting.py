@@ -1,7 +1,7 @@
-"""Fitting g on plain text with the PLM frozen (docs/METHOD.md "Fitting g"), in one process or
-under ``torch.distributed`` (``torchrun``) with the same result: the batch is global, each process
-runs its share of it through the backbone, g's gradients are summed over the processes weighted
-by their share of the regularised positions."""
+"""Fitting g on plain text with the PLM frozen (docs/METHOD.md "Fitting g"), on accelerate's
+``Accelerator``, in one process or several (``torchrun``, ``accelerate launch``) with the same
+result: the batch is global, each process runs its share of it through the backbone, g's gradients
+are summed over the processes weighted by their share of the regularised positions."""
 
 from __future__ import annotations
 

@@ -83,6 +83,39 @@ def test_fit_checkpoint_resume_is_exact(tmp_path, monkeypatch):
                     progress=False, seed=1, checkpoint_dir=ckpt)
 
 
+def test_a_checkpoint_from_before_the_engine_resumes(tmp_path, monkeypatch):
+    """A checkpoint written before accelerate held the engine state (optimizer and scheduler in
+    fit_state.pt, no engine/) still resumes to the g of an uninterrupted run."""
+    model, tokenizer, texts, reg = _setup(tmp_path)
+    straight = tiny_regularizer(model)
+    straight.load_state_dict(reg.state_dict())
+    common = dict(steps=4, batch_size=4, progress=False, seed=1, save_every=2)
+    fit_mapping(model, tokenizer, texts, straight, **common)
+    ckpt, real_save = tmp_path / "ckpt", fitting._save_checkpoint
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit_mapping(model, tokenizer, texts, reg, checkpoint_dir=ckpt, **common)
+    monkeypatch.setattr(fitting, "_save_checkpoint", real_save)
+    saved = ckpt / "checkpoint"
+    state = torch.load(saved / "fit_state.pt", weights_only=False)
+    state["optimizer"] = torch.load(saved / "engine" / "optimizer.bin", weights_only=False)
+    state["scheduler"] = torch.load(saved / "engine" / "scheduler.bin", weights_only=False)
+    torch.save(state, saved / "fit_state.pt")
+    for path in (saved / "engine").iterdir():
+        path.unlink()
+    (saved / "engine").rmdir()
+    resumed = tiny_regularizer(model)
+    history = fit_mapping(model, tokenizer, texts, resumed, checkpoint_dir=ckpt, **common)
+    assert history["resumed_from"] == 2
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
+
+
 def test_a_non_finite_r_is_reported_with_its_step(tmp_path, monkeypatch):
     """R is read back every log_every steps, not every step; a NaN R is an error naming its step."""
     model, tokenizer, texts, reg = _setup(tmp_path)
