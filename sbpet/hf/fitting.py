@@ -78,19 +78,22 @@ class _FitStep(torch.nn.Module):
             return self.regularizer(hidden, labels, attention_mask)  # the SDE one
 
 
-def _engine(device: torch.device, world: int):
-    """accelerate's ``Accelerator`` for the fit: it wraps g for the process group the launcher
-    (``torchrun``, ``accelerate launch``) described, steps the optimizer and scheduler, clips and
-    saves the engine state. The batch is global (``split_batches``: the scheduler steps once per
-    step whatever the process count); the model stays where the caller put it."""
+def _engine(device: torch.device):
+    """accelerate's ``Accelerator`` for the fit: it joins the process group the launcher
+    (``torchrun``, ``accelerate launch``) described (or one the caller started), wraps g for it,
+    steps the optimizer and scheduler, clips and saves the engine state. The batch is global
+    (``split_batches``: the scheduler steps once per step whatever the process count); the model
+    stays where the caller put it."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    accelerator = Accelerator(cpu=device.type == "cpu" and world > 1, device_placement=False,
+    _, started = _process_group()
+    several = max(started, int(os.environ.get("WORLD_SIZE", "1"))) > 1
+    accelerator = Accelerator(cpu=device.type == "cpu" and several, device_placement=False,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if accelerator.num_processes != world:
+    if accelerator.num_processes != _process_group()[1]:
         raise ValueError(
-            f"torch.distributed has {world} processes but the environment describes "
+            f"torch.distributed has {started} processes but the environment describes "
             f"{accelerator.num_processes}: launch with torchrun or accelerate launch (they set RANK, "
             "WORLD_SIZE and LOCAL_RANK)"
         )
@@ -312,12 +315,13 @@ def fit_mapping(
         check_backend_name(backend)
     if not 0 < mask_probability <= 1:
         raise ValueError(f"mask_probability must be in (0, 1], got {mask_probability}")
-    rank, world = _process_group()
-    if batch_size < world:
-        raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {world} processes")
     texts = fitting_texts(texts, text_column)
     backbone, _ = find_backbone_and_layers(model)
     device = next(backbone.parameters()).device
+    accelerator = _engine(device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if batch_size < world:
+        raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {world} processes")
     autocast_dtype = _autocast_dtype(backbone_dtype, device)
     signature = {"steps": steps, "batch_size": batch_size, "max_length": max_length,
                  "seed": seed, "mask_probability": mask_probability,
@@ -339,7 +343,6 @@ def fit_mapping(
         # regulariser reads whole token paths, so it takes the model's hidden states.
         is_pdf = regularizer.config.get("kind", "pdf") == "pdf"
         capture = BridgeCapture(backbone, regularizer, backend, precision) if is_pdf else None
-        accelerator = _engine(device, world)
         params = [p for p in regularizer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
         warmup = int(round(warmup_ratio * steps))

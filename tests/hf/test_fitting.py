@@ -140,11 +140,12 @@ def test_fsdp_and_deepspeed_engines_are_refused(tmp_path, monkeypatch):
     from accelerate.utils import DistributedType
 
     model, tokenizer, texts, reg = _setup(tmp_path)
+    flags = [p.requires_grad for p in (*model.parameters(), *reg.parameters())]
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, kind=kind: kind))
         with pytest.raises(ValueError, match=f"does not run under {kind.value}.*fully_shard"):
             fit_mapping(model, tokenizer, texts, reg, steps=1, batch_size=2, progress=False)
-    assert not any(p.requires_grad for p in reg.parameters())
+    assert flags == [p.requires_grad for p in (*model.parameters(), *reg.parameters())]  # refused before any change
 
 
 def test_fit_causal_lm_and_errors(tmp_path):
@@ -349,3 +350,42 @@ def test_fit_on_two_processes_equals_one(tmp_path):
     torch.testing.assert_close(torch.tensor(again["loss"]), torch.tensor(straight["loss"]), rtol=0, atol=1e-4)
     for k, v in _state(reg).items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-3, msg=lambda m: f"{k}: {m}")
+
+
+_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+from transformers import BertForMaskedLM
+from hf_helpers import tiny_bert_config, tiny_regularizer, tiny_texts, tiny_tokenizer
+from sbpet.hf.fitting import fit_mapping
+torch.manual_seed(0)
+model = BertForMaskedLM(tiny_bert_config())
+reg = tiny_regularizer(model)
+history = fit_mapping(model, tiny_tokenizer({tok!r} + os.environ["RANK"]), tiny_texts(), reg, **{fit!r})
+if os.environ["RANK"] == "0":
+    print("LOSSES", json.dumps([torch.distributed.get_world_size(), history["loss"]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_script_under_torchrun_needs_no_process_group_of_its_own(tmp_path):
+    """`torchrun --nproc_per_node 2 fit_g.py` with no init_process_group in the script: the engine
+    joins the launcher's group (gloo on the CPU) and the losses are one process's."""
+    import json
+    import subprocess
+
+    fit = dict(FIT, save_every=100)
+    script = tmp_path / "fit_g.py"
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script.write_text(_SCRIPT.format(tests=tests, tok=str(tmp_path / "tok"), fit=fit))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("LOSSES ")]
+    world, losses = json.loads(line.removeprefix("LOSSES "))
+    model, tokenizer, reg = _fresh(tmp_path)
+    one = fit_mapping(model, tokenizer, tiny_texts(), reg, **fit)
+    assert world == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["loss"]), rtol=0, atol=1e-4)
