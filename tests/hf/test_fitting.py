@@ -1,6 +1,7 @@
 """fit_mapping: R decreases, only g trains, the PLM is untouched, checkpoints resume exactly, a
 list and a stream of the same texts give the same g, and so do one and two processes."""
 
+import contextlib
 import itertools
 import os
 import sys
@@ -29,6 +30,24 @@ def _setup(tmp_path):
     return model, tiny_tokenizer(tmp_path), tiny_texts(), tiny_regularizer(model)
 
 
+@contextlib.contextmanager
+def _stopped_after_its_first_checkpoint():
+    """fit_mapping, run inside, stops (KeyboardInterrupt, expected) right after writing its first
+    checkpoint, as a crash would."""
+    real_save = fitting._save_checkpoint
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    fitting._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        fitting._save_checkpoint = real_save
+
+
 def test_fit_reduces_loss_and_trains_only_g(tmp_path):
     model, tokenizer, texts, reg = _setup(tmp_path)
     plm_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -45,24 +64,16 @@ def test_fit_reduces_loss_and_trains_only_g(tmp_path):
     assert any(p.requires_grad for p in model.parameters())  # requires_grad flags restored
 
 
-def test_fit_checkpoint_resume_is_exact(tmp_path, monkeypatch):
+def test_fit_checkpoint_resume_is_exact(tmp_path):
     model, tokenizer, texts, reg = _setup(tmp_path)
     straight = tiny_regularizer(model)
     straight.load_state_dict(reg.state_dict())
     fit_mapping(model, tokenizer, texts, straight, steps=8, batch_size=4, progress=False, seed=1)
 
     ckpt = tmp_path / "ckpt"
-    real_save = fitting._save_checkpoint
-
-    def save_then_stop(*args):
-        real_save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fitting, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):  # R read back every 2 steps, and at the step-3 checkpoint
+    with _stopped_after_its_first_checkpoint():  # R read back every 2 steps, and at the step-3 checkpoint
         fit_mapping(model, tokenizer, texts, reg, steps=8, batch_size=4, progress=False, seed=1,
                     checkpoint_dir=ckpt, save_every=3, log_every=2)
-    monkeypatch.setattr(fitting, "_save_checkpoint", real_save)
     assert len(torch.load(ckpt / "checkpoint" / "fit_state.pt", weights_only=False)["history"]) == 3
     engine = {p.name for p in (ckpt / "checkpoint" / "engine").iterdir()}  # accelerate's save_state
     assert {"optimizer.bin", "scheduler.bin", "model.safetensors"} <= engine, engine
@@ -83,7 +94,7 @@ def test_fit_checkpoint_resume_is_exact(tmp_path, monkeypatch):
                     progress=False, seed=1, checkpoint_dir=ckpt)
 
 
-def test_a_checkpoint_from_before_the_engine_resumes(tmp_path, monkeypatch):
+def test_a_checkpoint_from_before_the_engine_resumes(tmp_path):
     """A checkpoint written before accelerate held the engine state (optimizer and scheduler in
     fit_state.pt, no engine/) still resumes to the g of an uninterrupted run."""
     model, tokenizer, texts, reg = _setup(tmp_path)
@@ -91,16 +102,9 @@ def test_a_checkpoint_from_before_the_engine_resumes(tmp_path, monkeypatch):
     straight.load_state_dict(reg.state_dict())
     common = dict(steps=4, batch_size=4, progress=False, seed=1, save_every=2)
     fit_mapping(model, tokenizer, texts, straight, **common)
-    ckpt, real_save = tmp_path / "ckpt", fitting._save_checkpoint
-
-    def save_then_stop(*args):
-        real_save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fitting, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    ckpt = tmp_path / "ckpt"
+    with _stopped_after_its_first_checkpoint():
         fit_mapping(model, tokenizer, texts, reg, checkpoint_dir=ckpt, **common)
-    monkeypatch.setattr(fitting, "_save_checkpoint", real_save)
     saved = ckpt / "checkpoint"
     state = torch.load(saved / "fit_state.pt", weights_only=False)
     state["optimizer"] = torch.load(saved / "engine" / "optimizer.bin", weights_only=False)
@@ -208,7 +212,7 @@ def test_fit_of_a_list_follows_the_documented_order(tmp_path):
         assert torch.equal(streamed.state_dict()[k], v), k
 
 
-def test_streamed_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
+def test_streamed_fit_resumes_where_it_stopped(tmp_path):
     """An endless generator trains at once; a run that stops (after its step-3 checkpoint) and is
     called again with the same generator skips the texts it used and ends with the g of a run that
     never stopped. Text files are a stream too."""
@@ -219,16 +223,9 @@ def test_streamed_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
     common = dict(steps=6, batch_size=4, progress=False, seed=1, save_every=3)
     straight = fit_mapping(model, tokenizer, _endless_texts(), reg, **common)
 
-    ckpt, real_save = tmp_path / "ckpt", fitting._save_checkpoint
-
-    def save_then_stop(*args):
-        real_save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fitting, "_save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    ckpt = tmp_path / "ckpt"
+    with _stopped_after_its_first_checkpoint():
         fit_mapping(model, tokenizer, _endless_texts(), resumed, checkpoint_dir=ckpt, **common)
-    monkeypatch.setattr(fitting, "_save_checkpoint", real_save)
     again = fit_mapping(model, tokenizer, _endless_texts(), resumed, checkpoint_dir=ckpt, **common)
     assert again["resumed_from"] == 3 and again["loss"] == straight["loss"]
     for k, v in _state(reg).items():
@@ -301,19 +298,9 @@ def _fitting_worker(rank, world, store, out):
         results["sharded"] = (sharded["loss"], _state(sharded_reg))
         # a streamed run that stops on every process after its step-3 checkpoint
         reg.load_state_dict(start)
-        real_save = fitting._save_checkpoint
-
-        def save_then_stop(*args):
-            real_save(*args)
-            raise KeyboardInterrupt
-
-        fitting._save_checkpoint = save_then_stop
-        try:
+        with _stopped_after_its_first_checkpoint():
             fit_mapping(model, tokenizer, _endless_texts(), reg, checkpoint_dir=f"{store}-ckpt", **FIT)
-        except KeyboardInterrupt:
-            results["stopped"] = True
-        finally:
-            fitting._save_checkpoint = real_save
+        results["stopped"] = True
         if rank == 0:
             torch.save(results, out)
         torch.distributed.barrier()
