@@ -100,6 +100,15 @@ if triton is not None:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
     @triton.jit
+    def live_rows(rows, N, num_valid_ptr, PADDED: tl.constexpr):
+        """The rows a program works on: below N, and (a fixed capacity, ``PADDED``) below the device
+        count ``num_valid``; the rest are padding (sbpet.core.positions) and act as rows past N."""
+        ok = rows < N
+        if PADDED:
+            ok = ok & (rows < tl.load(num_valid_ptr))
+        return ok
+
+    @triton.jit
     def token_rows(layer_offsets_ptr, layer_strides_ptr, layer, batch_index_ptr, seq_index_ptr,
                     rows, row_ok, ALIGNED: tl.constexpr):
         """int64 element offset (from the base pointer) of each row's token state, its H stride,

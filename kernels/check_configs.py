@@ -17,6 +17,11 @@ The GEMM strategy's layer-1 kernels (``gemm_candidates``: the fixed tile and eve
 autotuning may choose): their blocks depend only on the rows per layer (many / few) and the operand
 width, not on the mapping's widths, so every (states dtype, precision) pair with both row classes;
 the token gradient with the context share (whole states) and, once, without it (parts).
+
+``PADDED`` (a fixed capacity: rows gated by a device count, ``max_positions``) adds a load and a
+compare to each kernel 2 and layer-1 GEMM program: built for the paper's mapping (every pair, both
+passes, every kernel-2 variant) and for the layer-1 GEMM's fixed tiles, every pair and row class
+(the token-gradient GEMM needs no mask: a padding row's da1 is 0).
 """
 
 from __future__ import annotations
@@ -65,35 +70,42 @@ def _context_configs(quick: bool):
 
 
 def _bridge_configs(quick: bool):
+    paper = QUICK_SHAPES[0][:2]
+    for hidden, dims, pairs in QUICK_SHAPES if quick else BRIDGE_SHAPES:
+        for padded in (False, True) if (hidden, dims) == paper else (False,):
+            yield from _bridge_shape_configs(hidden, dims, pairs, quick, padded)
+
+
+def _bridge_shape_configs(hidden, dims, pairs, quick, padded):
     from .chain_config import bridge_config, saved_chain_fits
     from .fused_bridge import dot_precision
 
-    for hidden, dims, pairs in QUICK_SHAPES if quick else BRIDGE_SHAPES:
-        saved_done = set()
-        for dtype, precision in pairs:
-            dot = dot_precision(precision=precision)
-            # The GEMM strategy's runs (A1_SAVED) do not read the states: one dtype per precision.
-            variants = [False] + ([True] if dot not in saved_done else [])
-            saved_done.add(dot)
-            for saved in variants:
-                cfg, num_warps, num_stages = _split(bridge_config(hidden, dims, interpret=False, precision=precision,
-                                                                  a1_saved=saved))
-                consts = dict(cfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot, A1_SAVED=saved)
-                tag = f"H={hidden} dims={dims} {dtype} precision={precision} ({dot}) a1_saved={saved}"
-                yield (f"bridge_fwd {tag} {blocks(cfg)} w{num_warps}s{num_stages}", "bridge_forward_kernel",
-                       dtype, consts, num_warps, num_stages)
-                # The A1_SAVED backward runs only with g and the tail frozen and a spill-free width.
-                trains = [(False, False)] if quick or saved else [(False, False), (True, True)]
-                if saved and not saved_chain_fits(dims):
-                    trains = []
-                for train_mapping, train_tail in trains:
-                    bcfg, bwarps, bstages = _split(bridge_config(hidden, dims, interpret=False,
-                                                                 train_mapping=train_mapping, backward=True,
-                                                                 precision=precision, a1_saved=saved))
-                    bconsts = dict(bcfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot,
-                                   TRAIN_MAPPING=train_mapping, TRAIN_TAIL=train_tail, A1_SAVED=saved)
-                    yield (f"bridge_bwd {tag} {blocks(bcfg)} w{bwarps}s{bstages} train_mapping={train_mapping} "
-                           f"train_tail={train_tail}", "bridge_backward_kernel", dtype, bconsts, bwarps, bstages)
+    saved_done = set()
+    for dtype, precision in pairs:
+        dot = dot_precision(precision=precision)
+        # The GEMM strategy's runs (A1_SAVED) do not read the states: one dtype per precision.
+        variants = [False] + ([True] if dot not in saved_done else [])
+        saved_done.add(dot)
+        for saved in variants:
+            cfg, num_warps, num_stages = _split(bridge_config(hidden, dims, interpret=False, precision=precision,
+                                                              a1_saved=saved))
+            consts = dict(cfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot, A1_SAVED=saved, PADDED=padded)
+            tag = f"H={hidden} dims={dims} {dtype} precision={precision} ({dot}) a1_saved={saved} padded={padded}"
+            yield (f"bridge_fwd {tag} {blocks(cfg)} w{num_warps}s{num_stages}", "bridge_forward_kernel",
+                   dtype, consts, num_warps, num_stages)
+            # The A1_SAVED backward runs only with g and the tail frozen and a spill-free width.
+            trains = [(False, False)] if quick or saved else [(False, False), (True, True)]
+            if saved and not saved_chain_fits(dims):
+                trains = []
+            for train_mapping, train_tail in trains:
+                bcfg, bwarps, bstages = _split(bridge_config(hidden, dims, interpret=False,
+                                                             train_mapping=train_mapping, backward=True,
+                                                             precision=precision, a1_saved=saved))
+                bconsts = dict(bcfg, CONTIGUOUS_H=True, ALIGNED=True, DOT_PRECISION=dot,
+                               TRAIN_MAPPING=train_mapping, TRAIN_TAIL=train_tail, A1_SAVED=saved,
+                               PADDED=padded)
+                yield (f"bridge_bwd {tag} {blocks(bcfg)} w{bwarps}s{bstages} train_mapping={train_mapping} "
+                       f"train_tail={train_tail}", "bridge_backward_kernel", dtype, bconsts, bwarps, bstages)
 
 
 def _gemm_configs(quick: bool):
@@ -109,12 +121,14 @@ def _gemm_configs(quick: bool):
                 if kernel == "first_layer":
                     # Strided states: one tile whatever the rows (STRIDED_TILES), built once.
                     for contiguous in (True, False) if not quick and rows == FEW_ROWS else (True,):
-                        for tile in _tiles(rows, precision, kernel, quick, contiguous_h=contiguous):
+                        for index, tile in enumerate(_tiles(rows, precision, kernel, quick, contiguous_h=contiguous)):
                             cfg, num_warps, num_stages = _split(tile)
-                            consts = dict(cfg, CONTIGUOUS_H=contiguous, ALIGNED=contiguous, DOT_PRECISION=dot)
                             tag = _gemm_tag(dtype, precision, dot, rows, cfg, num_warps, num_stages)
-                            yield (f"first_layer {tag} contiguous_h={contiguous}", "first_layer_kernel", dtype,
-                                   consts, num_warps, num_stages)
+                            for padded in (False, True) if index == 0 and contiguous else (False,):
+                                consts = dict(cfg, CONTIGUOUS_H=contiguous, ALIGNED=contiguous, DOT_PRECISION=dot,
+                                              PADDED=padded)
+                                yield (f"first_layer {tag} contiguous_h={contiguous} padded={padded}",
+                                       "first_layer_kernel", dtype, consts, num_warps, num_stages)
                 else:
                     for index, tile in enumerate(_tiles(rows, precision, kernel, quick)):
                         cfg, num_warps, num_stages = _split(tile)

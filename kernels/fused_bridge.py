@@ -55,8 +55,8 @@ __all__ = [
 
 if triton is not None:
     from .bridge_chain import (
-        accumulate, accumulate_bias, dot_acc, gelu, gelu_grad, latent_grad, layer1_chunk, load_bias, load_tokens,
-        load_weight, load_weight_t, operand, residual, second_layer, segmented_add, stored, token_rows,
+        accumulate, accumulate_bias, dot_acc, gelu, gelu_grad, latent_grad, layer1_chunk, live_rows, load_bias,
+        load_tokens, load_weight, load_weight_t, operand, residual, second_layer, segmented_add, stored, token_rows,
     )
     @triton.jit
     def bridge_forward_kernel(
@@ -68,17 +68,18 @@ if triton is not None:
         w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr,
         tail_ptr, mean_coef_ptr, inv_var_ptr,  # mean_coef, inv_var [G]
         partial_ptr,  # float32 [G, num_tiles] (out)
+        num_valid_ptr,  # int64 [] (PADDED): rows from num_valid on are padding
         layer0, N, B, H, D1, D2, D3, D4,
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
         CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        A1_SAVED: tl.constexpr,
+        A1_SAVED: tl.constexpr, PADDED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         layer = tl.program_id(1).to(tl.int64)  # within the launch's group of layers (G of them)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
+        row_ok = live_rows(rows, N, num_valid_ptr, PADDED)
         row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         half_off = (layer * B + b) * D1
@@ -139,17 +140,18 @@ if triton is not None:
         grad_w1_ptr,  # float32 [D1, H] token half, zeroed (out, TRAIN_MAPPING)
         grad_w2_ptr, grad_b2_ptr, grad_w3_ptr, grad_b3_ptr, grad_w4_ptr, grad_b4_ptr,
         grad_tail_ptr,  # float32 [V, D], zeroed (out, TRAIN_TAIL)
+        num_valid_ptr,  # int64 [] (PADDED): rows from num_valid on are padding
         layer0, N, B, H, D1, D2, D3, D4, num_pairs,
         NUM_LINEAR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N3: tl.constexpr,
         P2: tl.constexpr, P4: tl.constexpr,
         CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        TRAIN_MAPPING: tl.constexpr, TRAIN_TAIL: tl.constexpr, A1_SAVED: tl.constexpr,
+        TRAIN_MAPPING: tl.constexpr, TRAIN_TAIL: tl.constexpr, A1_SAVED: tl.constexpr, PADDED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         layer = tl.program_id(1).to(tl.int64)  # within the launch's group of layers (G of them)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
+        row_ok = live_rows(rows, N, num_valid_ptr, PADDED)
         row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         half_off = (layer * B + b) * D1
@@ -319,6 +321,7 @@ def bridge_forward(
     precision: str = "fp32",
     a1: torch.Tensor | None = None,
     layer0: int = 0,
+    num_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """METHOD.md steps 2-7: the sum over (layer, row) of ``|z - mean_coef_l e|^2 / (2 var_l)``
     (float32 scalar, not yet divided by the number of pairs). N must be > 0.
@@ -330,6 +333,8 @@ def bridge_forward(
     (:func:`.context.layer_table`) or captured token rows (:func:`.context.rows_table`, with
     ``seq_index = arange(N)``). ``precision``: see :func:`dot_precision`. ``a1`` [G, N, d1] (the
     GEMM strategy, :mod:`.layer_gemm`): layer 1's pre-activation, read instead of computed.
+    ``num_valid``: None (every row is regularised) or a 0-d int64 device tensor (a fixed capacity,
+    :mod:`sbpet.core.positions`): rows from ``num_valid`` on are padding and add nothing.
     """
     batch, hidden = context_half.shape[1], weights[0].shape[1] // 2
     num_rows = batch_index.shape[0]
@@ -345,10 +350,10 @@ def bridge_forward(
         table.base, table.offsets, table.strides,
         batch_index, seq_index, targets, context_half,
         w1_token, w1_token.stride(0), partial if a1 is None else a1, *_layer_args(weights, biases),
-        tail, mean_coef, inv_var, partial,
+        tail, mean_coef, inv_var, partial, partial if num_valid is None else num_valid,
         layer0, num_rows, batch, hidden, *dims,
         CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot, A1_SAVED=a1 is not None,
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        PADDED=num_valid is not None, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return partial.sum()
 
@@ -396,13 +401,15 @@ def bridge_backward(
     a1: torch.Tensor | None = None,
     layer0: int = 0,
     grads: ChainGrads | None = None,
+    num_valid: torch.Tensor | None = None,
 ):
     """Gradients of ``grad_loss * inv_pairs * bridge_forward(...)`` (same layer group arguments).
 
     Returns (float32 grad_tokens [G, N, H], or None with ``a1``, which is then overwritten with
     layer 1's unscaled gradient ``da1`` (times ``grad_loss * inv_pairs`` it is the gradient);
     float32 grad_context_half [G, B, d1]; the :class:`ChainGrads`, ``grads`` when given (added to),
-    whose W1 token half stays untouched with ``a1``).
+    whose W1 token half stays untouched with ``a1``). ``num_valid``: as in :func:`bridge_forward`;
+    padding rows get zero token gradients and leave ``a1`` as it was.
     """
     batch, hidden = context_half.shape[1], weights[0].shape[1] // 2
     num_rows = batch_index.shape[0]
@@ -419,7 +426,7 @@ def bridge_backward(
     f32 = dict(dtype=torch.float32, device=device)
     grads = grads or ChainGrads.zeros(weights, biases, tail, train_mapping, train_tail, w1_token=a1 is None)
     grad_tokens = torch.zeros((num_states, num_rows, hidden), **f32) if a1 is None else None
-    pair_ids, num_pairs, pair_starts = segments.tile_sequence_pairs(batch_index, cfg["BLOCK_M"], batch)
+    pair_ids, num_pairs, pair_starts = segments.tile_sequence_pairs(batch_index, cfg["BLOCK_M"], batch, num_valid)
     grad_pairs = torch.empty((num_states, num_pairs, dims[0]), **f32)  # every used slot is written
     unused = grad_pairs  # the pointer of every absent output (never written: constexpr flags)
     grad_layer_args = []
@@ -435,10 +442,11 @@ def bridge_backward(
         grad_loss, float(inv_pairs),
         unused if a1 is not None else grad_tokens, pair_ids, grad_pairs,
         unused if grads.w1_token is None else grads.w1_token, *grad_layer_args,
-        unused if grads.tail is None else grads.tail,
+        unused if grads.tail is None else grads.tail, pair_ids if num_valid is None else num_valid,
         layer0, num_rows, batch, hidden, *dims, num_pairs,
         CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot,
         TRAIN_MAPPING=bool(train_mapping), TRAIN_TAIL=bool(train_tail), A1_SAVED=a1 is not None,
+        PADDED=num_valid is not None,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return grad_tokens, segments.sum_pairs(grad_pairs, pair_starts, batch), grads

@@ -43,7 +43,7 @@ __all__ = [
 FEW_ROWS = 256
 
 if triton is not None:
-    from .bridge_chain import dot_acc, operand, stored, token_rows
+    from .bridge_chain import dot_acc, live_rows, operand, stored, token_rows
 
     @triton.jit
     def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -78,14 +78,15 @@ if triton is not None:
         context_half_ptr,  # float32 [G, B, D1]
         w1_ptr, w1_stride,  # token half W1[:, H:] [D1, H] (row stride w1_stride)
         a1_ptr,  # [G, N, D1] (out), the dots' operand dtype
+        num_valid_ptr,  # int64 [] (PADDED): rows from num_valid on are padding, their a1 0
         layer0, N, B, H, D1,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr, PADDED: tl.constexpr,
     ):
         layer = tl.program_id(1).to(tl.int64)
         pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(D1, BLOCK_N), GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
+        row_ok = live_rows(rows, N, num_valid_ptr, PADDED)  # loads; every row below N is stored
         row_off, stride_h, b = token_rows(layer_offsets_ptr, layer_strides_ptr, layer0 + layer,
                                            batch_index_ptr, seq_index_ptr, rows, row_ok, ALIGNED)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +105,7 @@ if triton is not None:
         ok = row_ok[:, None] & col_ok[None, :]
         acc += tl.load(context_half_ptr + ((layer * B + b) * D1)[:, None] + cols[None, :], mask=ok, other=0.0)
         out = a1_ptr + (layer * N + rows.to(tl.int64))[:, None] * D1 + cols[None, :]
-        tl.store(out, stored(acc, a1_ptr, DOT_PRECISION), mask=ok)
+        tl.store(out, stored(acc, a1_ptr, DOT_PRECISION), mask=(rows < N)[:, None] & col_ok[None, :])
 
     @triton.jit
     def token_grad_kernel(
@@ -239,11 +240,14 @@ def _launch(cfg: GemmConfig):
 
 
 def first_layer(table: LayerTable, layer0: int, num_layers: int, batch_index, seq_index, context_half, w1_token,
-                precision: str, out: torch.Tensor, cfg: GemmConfig | None = None) -> torch.Tensor:
+                precision: str, out: torch.Tensor, cfg: GemmConfig | None = None,
+                num_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Layer 1's pre-activation of layers ``layer0 .. layer0 + G - 1`` into ``out`` [G, N, d1]
     (:func:`operand_dtype`). ``context_half`` float32 [G, B, d1]; ``w1_token`` [d1, H], unit stride
     along H, in the dots' operand dtype or float32. ``cfg``: one of :func:`gemm_candidates` (None:
-    the fixed choice). Writes every element of ``out`` (so a repeated launch is harmless)."""
+    the fixed choice). Writes every element of ``out`` (so a repeated launch is harmless).
+    ``num_valid`` (a 0-d int64 device tensor, a fixed capacity): rows from it on are padding, whose
+    a1 is written as 0 without reading their states (a NaN there never reaches g)."""
     num_rows, width = out.shape[1], out.shape[2]
     hidden = w1_token.shape[1]
     cfg = cfg or gemm_config(num_rows, precision, contiguous_h=table.contiguous_h)
@@ -251,9 +255,10 @@ def first_layer(table: LayerTable, layer0: int, num_layers: int, batch_index, se
     grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]), num_layers)
     first_layer_kernel[grid](
         table.base, table.offsets, table.strides, batch_index, seq_index, context_half,
-        w1_token, w1_token.stride(0), out, layer0, num_rows, context_half.shape[1], hidden, width,
+        w1_token, w1_token.stride(0), out, out if num_valid is None else num_valid,
+        layer0, num_rows, context_half.shape[1], hidden, width,
         CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, DOT_PRECISION=dot_precision(precision=precision),
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        PADDED=num_valid is not None, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return out
 
@@ -266,7 +271,10 @@ def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tens
     ``out``'s dtype. ``context`` = (float32 grad_context [G, B, H], mask [B, S], inv_count [B])
     adds each row's context share first (the whole-states route); None leaves it out (the parts
     route, whose context gradient is returned apart). ``cfg``: one of :func:`gemm_candidates` (None:
-    the fixed choice). Each row's elements are written, not added to (a repeated launch is harmless)."""
+    the fixed choice). Each row's elements are written, not added to (a repeated launch is harmless).
+    A fixed capacity's padding rows need no mask here: :func:`first_layer` wrote their a1 as 0 and
+    kernel 2's backward (or the torch chain, whose gradient there is 0) leaves it so, so ``da1`` is 0
+    there and a padding row gets its context share alone."""
     num_layers, num_rows, width = da1.shape
     hidden = w1_token.shape[1]
     cfg = cfg or gemm_config(num_rows, precision, kernel="token_grad")

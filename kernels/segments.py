@@ -36,15 +36,25 @@ if triton is not None:
         tl.store(out_ptr + (layer * B + b) * D1 + cols, acc, mask=ok)
 
 
-def tile_sequence_pairs(batch_index: torch.Tensor, block_m: int, batch: int):
+def tile_sequence_pairs(batch_index: torch.Tensor, block_m: int, batch: int, num_valid: torch.Tensor | None = None):
     """The (tile, sequence) pairs of the context half's reduction, without a host sync.
 
     Rows must come sorted by sequence (``nonzero`` over [B, S] labels gives them so). A pair starts
     at every tile's first row and wherever the sequence changes, so there are at most
     tiles + B - 1. Returns (int32 pair id of every row [N], number of pair slots, int64 [B + 1]
-    first pair of each sequence, the last entry the end)."""
+    first pair of each sequence, the last entry the end).
+
+    ``num_valid`` (a fixed capacity, :mod:`sbpet.core.positions`: a 0-d int64 device tensor): only
+    rows below it need be sorted; the padding rows after them (kernel 2 masks them out) are counted
+    as one more sequence B, whose pairs follow every real sequence's and are left out of the sums
+    (the last entry of the starts, where B's pairs begin, ends sequence B - 1). Slots: tiles + B."""
     device = batch_index.device
     num_rows = batch_index.shape[0]
+    sequences = batch
+    if num_valid is not None:
+        padding = torch.arange(num_rows, device=device) >= num_valid
+        batch_index = batch_index.masked_fill(padding, batch)
+        sequences = batch + 1
     if num_rows > 1:
         torch._assert_async(torch.all(batch_index[1:] >= batch_index[:-1]),
                             "kernel 2's backward needs the regularised rows sorted by sequence")
@@ -52,8 +62,8 @@ def tile_sequence_pairs(batch_index: torch.Tensor, block_m: int, batch: int):
     starts[1:] = batch_index[1:] != batch_index[:-1]
     starts[::block_m] = True
     pair_ids = torch.cumsum(starts, 0, dtype=torch.int32) - 1
-    num_pairs = min(num_rows, triton.cdiv(num_rows, block_m) + batch - 1)
-    pair_sequence = torch.full((num_pairs,), batch, dtype=torch.int64, device=device)
+    num_pairs = min(num_rows, triton.cdiv(num_rows, block_m) + sequences - 1)
+    pair_sequence = torch.full((num_pairs,), sequences, dtype=torch.int64, device=device)
     pair_sequence[pair_ids.long()] = batch_index  # every row of a pair writes the same value
     pair_starts = torch.searchsorted(pair_sequence, torch.arange(batch + 1, device=device))
     return pair_ids, num_pairs, pair_starts

@@ -261,20 +261,16 @@ def select(op: str, backend: str, device: torch.device, key: tuple, runners: Cal
     candidate names, callables that run the operation forward + backward on the call's inputs.
     ``atomics``: the call trains g or the tail (False for the capture, whose kernel has no
     atomics); under deterministic algorithms it leaves out :data:`ATOMIC_CANDIDATES`. ``padded``:
-    the positions come at a fixed capacity (:mod:`sbpet.core.positions`), which the Triton kernels
-    do not take: ``auto`` runs torch, an explicit "triton" raises ValueError."""
+    the positions come at a fixed capacity (:mod:`sbpet.core.positions`; every backend takes them,
+    the Triton kernels skipping the padding rows on the device): a key of its own, so that a
+    capacity's timing never stands for exact positions."""
     name = resolve_backend(backend, device, atomics)
-    if padded and name.startswith("triton"):
-        raise ValueError("backend='triton' takes exact positions only: give labels on the CPU (found on the host, "
-                         "no sync) or leave max_positions None (outside torch.compile), or use the torch backend")
-    if padded and name == "auto":
-        return get_backend("torch")
     if name != "auto":
         return get_backend(name)
     candidates = ["torch", "triton"] if op == "capture" else ["torch", *TRITON_CANDIDATES]
     candidates = _deterministic_candidates(candidates, atomics)
     full_key = (op, str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", *key,
-                atomics and torch.are_deterministic_algorithms_enabled())
+                atomics and torch.are_deterministic_algorithms_enabled(), padded)
     family = tuple(k for k in full_key if not isinstance(k, _Size))
     return get_backend(selector.choose(full_key, lambda: runners(candidates), family=family))
 

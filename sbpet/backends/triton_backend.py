@@ -9,6 +9,8 @@ gradients are plain torch matmuls on [L+1, B, *] tensors.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..core.validation import check_finite_contexts
@@ -38,8 +40,10 @@ def _bridge_forward(
     variance: torch.Tensor,
     precision: str,
     strategy: str,
+    num_valid: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (R as a float32 scalar, the float32 contexts [L+1, B, H] saved for backward)."""
+    """Returns (R as a float32 scalar, the float32 contexts [L+1, B, H] saved for backward).
+    ``num_valid``: a fixed capacity's device count (:mod:`sbpet.core.positions`), or None."""
     from ..kernels import context as context_kernels
 
     num_states = len(hidden_states)
@@ -51,7 +55,7 @@ def _bridge_forward(
     if num_rows == 0:
         return torch.zeros((), dtype=torch.float32, device=tail.device), contexts
     loss = kernel2_forward(strategy, table, num_states, batch_index, seq_index, targets, contexts, weights, biases,
-                           tail, mean_coef_d, inv_var, precision, _states_bytes(hidden_states))
+                           tail, mean_coef_d, inv_var, precision, _states_bytes(hidden_states), num_valid)
     return loss, contexts
 
 
@@ -61,7 +65,7 @@ def _states_bytes(hidden_states) -> int:
 
 @_bridge_forward.register_fake
 def _(hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance,
-      precision, strategy):
+      precision, strategy, num_valid):
     batch, _, hidden = hidden_states[0].shape
     loss = tail.new_empty((), dtype=torch.float32)
     contexts = tail.new_empty((len(hidden_states), batch, hidden), dtype=torch.float32)
@@ -86,6 +90,7 @@ def _bridge_backward(
     train_tail: bool,
     precision: str,
     strategy: str,
+    num_valid: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Returns (grad of every layer stacked [L+1, B, S, H] in the states' dtype, grads of the
     weights and biases (empty lists unless train_mapping), grad of the tail (an empty tensor
@@ -107,11 +112,12 @@ def _bridge_backward(
     if strategy == "gemm":
         grad_states = torch.empty((num_states, batch, seq, hidden), dtype=dtype, device=device)
         _, _, out_ws, out_bs, grad_tail = kernel2_backward(
-            *args, _states_bytes(hidden_states), lambda layer, start, stop: hidden_states[layer][batch_index[start:stop], seq_index[start:stop]],
-            grad_states, (batch * seq * hidden, seq * hidden, hidden), (mask, inv_count),
+            *args, _states_bytes(hidden_states),
+            lambda layer, start, stop: hidden_states[layer][batch_index[start:stop], seq_index[start:stop]],
+            grad_states, (batch * seq * hidden, seq * hidden, hidden), (mask, inv_count), num_valid=num_valid,
         )
         return grad_states, out_ws, out_bs, grad_tail
-    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args)
+    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args, num_valid=num_valid)
     grad_states = context_kernels.context_backward(
         grad_contexts, mask, inv_count, batch_index, seq_index, grad_tokens, dtype
     )
@@ -120,7 +126,7 @@ def _bridge_backward(
 
 @_bridge_backward.register_fake
 def _(grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail,
-      mean_coef, variance, contexts, train_mapping, train_tail, precision, strategy):
+      mean_coef, variance, contexts, train_mapping, train_tail, precision, strategy, num_valid):
     batch, seq, hidden = hidden_states[0].shape
     grad_states = hidden_states[0].new_empty((len(hidden_states), batch, seq, hidden))
     grad_ws = [torch.empty_like(w) for w in weights] if train_mapping else []
@@ -131,7 +137,7 @@ def _(grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets,
 
 def _setup_context(ctx, inputs, output):
     hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance, \
-        precision, strategy = inputs
+        precision, strategy, num_valid = inputs
     _, contexts = output
     ctx.precision, ctx.strategy = precision, strategy
     ctx.set_materialize_grads(False)  # the contexts output has no gradient: no zeros [L+1, B, H]
@@ -143,29 +149,30 @@ def _setup_context(ctx, inputs, output):
     ctx.train_tail = tail.requires_grad
     ctx.save_for_backward(
         *hidden_states, attention_mask, batch_index, seq_index, targets, *weights, *biases, tail,
-        mean_coef, variance, contexts,
+        mean_coef, variance, contexts, num_valid,
     )
 
 
 def _backward(ctx, grad_loss, grad_contexts):
     if grad_loss is None:  # nothing flows back (grads are not materialised)
-        return (None,) * 11
+        return (None,) * 13
     saved = list(ctx.saved_tensors)
     n, k = ctx.num_states, ctx.num_linear
     hidden_states, saved = saved[:n], saved[n:]
     attention_mask, batch_index, seq_index, targets, saved = *saved[:4], saved[4:]
     weights, biases, saved = saved[:k], saved[k : 2 * k], saved[2 * k :]
-    tail, mean_coef, variance, contexts = saved
+    tail, mean_coef, variance, contexts, num_valid = saved
     grad_states, grad_ws, grad_bs, grad_tail = torch.ops.sbpet.triton_bridge_backward(
         grad_loss, hidden_states, attention_mask, batch_index, seq_index, targets, weights, biases,
         tail, mean_coef, variance, contexts, ctx.train_mapping, ctx.train_tail, ctx.precision, ctx.strategy,
+        num_valid,
     )
     layer_grads = [g if need else None for g, need in zip(grad_states.unbind(0), ctx.states_need_grad)]
     weight_grads = list(grad_ws) if ctx.train_mapping else [None] * k
     bias_grads = list(grad_bs) if ctx.train_mapping else [None] * k
     return (
         layer_grads, None, None, None, None, weight_grads, bias_grads,
-        grad_tail if ctx.train_tail else None, None, None, None, None,
+        grad_tail if ctx.train_tail else None, None, None, None, None, None,
     )
 
 
@@ -185,6 +192,7 @@ def triton_bridge_loss(
     precision="fp32",
     strategy=None,
     check_finite=False,
+    num_valid=None,
 ):
     """The bridge regulariser R with the Triton kernels. Same arguments and result as
     :func:`sbpet.backends.reference.reference_bridge_loss` (float32 scalar; 0 with zero gradients when
@@ -192,7 +200,9 @@ def triton_bridge_loss(
     ("gemm" or "fused"; None: :func:`.triton_host.triton_strategy`). ``check_finite``: raise
     ValueError when a real token's state is not finite, from the contexts kernel 1 computed in its
     one read of the states (:func:`sbpet.core.validation.check_finite_contexts`: one host sync on
-    [L+1, B, H], no second read of the states), as ``bridge_loss`` asks.
+    [L+1, B, H], no second read of the states), as ``bridge_loss`` asks. ``num_valid``: None, or
+    (a fixed capacity, :mod:`sbpet.core.positions`) a 0-d int64 device tensor: only the first
+    ``num_valid`` rows are regularised; the kernels skip the rest, reading no state there.
 
     Example (CPU, interpreter):
         >>> # TRITON_INTERPRET=1 python -c "import sbpet; ..."; backend="triton" in sbpet.bridge_loss
@@ -201,7 +211,7 @@ def triton_bridge_loss(
     biases = [layer.bias for layer in mapping.layers]
     loss, contexts = torch.ops.sbpet.triton_bridge_forward(
         list(hidden_states), attention_mask, batch_index, seq_index, targets, weights, biases, tail,
-        mean_coef, variance, precision, triton_strategy(strategy),
+        mean_coef, variance, precision, triton_strategy(strategy), num_valid,
     )
     if check_finite:
         check_finite_contexts(contexts, list(hidden_states), attention_mask != 0)

@@ -71,42 +71,43 @@ def _setup(table, num_rows, weights, precision, states_bytes, num_states):
 
 
 def gemm_forward(table, num_states, batch_index, seq_index, targets, half, weights, biases, tail, mean_coef,
-                 inv_var, precision, states_bytes) -> torch.Tensor:
+                 inv_var, precision, states_bytes, num_valid=None) -> torch.Tensor:
     """The float32 sum over (layer, row) of the bridge terms (see ``fused_bridge.bridge_forward``,
-    same arguments; ``half`` float32 [L+1, B, d1]); N > 0."""
+    same arguments, ``num_valid`` included; ``half`` float32 [L+1, B, d1]); N > 0."""
     from ..kernels import fused_bridge
 
     w1, groups, buffer = _setup(table, batch_index.shape[0], weights, precision, states_bytes, num_states)
     total = torch.zeros((), dtype=torch.float32, device=tail.device)
     for first, end in groups:
         a1 = _first_layer(table, first, end - first, batch_index, seq_index, half[first:end], w1, precision,
-                          buffer[: end - first])
+                          buffer[: end - first], num_valid)
         total = total + fused_bridge.bridge_forward(
             table, end - first, batch_index, seq_index, targets, half[first:end], weights, biases, tail,
-            mean_coef[first:end], inv_var[first:end], precision, a1=a1, layer0=first,
+            mean_coef[first:end], inv_var[first:end], precision, a1=a1, layer0=first, num_valid=num_valid,
         )
     return total
 
 
-def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, contexts, weights, biases, tail,
-                  mean_coef, inv_var, train_mapping, train_tail, precision, states_bytes, rows_of, out, out_strides,
-                  states_context=None):
-    """Backward of ``grad_loss * gemm_forward(...) / ((L+1) N)``.
+def gemm_backward(grad_loss, inv_pairs, table, batch_index, seq_index, targets, half, contexts, weights, biases,
+                  tail, mean_coef, inv_var, train_mapping, train_tail, precision, states_bytes, rows_of, out,
+                  out_strides, states_context=None, num_valid=None):
+    """Backward of ``grad_loss * inv_pairs * gemm_forward(...)`` (``inv_pairs`` a float:
+    1 / ((L+1) N), or with ``num_valid`` 1 / (L+1), the count folded into ``grad_loss`` on the device).
 
     Writes every regularised row's gradient into ``out`` (see ``layer_gemm.token_grads``):
     ``states_context`` = (mask, inv_count) for the whole-states route, where ``out`` is the states'
     gradient [L+1, B, S, H] and kernel 1's backward first writes every token's context share;
     None for the parts route (``out`` [L+1, N, H], the context gradient returned apart).
     ``rows_of(layer, start, stop)`` gives rows start..stop of that layer's regularised rows [N, H]
-    (for W1's gradient when g trains, gathered a chunk at a time within the budget).
-    Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
+    (for W1's gradient when g trains, gathered a chunk at a time within the budget; padding rows
+    are zeroed here). ``num_valid``: see ``fused_bridge.bridge_forward``. Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
     ``fused_bridge.ChainGrads``)."""
     from ..kernels import chain_config, fused_bridge
     from ..kernels import context as context_kernels
 
     num_states, batch, hidden = contexts.shape
     num_rows = batch_index.shape[0]
-    inv_pairs = 1.0 / (num_states * num_rows)
+    live = None if num_valid is None else torch.arange(num_rows, device=batch_index.device) < num_valid
     w1, groups, buffer = _setup(table, num_rows, weights, precision, states_bytes, num_states)
     grads = fused_bridge.ChainGrads.zeros(weights, biases, tail, train_mapping, train_tail)
     grad_half = torch.empty_like(half)
@@ -114,15 +115,16 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
     scale = grad_loss * inv_pairs
     on_chip = not (train_mapping or train_tail) and chain_config.saved_chain_fits([w.shape[0] for w in weights])
     chain = None if on_chip else _TorchChain(scale, batch, batch_index, targets, weights, biases, tail, mean_coef,
-                                             inv_var, grads, train_mapping, train_tail, precision, states_bytes)
+                                             inv_var, grads, train_mapping, train_tail, precision, states_bytes, live)
     for first, end in groups:
         size = end - first
-        a1 = _first_layer(table, first, size, batch_index, seq_index, half[first:end], w1, precision, buffer[:size])
+        a1 = _first_layer(table, first, size, batch_index, seq_index, half[first:end], w1, precision, buffer[:size],
+                          num_valid)
         if chain is None:
             _, grad_half[first:end], _ = fused_bridge.bridge_backward(
                 grad_loss, inv_pairs, table, size, batch_index, seq_index, targets, half[first:end], weights,
                 biases, tail, mean_coef[first:end], inv_var[first:end], False, False, precision,
-                a1=a1, layer0=first, grads=grads,
+                a1=a1, layer0=first, grads=grads, num_valid=num_valid,
             )
         else:
             for layer in range(first, end):
@@ -142,14 +144,16 @@ def gemm_backward(grad_loss, table, batch_index, seq_index, targets, half, conte
             for layer in range(first, end):
                 for start in range(0, num_rows, step):
                     stop = min(start + step, num_rows)
-                    grads.w1_token += matmul(da1[layer - first, start:stop].T, rows_of(layer, start, stop),
-                                             precision).mul_(scale)
+                    rows = rows_of(layer, start, stop)
+                    if live is not None:  # a padding row may hold a NaN: 0 * NaN would reach W1
+                        rows = rows.masked_fill(~live[start:stop, None], 0)
+                    grads.w1_token += matmul(da1[layer - first, start:stop].T, rows, precision).mul_(scale)
     if chain is not None:
         chain.finish()
     return grad_half, grad_contexts, grads
 
 
-def _first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, precision, out):
+def _first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, precision, out, num_valid=None):
     """``layer_gemm.first_layer`` with its tile from :func:`.gemm_tuning.choose`."""
     from ..kernels import layer_gemm
     from . import gemm_tuning
@@ -163,7 +167,7 @@ def _first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, pr
 
     def run(cfg):
         return layer_gemm.first_layer(table, layer0, num_layers, batch_index, seq_index, half, w1, precision, out,
-                                      cfg=cfg)
+                                      cfg=cfg, num_valid=num_valid)
 
     return run(gemm_tuning.choose(key, candidates, run, out.device))
 
@@ -198,8 +202,11 @@ class _TorchChain:
     float32 temporaries (about :data:`_TEMPORARIES` [rows, d1] tensors) stay within the budget."""
 
     def __init__(self, scale, batch, batch_index, targets, weights, biases, tail, mean_coef, inv_var, grads,
-                 train_mapping, train_tail, precision, states_bytes):
-        self.scale, self.batch, self.batch_index, self.targets = scale, batch, batch_index, targets
+                 train_mapping, train_tail, precision, states_bytes, live=None):
+        self.scale, self.batch, self.targets, self.live = scale, batch, targets, live
+        # Padding rows (``live`` False: a fixed capacity) count as sequence B, after every real one,
+        # so the rows stay sorted and their (zero) gradient falls outside the per-sequence sums.
+        self.batch_index = batch_index if live is None else batch_index.masked_fill(~live, batch)
         self.weights, self.biases, self.grads = weights, biases, grads
         self.mean_coef, self.inv_var = mean_coef, inv_var
         self.train_mapping, self.train_tail, self.precision = train_mapping, train_tail, precision
@@ -220,6 +227,8 @@ class _TorchChain:
             pre, acts = torch_backend.chain_forward(a1[rows].to(torch.float32), self.weights, self.biases,
                                                     self.precision)
             dz = (pre[-1] - self.mean_coef[layer] * self.ends[rows]) * self.inv_var[layer]
+            if self.live is not None:
+                dz = dz.masked_fill(~self.live[rows, None], 0)
             if self.train_tail:
                 self.tail_rows[rows] -= self.mean_coef[layer] * dz
             da1, layer_grads = torch_backend.chain_backward(dz, pre, acts, self.weights, self.precision,

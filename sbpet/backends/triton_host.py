@@ -12,8 +12,8 @@ from ..core.precision import matmul
 
 __all__ = [
     "STRATEGIES", "STRATEGY_ENV", "check_triton_available", "context_half", "context_half_grads", "device_marginals",
-    "device_vector", "interpreting", "kernel2_backward", "kernel2_forward", "prepare_states", "triton_is_usable",
-    "triton_strategy", "zero_parameter_grads",
+    "device_vector", "interpreting", "kernel2_backward", "kernel2_forward", "prepare_states", "row_scale",
+    "triton_is_usable", "triton_strategy", "zero_parameter_grads",
 ]
 
 
@@ -122,8 +122,10 @@ def triton_strategy(strategy: str | None = None) -> str:
 
 
 def kernel2_forward(strategy, table, num_states, batch_index, seq_index, targets, contexts, weights, biases, tail,
-                    mean_coef_d, inv_var, precision, states_bytes):
-    """R (float32 scalar) by kernel 2 with ``strategy``; N > 0."""
+                    mean_coef_d, inv_var, precision, states_bytes, num_valid=None):
+    """R (float32 scalar) by kernel 2 with ``strategy``; N > 0. ``num_valid``: None, or a 0-d int64
+    device tensor (a fixed capacity, :mod:`sbpet.core.positions`): only the rows below it count, and
+    R is their mean, divided on the device."""
     from ..kernels import fused_bridge
     from . import triton_gemm
 
@@ -132,40 +134,52 @@ def kernel2_forward(strategy, table, num_states, batch_index, seq_index, targets
     args = (table, num_states, batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(), half,
             weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var, precision)
     if strategy == "gemm":
-        total = triton_gemm.gemm_forward(*args, states_bytes)
+        total = triton_gemm.gemm_forward(*args, states_bytes, num_valid=num_valid)
     else:
-        total = fused_bridge.bridge_forward(*args)
-    return total / (num_states * num_rows)
+        total = fused_bridge.bridge_forward(*args, num_valid=num_valid)
+    if num_valid is None:
+        return total / (num_states * num_rows)
+    return total / (num_states * num_valid.clamp(min=1)).to(total.dtype)
+
+
+def row_scale(grad_loss, num_states: int, num_rows: int, num_valid=None):
+    """(float32 0-d grad_loss, float inv_pairs) whose product scales every row's gradient: 1 / pairs.
+    A fixed capacity's count is folded into ``grad_loss`` on the device (no host read)."""
+    grad_loss = grad_loss.to(torch.float32).reshape(())
+    if num_valid is None:
+        return grad_loss.contiguous(), 1.0 / (num_states * num_rows)
+    return (grad_loss / num_valid.clamp(min=1).to(torch.float32)).contiguous(), 1.0 / num_states
 
 
 def kernel2_backward(grad_loss, table, batch_index, seq_index, targets, weights, biases, tail, mean_coef_d,
                       inv_var, contexts, train_mapping, train_tail, precision, strategy="fused", states_bytes=0,
-                      rows_of=None, out=None, out_strides=None, states_context=None):
+                      rows_of=None, out=None, out_strides=None, states_context=None, num_valid=None):
     """Kernel 2's backward plus the small torch products of the context half (shared by the
     whole-states and the parts ops). Returns float32 grad_tokens [L+1, N, H] (None with the "gemm"
     strategy, which writes the rows' gradients into ``out`` itself: see
     :func:`.triton_gemm.gemm_backward` for ``rows_of``, ``out``, ``out_strides`` and
     ``states_context``), float32 grad_contexts [L+1, B, H], the weight and bias grads (empty unless
-    train_mapping) and the tail grad (an empty tensor unless train_tail)."""
+    train_mapping) and the tail grad (an empty tensor unless train_tail). ``num_valid``: see
+    :func:`kernel2_forward`; padding rows get zero gradients."""
     from ..kernels import fused_bridge
     from . import triton_gemm
 
     num_states, _, hidden = contexts.shape
     num_rows = batch_index.shape[0]
     half = context_half(contexts, weights[0], biases[0], precision)
-    grad_loss = grad_loss.to(torch.float32).reshape(()).contiguous()
+    grad_loss, inv_pairs = row_scale(grad_loss, num_states, num_rows, num_valid)
     args = (batch_index.contiguous(), seq_index.contiguous(), targets.contiguous(), half)
     params = (weights, [b.contiguous() for b in biases], tail.contiguous(), mean_coef_d, inv_var)
     if strategy == "gemm":
         grad_tokens = None
         grad_half, grad_contexts, grads = triton_gemm.gemm_backward(
-            grad_loss, table, *args, contexts, *params, train_mapping, train_tail, precision, states_bytes,
-            rows_of, out, out_strides, states_context,
+            grad_loss, inv_pairs, table, *args, contexts, *params, train_mapping, train_tail, precision, states_bytes,
+            rows_of, out, out_strides, states_context, num_valid,
         )
     else:
         grad_tokens, grad_half, grads = fused_bridge.bridge_backward(
-            grad_loss, 1.0 / (num_states * num_rows), table, num_states, *args, *params,
-            train_mapping, train_tail, precision,
+            grad_loss, inv_pairs, table, num_states, *args, *params, train_mapping, train_tail, precision,
+            num_valid=num_valid,
         )
         grad_contexts = matmul(grad_half, weights[0][:, :hidden], precision)
     out_ws, out_bs, grad_tail = context_half_grads(

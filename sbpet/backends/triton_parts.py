@@ -4,6 +4,8 @@ autograd formulas. Re-exported by :mod:`.triton_backend`, the backend's face."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .triton_host import device_marginals, kernel2_backward, kernel2_forward, triton_strategy, zero_parameter_grads
@@ -92,8 +94,10 @@ def _parts_forward(
     variance: torch.Tensor,
     precision: str,
     strategy: str,
+    num_valid: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """R (float32 scalar) from float32 contexts [L+1, B, H] and L+1 token-row tensors [N, H]."""
+    """R (float32 scalar) from float32 contexts [L+1, B, H] and L+1 token-row tensors [N, H]
+    (``num_valid``: a fixed capacity's device count, or None)."""
     from ..kernels import context as context_kernels
 
     num_states, num_rows = contexts.shape[0], batch_index.shape[0]
@@ -103,7 +107,8 @@ def _parts_forward(
     weights = [w.contiguous() for w in weights]
     seq_index = torch.arange(num_rows, device=batch_index.device)
     return kernel2_forward(strategy, context_kernels.rows_table(tokens), num_states, batch_index, seq_index, targets,
-                           contexts, weights, biases, tail, mean_coef_d, inv_var, precision, _tokens_bytes(tokens))
+                           contexts, weights, biases, tail, mean_coef_d, inv_var, precision, _tokens_bytes(tokens),
+                           num_valid)
 
 
 def _tokens_bytes(tokens) -> int:
@@ -111,7 +116,8 @@ def _tokens_bytes(tokens) -> int:
 
 
 @_parts_forward.register_fake
-def _(contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision, strategy):
+def _(contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision, strategy,
+      num_valid):
     return tail.new_empty((), dtype=torch.float32)
 
 
@@ -131,6 +137,7 @@ def _parts_backward(
     train_tail: bool,
     precision: str,
     strategy: str,
+    num_valid: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """(float32 grad of the contexts [L+1, B, H], grad of the token rows stacked [L+1, N, H] in
     their dtype, weight and bias grads (empty unless train_mapping), tail grad (empty unless
@@ -152,16 +159,17 @@ def _parts_backward(
     if strategy == "gemm":
         grad_tokens = torch.empty((num_states, num_rows, hidden), dtype=dtype, device=contexts.device)
         _, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(
-            *args, _tokens_bytes(tokens), lambda layer, start, stop: tokens[layer][start:stop], grad_tokens, (num_rows * hidden, 0, hidden),
+            *args, _tokens_bytes(tokens), lambda layer, start, stop: tokens[layer][start:stop], grad_tokens,
+            (num_rows * hidden, 0, hidden), num_valid=num_valid,
         )
         return grad_contexts, grad_tokens, out_ws, out_bs, grad_tail
-    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args)
+    grad_tokens, grad_contexts, out_ws, out_bs, grad_tail = kernel2_backward(*args, num_valid=num_valid)
     return grad_contexts, grad_tokens.to(dtype), out_ws, out_bs, grad_tail
 
 
 @_parts_backward.register_fake
 def _(grad_loss, contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance,
-      train_mapping, train_tail, precision, strategy):
+      train_mapping, train_tail, precision, strategy, num_valid):
     num_states, _, hidden = contexts.shape
     grad_tokens = tokens[0].new_empty((num_states, batch_index.shape[0], hidden))
     grad_ws = [torch.empty_like(w) for w in weights] if train_mapping else []
@@ -171,28 +179,30 @@ def _(grad_loss, contexts, tokens, batch_index, targets, weights, biases, tail, 
 
 
 def _parts_setup(ctx, inputs, output):
-    contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision, strategy = inputs
+    contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance, precision, strategy, \
+        num_valid = inputs
     ctx.precision, ctx.strategy = precision, strategy
     ctx.num_states, ctx.num_linear = len(tokens), len(weights)
     ctx.train_mapping = any(p.requires_grad for p in (*weights, *biases))
     ctx.train_tail = tail.requires_grad
-    ctx.save_for_backward(contexts, *tokens, batch_index, targets, *weights, *biases, tail, mean_coef, variance)
+    ctx.save_for_backward(contexts, *tokens, batch_index, targets, *weights, *biases, tail, mean_coef, variance,
+                          num_valid)
 
 
 def _parts_autograd(ctx, grad_loss):
     n, k = ctx.num_states, ctx.num_linear
     contexts, *saved = ctx.saved_tensors
     tokens, (batch_index, targets), saved = saved[:n], saved[n : n + 2], saved[n + 2 :]
-    weights, biases, (tail, mean_coef, variance) = saved[:k], saved[k : 2 * k], saved[2 * k :]
+    weights, biases, (tail, mean_coef, variance, num_valid) = saved[:k], saved[k : 2 * k], saved[2 * k :]
     grad_contexts, grad_tokens, grad_ws, grad_bs, grad_tail = torch.ops.sbpet.triton_parts_backward(
         grad_loss, contexts, list(tokens), batch_index, targets, list(weights), list(biases), tail, mean_coef,
-        variance, ctx.train_mapping, ctx.train_tail, ctx.precision, ctx.strategy,
+        variance, ctx.train_mapping, ctx.train_tail, ctx.precision, ctx.strategy, num_valid,
     )
     return (
         grad_contexts, list(grad_tokens.unbind(0)), None, None,
         list(grad_ws) if ctx.train_mapping else [None] * k,
         list(grad_bs) if ctx.train_mapping else [None] * k,
-        grad_tail if ctx.train_tail else None, None, None, None, None,
+        grad_tail if ctx.train_tail else None, None, None, None, None, None,
     )
 
 
@@ -200,16 +210,17 @@ _parts_forward.register_autograd(_parts_autograd, setup_context=_parts_setup)
 
 
 def triton_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
-                           precision="fp32", strategy=None):
+                           precision="fp32", strategy=None, num_valid=None):
     """R with kernel 2 from the parts: contexts (L+1 float32 [B, H], or [L+1, B, H]) and L+1
     token-row tensors [N, H] (read where they lie: no stacked copy). Same result as
     :func:`sbpet.backends.torch_backend.bridge_loss_from_parts`. ``strategy``: kernel 2's ("gemm" or
-    "fused"; None: :func:`.triton_host.triton_strategy`)."""
+    "fused"; None: :func:`.triton_host.triton_strategy`). ``num_valid``: None, or a fixed capacity's
+    0-d int64 device count (:mod:`sbpet.core.positions`): rows from it on are padding."""
     if isinstance(contexts, (list, tuple)):
         contexts = torch.stack(list(contexts))
     weights = [layer.weight for layer in mapping.layers]
     biases = [layer.bias for layer in mapping.layers]
     return torch.ops.sbpet.triton_parts_forward(
         contexts.float(), list(tokens), batch_index, targets, weights, biases, tail, mean_coef, variance, precision,
-        triton_strategy(strategy),
+        triton_strategy(strategy), num_valid,
     )

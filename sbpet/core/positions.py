@@ -16,7 +16,8 @@ device, sorted by sequence, plus ``num_valid``:
   ``max_positions`` the most a batch can hold (one per sequence for classification labels: B).
   Used with ``max_positions`` (what ``torch.compile(..., fullgraph=True)`` needs: exact positions
   break the graph at ``nonzero``), and with B * S on the ``meta`` device, where nothing can be
-  counted. The torch and reference backends take it; the Triton kernels take exact positions only.
+  counted. Every backend takes it: the torch and reference backends weigh the padding 0, the Triton
+  kernels skip it on the device (rows from ``num_valid`` on are masked like rows past the end).
 """
 
 from __future__ import annotations

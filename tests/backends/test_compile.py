@@ -28,7 +28,7 @@ def _case():
 
 @pytest.mark.parametrize("backend, max_positions", [
     ("torch", None), ("torch", 4), ("torch", 18), ("auto", None), ("auto", 4),
-    ("triton", None),  # the custom ops (interpreted on the CPU); they take exact positions only
+    ("triton", None), ("triton", 4), ("triton", 18),  # the custom ops (interpreted on the CPU)
 ])
 def test_bridge_loss_compiles_fullgraph(backend, max_positions):
     g, tail, states, labels, mask = _case()

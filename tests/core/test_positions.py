@@ -109,9 +109,14 @@ def test_a_capacity_below_the_count_is_an_error_naming_max_positions():
         sbpet.bridge_loss(states, labels, mask, g, tail, backend="torch", max_positions=3)
 
 
-def test_triton_refuses_padded_positions_and_auto_runs_torch(monkeypatch):
-    g, tail, states, labels, mask = _case(torch.float32)
-    with pytest.raises(ValueError, match="exact positions only"):
-        dispatch.select("loss", "triton", torch.device("cpu"), (), lambda names: {}, padded=True)
+def test_every_backend_takes_padded_positions(monkeypatch):
+    """A fixed capacity runs the backend asked for (the Triton kernels skip the padding rows on the
+    device: tests/kernels/test_fixed_capacity.py); ``auto`` times it under a key of its own."""
+    for name in ("torch", "reference", "triton"):
+        assert dispatch.select("loss", name, torch.device("cpu"), (), lambda names: {}, padded=True).name == name
     monkeypatch.setattr(dispatch, "resolve_backend", lambda backend, device, atomics=True: "auto")
-    assert dispatch.select("loss", "auto", torch.device("cpu"), (), lambda names: {}, padded=True).name == "torch"
+    chosen = []
+    monkeypatch.setattr(dispatch.selector, "choose", lambda key, runners, family=None: chosen.append(key) or "torch")
+    dispatch.select("loss", "auto", torch.device("cpu"), (), lambda names: {}, padded=True)
+    dispatch.select("loss", "auto", torch.device("cpu"), (), lambda names: {}, padded=False)
+    assert chosen[0] != chosen[1] and chosen[0][-1] is True

@@ -1,6 +1,6 @@
 """On CUDA (gpu_check runs these; skipped elsewhere): after its first call, a training step's
-regulariser makes no host sync on either route, and the torch backend at a fixed capacity replays in
-a CUDA graph with new labels. ``torch.cuda.set_sync_debug_mode("error")`` raises on any
+regulariser makes no host sync on either route, and every backend at a fixed capacity (torch, both
+Triton strategies) replays in a CUDA graph with new labels. ``torch.cuda.set_sync_debug_mode("error")`` raises on any
 synchronising CUDA call made while it is on."""
 
 from __future__ import annotations
@@ -72,15 +72,17 @@ def test_whole_states_route_makes_no_sync_after_its_first_call(backend):
     sbpet.check_deferred()
 
 
-def test_device_labels_at_a_fixed_capacity_make_no_sync():
+@pytest.mark.parametrize("backend", _backends())
+def test_device_labels_at_a_fixed_capacity_make_no_sync(backend):
     checks.reset_checks()
     g, tail, states, mask = _case(0)
     mask = mask.to(CUDA)
-    sbpet.bridge_loss(states, _labels(0).to(CUDA), mask, g, tail, backend="torch", max_positions=CAPACITY).backward()
+    sbpet.bridge_loss(states, _labels(0).to(CUDA), mask, g, tail, backend=backend, max_positions=CAPACITY).backward()
     labels = [_labels(seed).to(CUDA) for seed in range(1, 4)]
     with syncs_are_errors():
         for device_labels in labels:
-            sbpet.bridge_loss(states, device_labels, mask, g, tail, backend="torch", max_positions=CAPACITY).backward()
+            sbpet.bridge_loss(states, device_labels, mask, g, tail, backend=backend,
+                              max_positions=CAPACITY).backward()
     sbpet.check_deferred()
 
 
@@ -114,7 +116,20 @@ def test_hooks_route_makes_no_sync_after_its_first_call(backend):
     sbpet.check_deferred()
 
 
-def test_cuda_graph_replays_with_new_labels():
+def _graph_backends():
+    from sbpet.backends.triton_backend import triton_is_usable
+
+    return [("torch", None)] + ([("triton", "gemm"), ("triton", "fused")] if triton_is_usable(CUDA) else [])
+
+
+@pytest.mark.parametrize("backend, strategy", _graph_backends() if torch.cuda.is_available() else [])
+def test_cuda_graph_replays_with_new_labels(backend, strategy, monkeypatch):
+    """A whole forward + backward at a fixed capacity, captured once, replays with new labels: the
+    torch backend and both Triton strategies (their kernels skip the padding rows on the device)."""
+    from sbpet.backends.triton_host import STRATEGY_ENV
+
+    if strategy is not None:
+        monkeypatch.setenv(STRATEGY_ENV, strategy)
     checks.reset_checks()
     g, tail, states, mask = _case(0)
     static_states = [h.detach().clone().requires_grad_(True) for h in states]
@@ -123,7 +138,7 @@ def test_cuda_graph_replays_with_new_labels():
     def step():
         for h in static_states:
             h.grad = None
-        loss = sbpet.bridge_loss(static_states, static_labels, static_mask, g, tail, backend="torch",
+        loss = sbpet.bridge_loss(static_states, static_labels, static_mask, g, tail, backend=backend,
                                  max_positions=CAPACITY)
         loss.backward()
         return loss
@@ -137,14 +152,14 @@ def test_cuda_graph_replays_with_new_labels():
     graph = torch.cuda.CUDAGraph()
     # No value check runs during the capture: checks._compiling() counts stream capture (check mode "skip").
     with torch.cuda.graph(graph):
-        static_loss = sbpet.bridge_loss(static_states, static_labels, static_mask, g, tail, backend="torch",
+        static_loss = sbpet.bridge_loss(static_states, static_labels, static_mask, g, tail, backend=backend,
                                         max_positions=CAPACITY)
         static_grads = torch.autograd.grad(static_loss, static_states)
     for seed in (5, 6):
         static_labels.copy_(_labels(seed).to(CUDA))
         graph.replay()
         xs = [h.detach().clone().requires_grad_(True) for h in static_states]
-        want = sbpet.bridge_loss(xs, _labels(seed), mask, g, tail, backend="torch")
+        want = sbpet.bridge_loss(xs, _labels(seed), mask, g, tail, backend="reference")
         want_grads = torch.autograd.grad(want, xs)
         assert_close(static_loss, want, name=f"replayed R, labels {seed}", rtol=1e-5, atol=1e-6)
         for i, (a, b) in enumerate(zip(static_grads, want_grads)):

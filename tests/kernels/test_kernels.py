@@ -362,8 +362,10 @@ def test_custom_op_schema(strategy):
     if ON_GPU:
         args = tuple([a.cuda() for a in x] if isinstance(x, list) else x.cuda() for x in args)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32", strategy),
-                          test_utils=checks)
+    num_valid = torch.tensor(batch_index.shape[0] - 1, device=tail.device)  # a fixed capacity's count
+    for count in (None, num_valid):
+        torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32", strategy, count),
+                              test_utils=checks)
     # The parts interface's two ops: per-layer capture (kernel 1) and the loss from parts (kernel 2).
     states, mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance = args
     torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index),
@@ -372,7 +374,7 @@ def test_custom_op_schema(strategy):
     tokens = [h.detach()[batch_index, seq_index].requires_grad_(True) for h in states]
     torch.library.opcheck(torch.ops.sbpet.triton_parts_forward.default,
                           (contexts, tokens, batch_index, targets, weights, biases, tail, mean_coef, variance,
-                           "bf16", strategy), test_utils=checks)
+                           "bf16", strategy, num_valid), test_utils=checks)
 
 
 def test_device_checks():
