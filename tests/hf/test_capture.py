@@ -159,7 +159,8 @@ def test_regulariser_gradient_reaches_only_pet_parameters(method):
 
 def test_capture_under_gradient_checkpointing_and_bfloat16_autocast():
     model, base = _bert("lora")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.2x renamed it (the old name warns and goes in v6)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     reg = tiny_regularizer(base)
     ids, mask, y = classification_batch()
