@@ -86,7 +86,8 @@ def bridge_loss(
         num_layers: if given, L: hidden_states must hold exactly L+1 tensors.
         max_positions: a fixed capacity for the regularised positions (the most one batch can
             hold): no host read to count them and one shape for every batch (CUDA graphs,
-            ``torch.compile``), at the cost of that many rows; torch and reference backends. None:
+            ``torch.compile``), at the cost of that many rows; every backend (the Triton kernels skip
+            the padding rows on the device). None:
             exact positions (free for ``labels`` on the CPU; ``nonzero`` on a device reads one
             number back). See :mod:`sbpet.core.positions`.
 
