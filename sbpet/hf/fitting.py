@@ -5,6 +5,7 @@ are summed over the processes weighted by their share of the regularised positio
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -91,6 +92,8 @@ def _engine(device: torch.device):
     several = max(started, int(os.environ.get("WORLD_SIZE", "1"))) > 1
     accelerator = Accelerator(cpu=device.type == "cpu" and several, device_placement=False,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if started == 1 and _process_group()[1] > 1:
+        _close_group_at_exit()
     if accelerator.num_processes != _process_group()[1]:
         raise ValueError(
             f"torch.distributed has {started} processes but the environment describes "
@@ -105,6 +108,25 @@ def _engine(device: torch.device):
             "before calling (torch.distributed.fsdp.fully_shard on each layer, then on the backbone)"
         )
     return accelerator
+
+
+_GROUP_CLOSED_AT_EXIT = []  # one entry once the engine has started a group and registered its closing
+
+
+def _close_group_at_exit() -> None:
+    """The engine started the process group (the caller did not): destroy it when the program
+    exits, while the interpreter is still whole. A gloo group left to the interpreter's
+    finalisation can abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489), as a torchrun'd script that never called init_process_group would;
+    the group stays usable until then."""
+    if not _GROUP_CLOSED_AT_EXIT:
+        _GROUP_CLOSED_AT_EXIT.append(True)
+        atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _save_checkpoint(directory, accelerator, regularizer, step, history, signature):
