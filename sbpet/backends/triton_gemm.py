@@ -100,7 +100,8 @@ def gemm_backward(grad_loss, inv_pairs, table, batch_index, seq_index, targets, 
     None for the parts route (``out`` [L+1, N, H], the context gradient returned apart).
     ``rows_of(layer, start, stop)`` gives rows start..stop of that layer's regularised rows [N, H]
     (for W1's gradient when g trains, gathered a chunk at a time within the budget; padding rows
-    are zeroed here). ``num_valid``: see ``fused_bridge.bridge_forward``. Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
+    are zeroed here). ``num_valid``: see ``fused_bridge.bridge_forward``.
+    Returns (float32 grad_half [L+1, B, d1], float32 grad_contexts [L+1, B, H],
     ``fused_bridge.ChainGrads``)."""
     from ..kernels import chain_config, fused_bridge
     from ..kernels import context as context_kernels

@@ -92,9 +92,10 @@ def _engine(device: torch.device):
     several = max(started, int(os.environ.get("WORLD_SIZE", "1"))) > 1
     accelerator = Accelerator(cpu=device.type == "cpu" and several, device_placement=False,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if started == 1 and _process_group()[1] > 1:
+    world = _process_group()[1]
+    if started == 1 and world > 1:
         _close_group_at_exit()
-    if accelerator.num_processes != _process_group()[1]:
+    if accelerator.num_processes != world:
         raise ValueError(
             f"torch.distributed has {started} processes but the environment describes "
             f"{accelerator.num_processes}: launch with torchrun or accelerate launch (they set RANK, "
