@@ -235,20 +235,32 @@ def pet_model(method):
     return get_peft_model(base, config), base
 
 
+def _watched(rank, worker, dump_after_s, *args):
+    # A worker that hangs prints every thread's stack to stderr before the parent kills it, so a
+    # timeout in CI says where the processes stood (pytest shows the captured stderr). Left armed
+    # after the worker returns: a hang while the process exits (atexit, a group's teardown) shows too.
+    import faulthandler
+
+    faulthandler.dump_traceback_later(dump_after_s, exit=False)
+    worker(rank, *args)
+
+
 def spawn_workers(worker, args, what, nprocs=2, limit_s=180):
     """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; fail the test (killing them)
-    if they have not finished after ``limit_s`` seconds."""
+    if they have not finished after ``limit_s`` seconds. A process still running 10 s before the
+    limit writes its threads' stacks to stderr first."""
     import time
 
     import torch.multiprocessing as mp
 
-    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    context = mp.spawn(_watched, args=(worker, max(limit_s - 10, 1), *args), nprocs=nprocs, join=False)
     deadline = time.monotonic() + limit_s
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the {nprocs}-process {what} run did not finish in {limit_s} s")
+            pytest.fail(f"the {nprocs}-process {what} run did not finish in {limit_s} s "
+                        "(the workers' stacks, if they hung in Python, are in the captured stderr)")
 
 
 def init_gloo(rank, world, store):
