@@ -109,6 +109,64 @@ def test_quick_study_outputs_resume_and_reruns(tiny, trained, tmp_path, capsys, 
         {k: run_a[k] for k in ("test_accuracy", "task_loss", "train_loss", "analysis")}
 
 
+def test_jobs_train_the_same_runs_in_a_pool(tiny, trained, tmp_path, capsys):
+    """--jobs 2 from a process with two threads: the runs go to two pool processes (none is
+    trained in this one) with one thread each, and give the numbers of one process with one
+    thread, bit for bit. (A different thread count may change the last bits: the tiny shapes here
+    do differ between one and two threads.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert main([*tiny, "--out", str(tmp_path / "one")]) == 0
+        assert len(trained) == 8
+        torch.set_num_threads(2)
+        assert main([*tiny, "--out", str(tmp_path / "pool"), "--jobs", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert len(trained) == 8  # the pool's processes trained the second study's runs
+    printed = capsys.readouterr().out
+    assert printed.count("sbpet study: [") == 16 and printed.count("[8/8] paper lora pdf-brownian g=4 mask a=0.1") == 2
+    one, pool = _runs(tmp_path / "one"), _runs(tmp_path / "pool")
+    assert len(pool) == 8 and {r["threads"] for r in one} == {r["threads"] for r in pool} == {1}
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in pool] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in one]
+
+
+def test_a_pool_process_that_cannot_set_up_fails_its_first_run(tmp_path, monkeypatch):
+    """A --jobs process whose setup raises keeps the error and raises it from its first run (a
+    pool initializer that raised would be restarted forever)."""
+    import argparse
+
+    import torch
+
+    from sbpet.cli.study import runner
+
+    monkeypatch.setattr(runner, "_WORKER", {})
+    threads = torch.get_num_threads()
+    try:
+        runner._worker_init(argparse.Namespace(model_dir=str(tmp_path / "missing")), 1, [], [])
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="could not set up"):
+        runner._worker_execute(study.Run("lora", "none", None, 4, 0))
+
+
+def test_jobs_are_for_the_cpu():
+    import argparse
+
+    import torch
+
+    from sbpet.cli.study import runner
+
+    on = lambda kind: argparse.Namespace(device=torch.device(kind))  # noqa: E731
+    assert runner.check_jobs(argparse.Namespace(jobs=3), on("cpu")) == 3
+    assert runner.check_jobs(argparse.Namespace(jobs=1), on("cuda")) == 1
+    with pytest.raises(ValueError, match="--jobs 2: parallel runs are for the CPU"):
+        runner.check_jobs(argparse.Namespace(jobs=2), on("cuda"))
+
+
 @pytest.mark.parametrize("options, named", [
     (["--pets", "lora,loraa"], "--pets"),
     (["--pets", ""], "--pets"),
@@ -122,6 +180,7 @@ def test_quick_study_outputs_resume_and_reruns(tiny, trained, tmp_path, capsys, 
     (["--positions", "mask,some"], "--positions"),
     (["--steps", "0"], "--steps"),
     (["--epochs", "0"], "--epochs"),
+    (["--jobs", "0"], "--jobs"),
     (["--shots", "5"], "--val-per-class 2 + --test-per-class 2"),  # 8 per class < 5 + 2 + 2
 ])
 def test_bad_input_names_the_option_before_any_work(tiny, trained, monkeypatch, tmp_path, capsys, options, named):

@@ -72,6 +72,9 @@ def add_study_arguments(parser, pets) -> None:
                         help="optimizer steps of the paper protocol (default: its 1000; --quick: 4)")
     parser.add_argument("--eval-every", type=int, default=None,
                         help="validation every N steps under the paper protocol (default: its 50; --quick: 2)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process with 1/N of the CPU threads (CPU only; "
+                        "a run records its thread count) (default: 1)")
 
 
 def resolve_options(args, defaults: dict) -> None:

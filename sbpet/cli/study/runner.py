@@ -189,12 +189,88 @@ def _execute(setup, run: Run, regularizers: dict, analysis: list, test_data) -> 
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# Parallel runs (--jobs): a pool of processes, each with its own Setup and the cached g's
+
+
+def check_jobs(args, setup) -> int:
+    """``--jobs`` as a count: ValueError naming it when it is not >= 1, or > 1 off the CPU."""
+    jobs = int(args.jobs)
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and setup.device.type != "cpu":
+        raise ValueError(f"--jobs {jobs}: parallel runs are for the CPU; on {setup.device.type} the runs go one at "
+                         "a time (use --jobs 1)")
+    return jobs
+
+
+_WORKER: dict = {}  # in a pool process: its Setup, g's, test data and analysis g's
+
+
+def _worker_init(args, threads: int, g_keys: list, analysis: list) -> None:
+    """A pool process: its threads, then Setup and the g's from the cache (fitted by the parent).
+    What Setup and the loading print (the corpus warning, "using the cached g") is the parent's
+    to say once, so it is dropped here. An error is kept and raised by the first run (an
+    initializer that raises would have the pool start processes forever)."""
+    import contextlib
+    import io
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ..experiment import Setup
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            setup = Setup(args)
+            encoder = setup.encoder() if g_keys else None
+            regularizers = {key: setup.regularizer(key[1], encoder, key[0], fit_steps=key[2]) for key in g_keys}
+        _WORKER.update(setup=setup, regularizers=regularizers, test_data=setup.encode(setup.test), analysis=analysis)
+    except Exception as exc:  # noqa: BLE001 - handed to the parent by _worker_execute
+        _WORKER["error"] = exc
+
+
+def _worker_execute(run: Run) -> dict:
+    from ..experiment import deterministic_algorithms
+
+    w = _WORKER
+    if "error" in w:
+        raise RuntimeError(f"a --jobs process could not set up: {type(w['error']).__name__}: {w['error']}")
+    with deterministic_algorithms():
+        return _execute(w["setup"], run, w["regularizers"], w["analysis"], w["test_data"])
+
+
+def _results(setup, todo_runs: list, regularizers: dict, analysis: list, test_data, jobs: int):
+    """The results of ``todo_runs``, in order: trained here (``jobs`` 1) or by a pool of ``jobs``
+    processes that take the runs in order (each with 1/jobs of this process's threads). Closing
+    the generator early (an error, Ctrl-C) stops the pool."""
+    if jobs == 1:
+        for run in todo_runs:
+            yield _execute(setup, run, regularizers, analysis, test_data)
+        return
+    import argparse
+    import multiprocessing
+
+    import torch
+
+    args = argparse.Namespace(**{k: v for k, v in vars(setup.args).items() if not callable(v)})
+    threads = max(1, torch.get_num_threads() // jobs)
+    g_keys = sorted({run.g_key for run in todo_runs if run.g_key is not None}
+                    | (set(analysis) if any(run.g_key is None for run in todo_runs) else set()))
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo_runs)), initializer=_worker_init,
+                                                   initargs=(args, threads, g_keys, analysis)) as pool:
+        yield from pool.imap(_worker_execute, todo_runs, chunksize=1)
+
+
 def run_study(args, defaults: dict) -> int:
     """``sbpet study``: resolve and check the options (errors name the option, before any slow
     work), fit or load every g of the grid (cheapest first) and take its diagnostics, run every
-    uncached run under a progress bar (with ``--no-progress``, a line per run), rewrite the
-    outputs whenever a seed is done (so a long study can be read or stopped midway; a rerun
-    resumes from the cache), write them at the end and print their paths and the wall time.
+    uncached run (``--jobs`` N: N at once, each in its own process) under a progress bar (with
+    ``--no-progress``, a line per run), rewrite the outputs whenever a seed is done (so a long
+    study can be read or stopped midway; a rerun resumes from the cache), write them at the end
+    and print their paths and the wall time.
     Returns 0."""
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
@@ -207,6 +283,7 @@ def run_study(args, defaults: dict) -> int:
     grid = parse_grid(args)
     setup = Setup(args)
     setup.check_sizes(grid["shots"], grid["pets"])
+    jobs = check_jobs(args, setup)
     out = args.out or os.path.join(setup.cache, "study")
     if os.path.exists(out) and not os.path.isdir(out):  # else it fails when the first run is saved
         raise ValueError(f"--out: {out} exists and is not a folder")
@@ -236,13 +313,14 @@ def run_study(args, defaults: dict) -> int:
                        disable=not setup.progress, dynamic_ncols=True)
             loading_bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()  # one bar for the grid, not one per model load
+            trained = _results(setup, [runs[i] for i in todo], regularizers, analysis, test_data, jobs)
             try:
                 for k, i in enumerate(todo):
                     run = runs[i]
                     where = "" if run.g_key is None else f" g={run.fit_steps} {run.positions} a={run.alpha}"
                     name = f"{run.protocol} {run.pet} {run.regularizer}{where} shots={run.shots} seed={run.seed}"
                     bar.set_postfix_str(name)
-                    results[i] = _execute(setup, run, regularizers, analysis, test_data)
+                    results[i] = next(trained)
                     save_cached(paths[i], configs[i], results[i])
                     bar.update(1)
                     if not setup.progress:  # a log line per run where no bar shows progress
@@ -255,6 +333,7 @@ def run_study(args, defaults: dict) -> int:
                                       _describe(setup, grid, [{**asdict(runs[j]), **results[j]} for j in done],
                                                 time.time() - start))
             finally:
+                trained.close()
                 bar.close()
                 if loading_bars:
                     hf_logging.enable_progress_bar()
