@@ -16,7 +16,9 @@
 5. runs the training-step benchmark (benchmarks/train_step.py): one BridgeTrainer step with LoRA,
    bf16 autocast, without and with the regulariser for every backend, on BERT-large at the GLUE
    shape and a Llama with H = 4096, S = 2048 (``--train-budget-s`` of the time), with the host
-   syncs of one warm step per variant;
+   syncs of one warm step per variant; then the CUDA-graph step (benchmarks/graph_step.py: a BERT
+   masked-LM step with R eager at exact positions, at a fixed capacity, and replayed from a CUDA
+   graph; ``--graph-budget-s`` of the time);
 6. fitting g's throughput (benchmarks/bench_fitting.py: fit_mapping on a BERT-base shape, bf16
    backbone, sequences/s and tokens/s with and without the regulariser's share), then the first
    training-step configuration again under torch.compile (``--train-compile-budget-s`` at most,
@@ -173,6 +175,18 @@ def run_train_steps(device, configs, deadline, quick: bool, compile_model: bool 
                 for name in configs]
 
 
+def run_graph_steps(device, deadline, quick: bool) -> list[dict]:
+    """The CUDA-graph step benchmark (benchmarks/graph_step.py) until ``deadline``; records."""
+    from benchmarks import graph_step
+
+    configs = graph_step.CPU_GRAPH_CONFIGS if device.type == "cpu" else graph_step.GPU_GRAPH_CONFIGS
+    try:
+        return graph_step.run(configs, device, quick=quick, deadline=deadline, log=_say)
+    except Exception as exc:  # a failure here must not cost the rest of the run
+        return [{"benchmark": "graph_step", "config": name, "backend": "-", "mode": "-", "status": "error",
+                 "reason": f"{type(exc).__name__}: {str(exc)[:300]}"} for name in configs]
+
+
 def run_fitting(device, deadline) -> list[dict]:
     """Fitting g's throughput (benchmarks/bench_fitting.py), one record per configuration."""
     from benchmarks.bench_fitting import measure_fitting
@@ -248,6 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-compile-budget-s", type=float, default=None,
                         help="at most this long for the compiled training step (s; first configuration only, "
                              "after fitting, in the time left; default 150, 0 in a dry run); 0 skips it")
+    parser.add_argument("--graph-budget-s", type=float, default=None,
+                        help="the CUDA-graph step benchmark's share (s; default 90, 20 in a dry run); 0 skips it")
     parser.add_argument("--train-configs", default=None,
                         help="comma list of benchmarks/train_step.py configurations (default: by device)")
     args = parser.parse_args(argv)
@@ -292,9 +308,11 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with_compile = not args.no_compile and not (args.dry_run and device.type == "cpu")
     train_budget = max(args.train_budget_s if args.train_budget_s is not None else 30.0 if args.dry_run else 120.0, 0.0)
+    graph_budget = max(args.graph_budget_s if args.graph_budget_s is not None else 20.0 if args.dry_run else 90.0, 0.0)
     compiled_budget = args.train_compile_budget_s
     compiled_budget = max(compiled_budget if compiled_budget is not None else 0.0 if args.dry_run else 150.0, 0.0)
-    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget, with_compile, ceilings,
+    results = run_benchmarks(suite, device, dtype, shapes, deadline - 5 - train_budget - graph_budget, with_compile,
+                             ceilings,
                              quick=args.dry_run, phases=("main",))
 
     if args.train_configs:
@@ -310,6 +328,9 @@ def main(argv=None) -> int:
         train = [{"benchmark": "train_step", "config": c, "variant": "none", "status": "skipped",
                   "reason": "not requested (--train-budget-s 0)"} for c in train_configs]
     suite.free_device(device)
+    graph = run_graph_steps(device, min(time.monotonic() + graph_budget, deadline - 5), args.dry_run) \
+        if graph_budget > 0 else []
+    suite.free_device(device)
     fitting = run_fitting(device, deadline - 60)
     suite.free_device(device)
     if compiled_budget > 0:  # the first configuration under torch.compile, in the time the kernels left
@@ -322,19 +343,22 @@ def main(argv=None) -> int:
     data = {"environment": env, "ceilings": ceilings, "targets": suite.TARGETS, "tests": tests,
             "shapes": {s: suite.shape_record(suite.SHAPES[s]) for s in shapes},
             "budget_s": args.budget_s, "elapsed_s": round(time.monotonic() - start, 1), "results": results,
-            "train_step": train, "fitting": fitting, "dispatch": _dispatch_choices(), "autotune": _autotune_choices()}
+            "train_step": train, "graph_step": graph, "fitting": fitting, "dispatch": _dispatch_choices(), "autotune": _autotune_choices()}
     stem = ("dryrun-" if args.dry_run else "") + f"{slug(env.get('device') or device.type)}-{env['date']}"
     json_path = os.path.join(args.outdir, stem + ".json")
     md_path = os.path.join(args.outdir, stem + ".md")
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, default=str)
-    table = report.render(*report.load_records(data)) + _fitting_table(fitting) + _dispatch_table(data["dispatch"])
+    from benchmarks.graph_step import render as render_graph
+
+    table = report.render(*report.load_records(data)) + ("\n" + render_graph(graph) if graph else "")
+    table += _fitting_table(fitting) + _dispatch_table(data["dispatch"])
     table += "".join(f"autotune: {' '.join(c['key'])} -> {c['tile']}\n" for c in data["autotune"])
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(table)
     _say(f"wrote {json_path} and {md_path} in {data['elapsed_s']} s")
     print(table, flush=True)
-    bad = [r for r in results + train + fitting if r.get("status") in ("wrong", "error")]
+    bad = [r for r in results + train + graph + fitting if r.get("status") in ("wrong", "error")]
     tests_failed = tests.get("returncode") not in (None, 0) or tests.get("timed_out")
     return 1 if bad or tests_failed else 0
 

@@ -4,6 +4,7 @@ out-of-memory handling, and the environment recorded with every result."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -20,7 +21,7 @@ import sbpet
 
 __all__ = [
     "AllocationTracker", "count_syncs", "environment", "free_device", "is_oom", "measure_ceilings", "measure_memory",
-    "output_bytes", "summarize", "sync", "time_cuda", "time_interleaved",
+    "output_bytes", "quiet_transformers", "summarize", "sync", "time_cuda", "time_interleaved",
 ]
 
 
@@ -141,11 +142,15 @@ def time_cuda(fn, warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:
 
 
 def time_interleaved(runners: dict, device, min_rounds: int = 5, max_rounds: int = 50,
-                     seconds: float = 10.0, warmup: int = 2) -> dict:
-    """Wall-clock times (seconds) of each runner, interleaved round by round (the order rotates
-    every round) so that drift in the machine's load hits every backend alike. Stops after
-    ``max_rounds`` or once ``seconds`` have passed and ``min_rounds`` are done."""
+                     seconds: float = 10.0, warmup: int = 2, deadline: float | None = None,
+                     cuda_events: bool = False) -> dict:
+    """Times (seconds) of each runner, interleaved round by round (the order rotates every round)
+    so that drift in the machine's load hits every backend alike. Stops after ``max_rounds`` or
+    once ``min_rounds`` are done and ``seconds`` have passed or ``deadline`` (time.monotonic()) is
+    5 s away. The wall clock between syncs, or with ``cuda_events`` on CUDA a pair of CUDA events
+    around each call."""
     device = torch.device(device)
+    events = cuda_events and device.type == "cuda"
     names = list(runners)
     for _ in range(warmup):
         for name in names:
@@ -157,14 +162,38 @@ def time_interleaved(runners: dict, device, min_rounds: int = 5, max_rounds: int
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             sync(device)
-            t0 = time.perf_counter()
-            out = runners[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            if events:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                out = runners[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                out = runners[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
             del out
-        if r + 1 >= min_rounds and time.perf_counter() - start > seconds:
+        if r + 1 >= min_rounds and (time.perf_counter() - start > seconds
+                                    or (deadline is not None and time.monotonic() + 5 > deadline)):
             break
     return times
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' logging at error level and its (and peft's) FutureWarnings silenced."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside transformers / peft
+            yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def summarize(times: list[float]) -> dict:

@@ -32,7 +32,6 @@ ratio is that of the full depth up to the embedding and LM head).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,14 +39,13 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
 import sbpet
 from benchmarks import suite
-from benchmarks.measure import count_syncs, sync
+from benchmarks.measure import count_syncs, quiet_transformers, sync, time_interleaved
 
 __all__ = ["TrainConfig", "TRAIN_CONFIGS", "CPU_TRAIN_CONFIGS", "GPU_TRAIN_CONFIGS", "VARIANTS",
            "run_config", "run"]
@@ -185,36 +183,6 @@ def _grads(model) -> torch.Tensor:
                       if p.requires_grad and p.grad is not None])
 
 
-def _time_interleaved(steps: dict, device, warmup: int, min_rounds: int, max_rounds: int, seconds: float,
-                      deadline: float | None) -> dict:
-    """Times (s) of each step, interleaved round by round with the order rotated every round."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    sync(device)
-    times = {name: [] for name in names}
-    start = time.perf_counter()
-    for r in range(max_rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            sync(device)
-            if device.type == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                steps[name]()
-                end.record()
-                end.synchronize()
-                times[name].append(begin.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
-        done = r + 1 >= min_rounds
-        if done and (time.perf_counter() - start > seconds or (deadline and time.monotonic() + 5 > deadline)):
-            break
-    return times
-
-
 def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 2, min_rounds: int = 5,
                max_rounds: int = 50, seconds: float = 10.0, deadline: float | None = None,
                capture: str | None = None, precision: str = "fp32", on_steps=None,
@@ -248,7 +216,7 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
     trainers, steps = {}, {}
     model = base = model_prepared = batch = None
     setup_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as outdir, _quiet_transformers():
+    with tempfile.TemporaryDirectory() as outdir, quiet_transformers():
         try:
             model, base = build_model(config, device)
             model_prepared = model
@@ -296,7 +264,8 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
                 for v, step in steps.items():
                     records[v]["syncs_per_step"] = count_syncs(step, device)
             if steps:
-                times = _time_interleaved(steps, device, warmup, min_rounds, max_rounds, seconds, deadline)
+                times = time_interleaved(steps, device, min_rounds, max_rounds, seconds, warmup, deadline=deadline,
+                                         cuda_events=True)
                 _summarise(records, times, device)
             if on_steps is not None and steps:
                 on_steps(dict(steps))
@@ -314,20 +283,6 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
             model = base = model_prepared = batch = None
             suite.free_device(device)
     return list(records.values())
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside transformers / peft
-            yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def _step_function(trainer, model, batch, device):

@@ -1,7 +1,7 @@
 """benchmarks.gpu_check's whole flow in its CPU dry-run mode (tiny shape, one quick test module,
 one tiny training configuration): ceilings, the test subprocess, the checked benchmark records
-(the paper's data path included), the training-step records, fitting g's throughput, the JSON and
-the markdown table."""
+(the paper's data path included), the training-step and graph-step records, fitting g's throughput,
+the JSON and the markdown table."""
 
 import json
 import os
@@ -65,6 +65,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert "vs paper" in table and "Not measured:" in table
     assert "Training step" in table and "| tiny-llama-clm |" in table
     assert "auto: no timed choice in this run" in table and data["dispatch"] == []
+    graph = {(r["backend"], r["mode"]): r for r in data["graph_step"]}  # the CUDA-graph step: eager on the CPU
+    for key in (("none", "exact"), ("torch", "exact"), ("torch", "capacity")):
+        assert graph[key]["status"] == "ok" and graph[key]["median_s"] > 0, graph[key]
+    assert graph[("-", "graph")]["status"] == "skipped" and "CUDA" in graph[("-", "graph")]["reason"]
+    assert "Training step in a CUDA graph" in table and "| tiny-bert-mlm | 4x32 | torch | capacity |" in table
     (fit,) = data["fitting"]  # fitting g's throughput row
     assert fit["status"] == "ok" and fit["config"] == "tiny-bert", fit
     assert fit["seq_per_s"] > 0 and fit["backbone_seq_per_s"] > 0 and 0 <= fit["regulariser_share"] < 1
