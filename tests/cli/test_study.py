@@ -66,6 +66,12 @@ def test_quick_study_outputs_resume_and_reruns(tiny, trained, tmp_path, capsys, 
         assert f"| {protocol} | lora | 2 | pdf-brownian | 4 | mask | 0.1 |" in table
         assert f"| {protocol} | lora | 2 | brownian |" in table  # the bridge-likeness table
     assert "validation" in table and re.search(r"\| [012]/[012]/[012] \|", table)  # W/T/L out of 2 seeds
+    # The paper protocol's kept checkpoints (validated at steps 2 and 4), per cell; none for ours.
+    kept = table.split("**Checkpoints kept**")[1].split("**g, per fitting budget.**")[0]
+    assert re.search(r"\| paper \| lora \| 2 \| none \|  \|  \|  \| [234](\.0)? \| [24], [24] \|", kept), kept
+    assert re.search(r"\| paper \| lora \| 2 \| pdf-brownian \| 4 \| mask \| 0.1 \| [234](\.0)? \| [24], [24] \|",
+                     kept), kept
+    assert "| ours |" not in kept
     assert re.search(r"\| pdf-brownian \| 4 \| \d\.\d{4} \| \d\.\d{4} \| \d\.\d{4} \| \d\.\d{4} \| \d\.\d{3} \|", table)
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))

@@ -55,6 +55,7 @@ def summarize(records: list, grid: dict) -> tuple[list, list]:
         steps = [r["chosen_step"] for r in chosen if r.get("chosen_step") is not None]
         if steps:
             row["chosen_step_mean"] = sum(steps) / len(steps)
+            row["chosen_steps"] = sorted(steps)
         diffs = [r["test_accuracy"] - vanilla[k] for r in chosen
                  if (k := (key["protocol"], r["pet"], r["shots"], r["seed"])) in vanilla]
         if key["regularizer"] != "none" and diffs:
@@ -85,6 +86,27 @@ def _diff(r: dict) -> list[str]:
     detectable = "" if math.isnan(r["diff_detectable"]) else f"{r['diff_detectable']:.3f}"
     return [f"{r['diff_mean']:+.3f}{interval}", f"{r['diff_p']:.2f}",
             f"{r['diff_wins']}/{r['diff_ties']}/{r['diff_losses']}", detectable]
+
+
+def _checkpoint_lines(rows: list) -> list[str]:
+    """Which checkpoints the best-on-validation protocols kept, per cell (at the chosen alpha): a
+    kept step far before the end marks a run whose test score rests on a noisy validation pick."""
+    kept = [r for r in rows if r.get("chosen_steps")]
+    if not kept:
+        return []
+    lines = ["", "**Checkpoints kept** (protocols that keep the best validation step; at the cell's alpha): the "
+             "steps kept over the seeds, their median and every one, smallest first.", "",
+             "| protocol | PET | shots | regulariser | g steps | positions | alpha | median step | steps kept |",
+             "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- |"]
+    for r in kept:
+        steps = r["chosen_steps"]
+        middle = len(steps) // 2
+        median = steps[middle] if len(steps) % 2 else (steps[middle - 1] + steps[middle]) / 2
+        alpha = "" if r["alpha"] is None else f"{r['alpha']:g}"
+        lines.append(f"| {r['protocol']} | {r['pet']} | {r['shots']} | {r['regularizer']} | "
+                     f"{'' if r['fit_steps'] is None else r['fit_steps']} | {r['positions'] or ''} | {alpha} | "
+                     f"{median:g} | {', '.join(map(str, steps))} |")
+    return lines
 
 
 def _g_lines(gs: list) -> list[str]:
@@ -129,6 +151,7 @@ def format_table(rows: list, analysis: list, info: dict, gs: list = ()) -> str:
         lines.append(f"| {r['protocol']} | {r['pet']} | {r['shots']} | {r['regularizer']} | {steps} | "
                      f"{r['positions'] or ''} | {alpha} | {_pm(r['val_mean'], r['val_std'])} | "
                      f"{_pm(r['test_mean'], r['test_std'])} | " + " | ".join(_diff(r)) + " |")
+    lines += _checkpoint_lines(rows)
     lines += _g_lines(list(gs))
     if analysis:
         lines += ["", "**Are vanilla PETs already bridge-like?** Bridge loss R (the PDF g of each bridge at the "
