@@ -17,7 +17,6 @@ are in each test's ``extra_info`` (``seq_per_s``, ``tok_per_s``, ``backbone_seq_
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 
@@ -28,7 +27,7 @@ import sbpet
 from benchmarks import measure, suite
 from sbpet.hf.corpus import make_fitting_batch, text_batches, tokenise_texts
 
-DEVICE = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+DEVICE = suite.bench_device()
 # name: (hidden, layers, heads, intermediate, words per text, batch, dims of g)
 CONFIGS = {
     "tiny-bert": (64, 4, 4, 128, 48, 16, (64, 16)),

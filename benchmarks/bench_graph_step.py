@@ -15,7 +15,6 @@ replay with the torch backend (CUDA) or its eager exact step (CPU).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -24,9 +23,8 @@ from benchmarks import graph_step, suite
 
 pytest.importorskip("transformers")
 
-DEVICE = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-CONFIGS = tuple(c for c in os.environ.get("SBPET_GRAPH_CONFIGS", "").split(",") if c) or (
-    graph_step.GPU_GRAPH_CONFIGS if DEVICE.type == "cuda" else graph_step.CPU_GRAPH_CONFIGS)
+DEVICE = suite.bench_device()
+CONFIGS = suite.config_names("SBPET_GRAPH_CONFIGS", DEVICE, graph_step.GPU_GRAPH_CONFIGS, graph_step.CPU_GRAPH_CONFIGS)
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)

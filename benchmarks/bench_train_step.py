@@ -27,9 +27,8 @@ from benchmarks import suite, train_step
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-DEVICE = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-CONFIGS = tuple(c for c in os.environ.get("SBPET_TRAIN_CONFIGS", "").split(",") if c) or (
-    train_step.GPU_TRAIN_CONFIGS if DEVICE.type == "cuda" else train_step.CPU_TRAIN_CONFIGS)
+DEVICE = suite.bench_device()
+CONFIGS = suite.config_names("SBPET_TRAIN_CONFIGS", DEVICE, train_step.GPU_TRAIN_CONFIGS, train_step.CPU_TRAIN_CONFIGS)
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)

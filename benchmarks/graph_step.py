@@ -28,9 +28,7 @@ like an eager step is ``tests/hf/test_graph_step.py``'s job, run on CUDA by ``gp
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ import torch
 
 import sbpet
 from benchmarks import suite
-from benchmarks.measure import count_syncs, quiet_transformers, time_interleaved
+from benchmarks.measure import count_syncs, quiet_transformers, step_main, step_parser, time_interleaved
 
 __all__ = ["GraphConfig", "GRAPH_CONFIGS", "CPU_GRAPH_CONFIGS", "GPU_GRAPH_CONFIGS", "run_config", "run",
            "render"]
@@ -325,22 +323,9 @@ def render(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=None, help="comma list of GRAPH_CONFIGS (default: by device)")
-    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    parser.add_argument("--quick", action="store_true", help="one warm-up step, two rounds")
-    parser.add_argument("--json", default=None, help="write the records here")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = args.configs.split(",") if args.configs else (GPU_GRAPH_CONFIGS if device.type == "cuda"
-                                                          else CPU_GRAPH_CONFIGS)
-    suite.apply_threads()
-    records = run(names, device, quick=args.quick, log=lambda *a: print(*a, file=sys.stderr, flush=True))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"environment": suite.environment(device), "graph_step": records}, f, indent=1)
-    print(render(records))
-    return 1 if any(r.get("status") in ("wrong", "error") for r in records) else 0
+    args = step_parser(__doc__, "GRAPH_CONFIGS").parse_args(argv)
+    return step_main(args, "graph_step", GPU_GRAPH_CONFIGS, CPU_GRAPH_CONFIGS,
+                     lambda names, device, log: run(names, device, quick=args.quick, log=log), render)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ out-of-memory handling, and the environment recorded with every result."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import datetime
 import gc
 import os
@@ -20,8 +22,9 @@ import torch
 import sbpet
 
 __all__ = [
-    "AllocationTracker", "count_syncs", "environment", "free_device", "is_oom", "measure_ceilings", "measure_memory",
-    "output_bytes", "quiet_transformers", "summarize", "sync", "time_cuda", "time_interleaved",
+    "AllocationTracker", "apply_threads", "bench_device", "config_names", "count_syncs", "environment", "free_device", "is_oom", "measure_ceilings", "measure_memory",
+    "output_bytes", "quiet_transformers", "step_main", "step_parser", "summarize", "sync", "time_cuda",
+    "time_interleaved",
 ]
 
 
@@ -284,3 +287,49 @@ def free_device(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def apply_threads() -> int:
+    """Honour ``SBPET_BENCH_THREADS`` (CPU timings on a shared machine are far more stable with 1:
+    an OpenMP barrier waiting for a descheduled thread can cost 10x). Returns the thread count."""
+    threads = os.environ.get("SBPET_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def bench_device() -> torch.device:
+    """The device of a benchmark session: ``SBPET_BENCH_DEVICE``, default cuda when available."""
+    return torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def config_names(env: str, device, gpu: tuple[str, ...], cpu: tuple[str, ...]) -> tuple[str, ...]:
+    """The configurations a benchmark runs: the comma list in ``$env``, else ``gpu`` on CUDA and
+    ``cpu`` elsewhere."""
+    return tuple(c for c in os.environ.get(env, "").split(",") if c) or (gpu if device.type == "cuda" else cpu)
+
+
+def step_parser(doc: str, configs: str) -> argparse.ArgumentParser:
+    """The options of a training-step benchmark's command line: --configs (names in ``configs``),
+    --device, --quick and --json; the caller adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=None, help=f"comma list of {configs} (default: by device)")
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    parser.add_argument("--quick", action="store_true", help="one warm-up step, two rounds")
+    parser.add_argument("--json", default=None, help="write the records here")
+    return parser
+
+
+def step_main(args, key: str, gpu: tuple[str, ...], cpu: tuple[str, ...], run, render) -> int:
+    """Run a training-step benchmark from its parsed command line: ``run(names, device, log)`` gives
+    the records (written to ``--json`` under ``key`` with the environment), ``render(records)`` is
+    printed. Exit status 1 when a record is wrong or failed."""
+    device = torch.device(args.device) if args.device else bench_device()
+    names = args.configs.split(",") if args.configs else (gpu if device.type == "cuda" else cpu)
+    apply_threads()
+    records = run(names, device, lambda *a: print(*a, file=sys.stderr, flush=True))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": environment(device), key: records}, f, indent=1)
+    print(render(records))
+    return 1 if any(r.get("status") in ("wrong", "error") for r in records) else 0

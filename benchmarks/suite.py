@@ -21,7 +21,8 @@ import torch
 
 import sbpet
 from benchmarks.measure import (  # noqa: F401  (measure_ceilings, environment, time_*: re-exported)
-    environment, free_device, is_oom, measure_ceilings, measure_memory, summarize, sync, time_cuda, time_interleaved,
+    apply_threads, bench_device, config_names, environment, free_device, is_oom, measure_ceilings, measure_memory,
+    summarize, sync, time_cuda, time_interleaved,
 )
 from benchmarks.paper import paper_bridge_loss
 
@@ -29,6 +30,7 @@ __all__ = [
     "Shape", "SHAPES", "CPU_SHAPES", "GPU_SHAPES", "TINY_SHAPES", "PASSES", "BACKENDS", "TARGETS",
     "Case", "make_labels", "make_case", "make_runner", "backend_unavailable", "check_outputs", "measure_memory",
     "floor", "measure_ceilings", "time_interleaved", "time_cuda", "environment", "apply_threads",
+    "bench_device", "config_names",
 ]
 
 PASSES = ("fwd", "fwd+bwd")
@@ -113,7 +115,7 @@ def bench_target() -> tuple[torch.device, torch.dtype, tuple[str, ...]]:
     """Device, hidden-state dtype and shape names of a benchmark session: ``SBPET_BENCH_DEVICE``
     (default cuda when available), bf16 on CUDA / float32 on CPU, ``SBPET_BENCH_SHAPES`` (comma
     separated) or the GPU shapes on CUDA and the CPU + tiny shapes on CPU."""
-    device = torch.device(os.environ.get("SBPET_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if os.environ.get("SBPET_BENCH_SHAPES"):
         names = tuple(s for s in os.environ["SBPET_BENCH_SHAPES"].split(",") if s)
@@ -122,15 +124,6 @@ def bench_target() -> tuple[torch.device, torch.dtype, tuple[str, ...]]:
     else:
         names = CPU_SHAPES + TINY_SHAPES
     return device, dtype, names
-
-
-def apply_threads() -> int:
-    """Honour ``SBPET_BENCH_THREADS`` (CPU timings on a shared machine are far more stable with 1:
-    an OpenMP barrier waiting for a descheduled thread can cost 10x). Returns the thread count."""
-    threads = os.environ.get("SBPET_BENCH_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
 
 
 @dataclass

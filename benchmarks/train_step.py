@@ -31,8 +31,6 @@ ratio is that of the full depth up to the embedding and LM head).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import statistics
@@ -45,7 +43,7 @@ import torch
 
 import sbpet
 from benchmarks import suite
-from benchmarks.measure import count_syncs, quiet_transformers, sync, time_interleaved
+from benchmarks.measure import count_syncs, quiet_transformers, step_main, step_parser, sync, time_interleaved
 
 __all__ = ["TrainConfig", "TRAIN_CONFIGS", "CPU_TRAIN_CONFIGS", "GPU_TRAIN_CONFIGS", "VARIANTS",
            "run_config", "run"]
@@ -417,31 +415,21 @@ def _run(config_names, device, deadline, log, kwargs, reserve_s: float) -> list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=None, help="comma list of TRAIN_CONFIGS (default: by device)")
-    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    parser = step_parser(__doc__, "TRAIN_CONFIGS")
     parser.add_argument("--seconds", type=float, default=10.0, help="timing time per config (s)")
     parser.add_argument("--capture", default=None, choices=("hooks", "hidden_states"),
                         help="BridgeTrainer's capture (default: its own default)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
                         help="the regulariser's precision for g's products (default fp32)")
-    parser.add_argument("--quick", action="store_true", help="one warm-up step, two rounds")
     parser.add_argument("--compile", action="store_true", help="the model under torch.compile (inductor)")
-    parser.add_argument("--json", default=None, help="write the records here")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = args.configs.split(",") if args.configs else (GPU_TRAIN_CONFIGS if device.type == "cuda"
-                                                          else CPU_TRAIN_CONFIGS)
-    suite.apply_threads()
-    records = run(names, device, quick=args.quick, seconds=args.seconds, capture=args.capture, precision=args.precision,
-                  compile_model=args.compile, log=lambda *a: print(*a, file=sys.stderr, flush=True))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"environment": suite.environment(device), "train_step": records}, f, indent=1)
     from benchmarks.report import render_train_steps
 
-    print(render_train_steps(records))
-    return 1 if any(r.get("status") in ("wrong", "error") for r in records) else 0
+    return step_main(args, "train_step", GPU_TRAIN_CONFIGS, CPU_TRAIN_CONFIGS,
+                     lambda names, device, log: run(names, device, quick=args.quick, seconds=args.seconds,
+                                                    capture=args.capture, precision=args.precision,
+                                                    compile_model=args.compile, log=log),
+                     render_train_steps)
 
 
 if __name__ == "__main__":
