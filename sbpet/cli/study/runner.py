@@ -257,8 +257,7 @@ def _results(setup, todo_runs: list, regularizers: dict, analysis: list, test_da
 
     args = argparse.Namespace(**{k: v for k, v in vars(setup.args).items() if not callable(v)})
     threads = max(1, torch.get_num_threads() // jobs)
-    g_keys = sorted({run.g_key for run in todo_runs if run.g_key is not None}
-                    | (set(analysis) if any(run.g_key is None for run in todo_runs) else set()))
+    g_keys = sorted(regularizers)  # the g's these runs need: the workers load them from the cache
     with multiprocessing.get_context("spawn").Pool(min(jobs, len(todo_runs)), initializer=_worker_init,
                                                    initargs=(args, threads, g_keys, analysis)) as pool:
         yield from pool.imap(_worker_execute, todo_runs, chunksize=1)
