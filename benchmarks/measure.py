@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import datetime
 import gc
+import json
 import os
 import platform
 import statistics
@@ -22,9 +22,9 @@ import torch
 import sbpet
 
 __all__ = [
-    "AllocationTracker", "apply_threads", "bench_device", "config_names", "count_syncs", "environment", "free_device", "is_oom", "measure_ceilings", "measure_memory",
-    "output_bytes", "quiet_transformers", "step_main", "step_parser", "summarize", "sync", "time_cuda",
-    "time_interleaved",
+    "AllocationTracker", "apply_threads", "bench_device", "config_names", "count_syncs", "environment",
+    "free_device", "is_oom", "measure_ceilings", "measure_memory", "output_bytes", "quiet_transformers",
+    "step_main", "step_parser", "summarize", "sync", "time_cuda", "time_interleaved",
 ]
 
 
