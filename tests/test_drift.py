@@ -57,6 +57,27 @@ def test_parse_junit_counts_and_names_what_broke(tmp_path):
     assert not outcome.ok
 
 
+def test_a_broken_tests_captured_stderr_reaches_the_summary(tmp_path):
+    """A hung test's stacks (faulthandler in its captured stderr) are printed: the report is
+    deleted with CI's temporary folder."""
+    stack = "\n".join(f"  File \"w.py\", line {i}, in wait" for i in range(drift.STDERR_LINES + 5))
+    report = tmp_path / "r.xml"
+    report.write_text(f"""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.hf.test_ddp" name="test_ddp"><failure message="Failed: did not finish in 180 s">E   Failed
+</failure><system-err>Timeout (0:02:50)!
+{stack}
+</system-err></testcase>
+<testcase classname="tests.hf.test_ddp" name="test_quiet"><system-err>noise</system-err></testcase>
+</testsuite></testsuites>""")
+    outcome = drift.parse_junit(str(report))
+    assert list(outcome.stderr) == ["tests/hf/test_ddp.py::test_ddp"]  # a passing test's stderr is not kept
+    kept = outcome.stderr["tests/hf/test_ddp.py::test_ddp"].splitlines()
+    assert len(kept) == drift.STDERR_LINES and kept[-1].endswith(f"line {drift.STDERR_LINES + 4}, in wait")
+    text = drift.summary(drift.Moves(), [outcome])
+    assert "  tests/hf/test_ddp.py::test_ddp: Failed: did not finish in 180 s" in text
+    assert f"    | {kept[-1]}" in text and "Timeout (0:02:50)!" not in text
+
+
 def test_summary_says_what_moved_and_what_broke():
     moves = drift.compare({"transformers": "5.24.0", "peft": "0.21.2"}, {"transformers": "5.25.0", "peft": "0.21.2",
                                                                        "kernels": "0.19.1"})

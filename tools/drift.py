@@ -39,6 +39,8 @@ SUBSET = ("tests/hf", "tests/test_readme.py", "tests/cli/test_offline.py", "test
 NO_DEPS = ("scattertext",)
 # Held at their pins in the newest venv (see the module docstring).
 HELD = ("torch",)
+# Lines of a broken test's captured stderr the summary keeps (two hung workers' faulthandler stacks fit).
+STDERR_LINES = 80
 # `sbpet train` at its smallest budget (every stage runs: fit g, train, evaluate, save).
 SMALLEST_TRAIN = ("--fit-steps", "2", "--fit-batch-size", "2", "--shots", "1", "--epochs", "1",
                   "--batch-size", "2", "--test-per-class", "2", "--val-per-class", "1", "--max-length", "48",
@@ -89,12 +91,14 @@ def compare(pinned: dict[str, str], newest: dict[str, str]) -> Moves:
 @dataclass
 class Outcome:
     """One check's result: ``counts`` (passed/failed/errors/skipped), the broken items as
-    (name, first line of the message), and a note when it could not run at all."""
+    (name, first line of the message), the tail of each broken item's captured stderr (a hung
+    test's stacks: the report's folder is gone when CI ends), and a note when it could not run."""
 
     name: str
     counts: dict[str, int] = field(default_factory=dict)
     broken: list[tuple[str, str]] = field(default_factory=list)
     note: str = ""
+    stderr: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -111,7 +115,7 @@ def parse_junit(path: str, name: str = "pytest subset") -> Outcome:
     """A pytest ``--junitxml`` report -> :class:`Outcome`."""
     root = ET.parse(path).getroot()
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    broken = []
+    broken, stderr = [], {}
     for case in root.iter("testcase"):
         test = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
         problem = case.find("failure")
@@ -121,11 +125,15 @@ def parse_junit(path: str, name: str = "pytest subset") -> Outcome:
         if problem is not None:
             counts[kind] += 1
             broken.append((test, _first_line(problem.get("message")) or _first_line(problem.text)))
+            captured = case.find("system-err")
+            lines = (captured.text or "").rstrip().splitlines() if captured is not None else []
+            if lines:
+                stderr[test] = "\n".join(lines[-STDERR_LINES:])
         elif case.find("skipped") is not None:
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
-    return Outcome(name, counts, broken)
+    return Outcome(name, counts, broken, stderr=stderr)
 
 
 def summary(moves: Moves, outcomes: list[Outcome], versions: str = "") -> str:
@@ -146,7 +154,11 @@ def summary(moves: Moves, outcomes: list[Outcome], versions: str = "") -> str:
         status = "ok" if outcome.ok else "BROKEN"
         out.append(f"{outcome.name}: {status}" + (f" ({counts})" if counts else "")
                    + (f": {outcome.note}" if outcome.note else ""))
-        out += [f"  {test}: {message}" for test, message in outcome.broken]
+        for test, message in outcome.broken:
+            out.append(f"  {test}: {message}")
+            if test in outcome.stderr:
+                out.append(f"    its captured stderr, last {STDERR_LINES} lines at most:")
+                out += [f"    | {line}" for line in outcome.stderr[test].splitlines()]
     broken = [o.name for o in outcomes if not o.ok]
     out.append("verdict: " + ("the newest versions break " + "; ".join(broken) if broken
                               else "nothing broke on the newest versions"))
@@ -186,7 +198,7 @@ def freeze(py: str) -> str:
 def run_subset(py: str, workdir: str) -> Outcome:
     report = os.path.join(workdir, "subset.xml")
     command = [py, "-m", "pytest", *SUBSET, "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-               f"--junitxml={report}"]
+               f"--junitxml={report}", "-o", "junit_logging=system-err"]
     done = _run(command, cwd=REPO, capture_output=True, text=True)
     if not os.path.isfile(report):
         tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
