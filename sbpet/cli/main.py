@@ -13,8 +13,9 @@ bit-identical losses and accuracy on the CPU. A different thread count
 :mod:`sbpet.cli.experiment`).
 
 Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
-configuration (:mod:`sbpet.cli.runs`) and refuses a folder that already holds a run without
-``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
+configuration (:mod:`sbpet.cli.runs`); the same configuration again prints the stored run and
+exits 0 (runs are deterministic), ``--overwrite`` trains it again, and a folder holding another run
+is refused without ``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
 status 2 and a message naming the option, before a model is loaded or g fitted.
 """
 
@@ -359,9 +360,13 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _run_folder(setup, args, config: dict) -> str:
-    """The folder the run will be saved to; ValueError (before anything slow) when it already
-    holds a run and --overwrite is not given."""
+def _run_folder(setup, args, config: dict) -> tuple[str, dict | None]:
+    """The folder the run will be saved to, and the run it already holds when that is this very
+    run (the same configuration; runs are deterministic, so the stored run is the answer) and
+    --overwrite is not given, else None. ValueError (before anything slow) when the folder holds
+    another run, or one whose configuration cannot be read, and --overwrite is not given."""
+    import json
+
     from .runs import existing_run, run_name
 
     out = args.out or os.path.join(setup.cache, "runs", run_name(config))
@@ -370,14 +375,30 @@ def _run_folder(setup, args, config: dict) -> str:
     except ValueError as exc:
         raise ValueError(f"--out: {exc}") from None
     if existing is None or args.overwrite:
-        return out
+        return out, None
+    if existing.get("config") == json.loads(json.dumps(config)) and isinstance(existing.get("metrics"), dict):
+        return out, existing
     accuracy = (existing.get("metrics") or {}).get("accuracy")
     about = f"test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
     if args.out:
-        raise ValueError(f"--out: {out} already holds a run{f' ({about})' if about else ''}; pass --overwrite to "
-                         "replace it, or choose another --out")
-    raise ValueError(f"{out} already holds this run (the same configuration{f', {about}' if about else ''}); pass "
-                     "--overwrite to train it again and replace it")
+        raise ValueError(f"--out: {out} already holds another run{f' ({about})' if about else ''}; pass "
+                         "--overwrite to replace it, or choose another --out")
+    raise ValueError(f"{out} already holds a run of another or unreadable configuration"
+                     f"{f' ({about})' if about else ''}; pass --overwrite to train this one and replace it")
+
+
+def _print_stored_run(out: str, meta: dict) -> int:
+    """`sbpet train` for a run already stored: its result line, said to be the stored one."""
+    metrics, validation = meta["metrics"], meta.get("validation") or {}
+
+    def number(value) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    print(f"validation accuracy {number(validation.get('accuracy'))}  test accuracy {number(metrics.get('accuracy'))}  "
+          f"task loss {number(metrics.get('task_loss'))}  bridge loss {number(metrics.get('bridge_loss'))}  "
+          f"(stored run, not retrained: the same configuration is in {out}; runs are deterministic, so this is "
+          "its result; pass --overwrite to train it again)")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -397,7 +418,9 @@ def cmd_train(args) -> int:
     setup.check_sizes([args.shots], [args.pet], protocol.virtual_tokens)
     bridge_name, measure_bridge, kind = args.bridge, args.measure_bridge, args.regularizer
     config = run_config(setup, args, protocol)
-    out = _run_folder(setup, args, config)
+    out, stored = _run_folder(setup, args, config)
+    if stored is not None:
+        return _print_stored_run(out, stored)
     with deterministic_algorithms():
         reg = setup.regularizer(measure_bridge, kind=kind)
         train_rows, val_rows = setup.sample(args.shots, args.seed)

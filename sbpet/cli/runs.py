@@ -6,8 +6,9 @@ A run's default folder is ``<cache>/runs/<name>``, the name being
 ``<pet>-none-<shots>shot-seed<seed>-<hash>``). The readable part holds what people vary between
 runs they compare; the hash covers everything else the result depends on (budgets, model, corpus,
 g's configuration, device, backend, precision). So runs that differ in any setting never share a
-folder, and a folder that already holds a run holds one of exactly this configuration: training it
-again (which would give the same numbers on this machine) replaces it only with ``--overwrite``.
+folder, and a folder that already holds a run holds one of exactly this configuration: ``sbpet
+train`` then prints the stored run (training it again would give the same numbers on this machine)
+and replaces it only with ``--overwrite``.
 """
 
 from __future__ import annotations
