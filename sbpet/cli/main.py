@@ -361,13 +361,10 @@ def cmd_fit(args) -> int:
 
 
 def _run_folder(setup, args, config: dict) -> tuple[str, dict | None]:
-    """The folder the run will be saved to, and the run it already holds when that is this very
-    run (the same configuration; runs are deterministic, so the stored run is the answer) and
-    --overwrite is not given, else None. ValueError (before anything slow) when the folder holds
-    another run, or one whose configuration cannot be read, and --overwrite is not given."""
-    import json
-
-    from .runs import existing_run, run_name
+    """The run's folder, and the run it holds when that is this very run (runs are deterministic:
+    the stored run is the answer) and --overwrite is not given. ValueError (before anything slow)
+    when it holds another run, or an unreadable one, and --overwrite is not given."""
+    from .runs import existing_run, run_name, same_run
 
     out = args.out or os.path.join(setup.cache, "runs", run_name(config))
     try:
@@ -376,29 +373,15 @@ def _run_folder(setup, args, config: dict) -> tuple[str, dict | None]:
         raise ValueError(f"--out: {exc}") from None
     if existing is None or args.overwrite:
         return out, None
-    if existing.get("config") == json.loads(json.dumps(config)) and isinstance(existing.get("metrics"), dict):
+    if same_run(existing, config):
         return out, existing
     accuracy = (existing.get("metrics") or {}).get("accuracy")
-    about = f"test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+    about = f" (test accuracy {accuracy:.4f})" if isinstance(accuracy, (int, float)) else ""
     if args.out:
-        raise ValueError(f"--out: {out} already holds another run{f' ({about})' if about else ''}; pass "
-                         "--overwrite to replace it, or choose another --out")
-    raise ValueError(f"{out} already holds a run of another or unreadable configuration"
-                     f"{f' ({about})' if about else ''}; pass --overwrite to train this one and replace it")
-
-
-def _print_stored_run(out: str, meta: dict) -> int:
-    """`sbpet train` for a run already stored: its result line, said to be the stored one."""
-    metrics, validation = meta["metrics"], meta.get("validation") or {}
-
-    def number(value) -> str:
-        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-
-    print(f"validation accuracy {number(validation.get('accuracy'))}  test accuracy {number(metrics.get('accuracy'))}  "
-          f"task loss {number(metrics.get('task_loss'))}  bridge loss {number(metrics.get('bridge_loss'))}  "
-          f"(stored run, not retrained: the same configuration is in {out}; runs are deterministic, so this is "
-          "its result; pass --overwrite to train it again)")
-    return 0
+        raise ValueError(f"--out: {out} already holds another run{about}; pass --overwrite to replace it, or "
+                         "choose another --out")
+    raise ValueError(f"{out} already holds a run of another or unreadable configuration{about}; pass --overwrite "
+                     "to train this one and replace it")
 
 
 def cmd_train(args) -> int:
@@ -409,7 +392,7 @@ def cmd_train(args) -> int:
     from .demo import save_run
     from .experiment import Setup, deterministic_algorithms, evaluate, train_few_shot
     from .protocol import protocol_from_args
-    from .runs import run_config
+    from .runs import run_config, stored_run_line
 
     start = time.time()
     _resolve_bridge(args)
@@ -420,7 +403,8 @@ def cmd_train(args) -> int:
     config = run_config(setup, args, protocol)
     out, stored = _run_folder(setup, args, config)
     if stored is not None:
-        return _print_stored_run(out, stored)
+        print(stored_run_line(out, stored))
+        return 0
     with deterministic_algorithms():
         reg = setup.regularizer(measure_bridge, kind=kind)
         train_rows, val_rows = setup.sample(args.shots, args.seed)

@@ -18,7 +18,7 @@ import os
 
 from .experiment import TEST_SPLIT_SEED, config_digest
 
-__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run"]
+__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run", "same_run", "stored_run_line"]
 
 RUN_FILES = ("run.json", "pet.safetensors")
 
@@ -98,3 +98,22 @@ def saved_runs(cache: str) -> list[str]:
         return []
     folders = (os.path.join(root, name) for name in sorted(os.listdir(root)))
     return [f for f in folders if all(os.path.isfile(os.path.join(f, name)) for name in RUN_FILES)]
+
+
+def same_run(meta: dict, config: dict) -> bool:
+    """Whether a stored ``run.json`` is a run of exactly ``config`` (compared as JSON stores it),
+    with its metrics."""
+    return meta.get("config") == json.loads(json.dumps(config)) and isinstance(meta.get("metrics"), dict)
+
+
+def stored_run_line(out: str, meta: dict) -> str:
+    """``sbpet train``'s result line for a run already stored in ``out``, said to be the stored one."""
+    metrics, validation = meta["metrics"], meta.get("validation") or {}
+
+    def number(value) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    return (f"validation accuracy {number(validation.get('accuracy'))}  test accuracy "
+            f"{number(metrics.get('accuracy'))}  task loss {number(metrics.get('task_loss'))}  bridge loss "
+            f"{number(metrics.get('bridge_loss'))}  (stored run, not retrained: the same configuration is in {out}; "
+            "runs are deterministic, so this is its result; pass --overwrite to train it again)")
