@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTRAINTS = os.path.join(REPO, "constraints.txt")
-EXTRAS = "dev,demo"
+EXTRAS = "dev,demo,docs"
 # The Hugging Face / peft tests, the README's snippets and the offline main job: what a moved
 # transformers, peft, accelerate, tokenizers or huggingface-hub breaks first.
 SUBSET = ("tests/hf", "tests/test_readme.py", "tests/cli/test_offline.py", "tests/cli/test_demo.py")

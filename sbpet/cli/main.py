@@ -13,8 +13,9 @@ bit-identical losses and accuracy on the CPU. A different thread count
 :mod:`sbpet.cli.experiment`).
 
 Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
-configuration (:mod:`sbpet.cli.runs`) and refuses a folder that already holds a run without
-``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
+configuration (:mod:`sbpet.cli.runs`); the same configuration again prints the stored run and
+exits 0 (runs are deterministic), ``--overwrite`` trains it again, and a folder holding another run
+is refused without ``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
 status 2 and a message naming the option, before a model is loaded or g fitted.
 """
 
@@ -359,10 +360,11 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _run_folder(setup, args, config: dict) -> str:
-    """The folder the run will be saved to; ValueError (before anything slow) when it already
-    holds a run and --overwrite is not given."""
-    from .runs import existing_run, run_name
+def _run_folder(setup, args, config: dict) -> tuple[str, dict | None]:
+    """The run's folder, and the run it holds when that is this very run (runs are deterministic:
+    the stored run is the answer) and --overwrite is not given. ValueError (before anything slow)
+    when it holds another run, or an unreadable one, and --overwrite is not given."""
+    from .runs import existing_run, run_name, same_run
 
     out = args.out or os.path.join(setup.cache, "runs", run_name(config))
     try:
@@ -370,14 +372,16 @@ def _run_folder(setup, args, config: dict) -> str:
     except ValueError as exc:
         raise ValueError(f"--out: {exc}") from None
     if existing is None or args.overwrite:
-        return out
+        return out, None
+    if same_run(existing, config):
+        return out, existing
     accuracy = (existing.get("metrics") or {}).get("accuracy")
-    about = f"test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+    about = f" (test accuracy {accuracy:.4f})" if isinstance(accuracy, (int, float)) else ""
     if args.out:
-        raise ValueError(f"--out: {out} already holds a run{f' ({about})' if about else ''}; pass --overwrite to "
-                         "replace it, or choose another --out")
-    raise ValueError(f"{out} already holds this run (the same configuration{f', {about}' if about else ''}); pass "
-                     "--overwrite to train it again and replace it")
+        raise ValueError(f"--out: {out} already holds another run{about}; pass --overwrite to replace it, or "
+                         "choose another --out")
+    raise ValueError(f"{out} already holds a run of another or unreadable configuration{about}; pass --overwrite "
+                     "to train this one and replace it")
 
 
 def cmd_train(args) -> int:
@@ -388,7 +392,7 @@ def cmd_train(args) -> int:
     from .demo import save_run
     from .experiment import Setup, deterministic_algorithms, evaluate, train_few_shot
     from .protocol import protocol_from_args
-    from .runs import run_config
+    from .runs import run_config, stored_run_line
 
     start = time.time()
     _resolve_bridge(args)
@@ -397,7 +401,10 @@ def cmd_train(args) -> int:
     setup.check_sizes([args.shots], [args.pet], protocol.virtual_tokens)
     bridge_name, measure_bridge, kind = args.bridge, args.measure_bridge, args.regularizer
     config = run_config(setup, args, protocol)
-    out = _run_folder(setup, args, config)
+    out, stored = _run_folder(setup, args, config)
+    if stored is not None:
+        print(stored_run_line(out, stored))
+        return 0
     with deterministic_algorithms():
         reg = setup.regularizer(measure_bridge, kind=kind)
         train_rows, val_rows = setup.sample(args.shots, args.seed)

@@ -6,8 +6,9 @@ A run's default folder is ``<cache>/runs/<name>``, the name being
 ``<pet>-none-<shots>shot-seed<seed>-<hash>``). The readable part holds what people vary between
 runs they compare; the hash covers everything else the result depends on (budgets, model, corpus,
 g's configuration, device, backend, precision). So runs that differ in any setting never share a
-folder, and a folder that already holds a run holds one of exactly this configuration: training it
-again (which would give the same numbers on this machine) replaces it only with ``--overwrite``.
+folder, and a folder that already holds a run holds one of exactly this configuration: ``sbpet
+train`` then prints the stored run (training it again would give the same numbers on this machine)
+and replaces it only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 
 from .experiment import TEST_SPLIT_SEED, config_digest
 
-__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run"]
+__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run", "same_run", "stored_run_line"]
 
 RUN_FILES = ("run.json", "pet.safetensors")
 
@@ -97,3 +98,22 @@ def saved_runs(cache: str) -> list[str]:
         return []
     folders = (os.path.join(root, name) for name in sorted(os.listdir(root)))
     return [f for f in folders if all(os.path.isfile(os.path.join(f, name)) for name in RUN_FILES)]
+
+
+def same_run(meta: dict, config: dict) -> bool:
+    """Whether a stored ``run.json`` is a run of exactly ``config`` (compared as JSON stores it),
+    with its metrics."""
+    return meta.get("config") == json.loads(json.dumps(config)) and isinstance(meta.get("metrics"), dict)
+
+
+def stored_run_line(out: str, meta: dict) -> str:
+    """``sbpet train``'s result line for a run already stored in ``out``, said to be the stored one."""
+    metrics, validation = meta["metrics"], meta.get("validation") or {}
+
+    def number(value) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    return (f"validation accuracy {number(validation.get('accuracy'))}  test accuracy "
+            f"{number(metrics.get('accuracy'))}  task loss {number(metrics.get('task_loss'))}  bridge loss "
+            f"{number(metrics.get('bridge_loss'))}  (stored run, not retrained: the same configuration is in {out}; "
+            "runs are deterministic, so this is its result; pass --overwrite to train it again)")

@@ -311,7 +311,7 @@ def fit_mapping(
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
             regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: g's products while fitting; ``"fp32"`` by default whatever the regulariser's
-            own setting, because R of a fitted g is a cancelling difference (README "Precision").
+            own setting, because R of a fitted g is a cancelling difference (docs/precision.md).
         text_column: the column of a ``datasets`` dataset (or the key of mapping rows) holding the text.
         backbone_dtype: the frozen backbone's autocast dtype: ``"auto"`` (bf16 on a CUDA device
             that has it, none elsewhere), ``"bf16"``, ``"fp16"``, or ``"fp32"``/None (no

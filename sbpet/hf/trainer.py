@@ -34,7 +34,7 @@ class BridgeTrainer(Trainer):
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for R (None: the
             regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
-            regulariser's ``precision``, "fp32" unless set; README "Precision").
+            regulariser's ``precision``, "fp32" unless set; docs/precision.md).
         capture: ``"hooks"`` (:class:`~sbpet.hf.BridgeCapture`, only the contexts and the
             regularised rows are kept) or ``"hidden_states"`` (``output_hidden_states=True``;
             needed for regularisers other than the PDF one). Default: hooks for the PDF

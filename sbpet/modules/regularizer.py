@@ -42,7 +42,7 @@ class BridgeRegularizer(nn.Module):
             :mod:`sbpet.backends.dispatch`); used by ``forward`` and by the hooks of BridgeCapture /
             BridgeTrainer / fit_mapping unless they are given their own.
         precision: how g's matrix products run: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``
-            (see :mod:`sbpet.core.precision` and README "Precision").
+            (see :mod:`sbpet.core.precision` and docs/precision.md).
         name_or_path: the PLM's name or path, recorded in the saved config.
         seed: None draws g's initial weights from the global RNG (``torch.manual_seed`` before
             building decides them); an int draws them from the CPU generator seeded with it

@@ -175,7 +175,7 @@ def sde_bridge_loss(
     """The SDE regulariser on validated inputs (docs/METHOD.md, "The SDE regulariser").
 
     For every regularised position n = (b, s): x(t) is the natural cubic spline through (0, 0)
-    and (t_l, h[l][b, s]), l = 0..L; the posterior ``dz = f(t, z, x(t)) dt + dW``, z(0) = 0, is
+    and (t_l, ``h[l][b, s]``), l = 0..L; the posterior ``dz = f(t, z, x(t)) dt + dW``, z(0) = 0, is
     simulated on :func:`~sbpet.core.spline.solver_times` (``steps_per_layer`` sub-steps between layer times, up to
     t_L < 1) with the prior bridge drift to e = tail[targets[n]]; the loss is the mean over n of
     ``sum_k 1/2 ||f - prior drift||^2 dt_k``.
