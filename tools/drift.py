@@ -235,8 +235,9 @@ def write_lock(text: str, path: str = CONSTRAINTS) -> None:
     ]
     names = {canonical(line.split("==")[0]): line.split("==")[0] for line in text.splitlines() if "==" in line}
     lines += [f"{names[name]}=={pins[name]}" for name in sorted(pins)]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    from sbpet.core.files import write_text
+
+    write_text(path, "\n".join(lines) + "\n")  # atomic: a crash leaves the old file whole
 
 
 def main(argv=None) -> int:
