@@ -42,6 +42,8 @@ def embedding_fingerprint(weight) -> dict | None:
     """The fingerprint of an input word-embedding matrix (a [V, H] tensor or an ``nn.Embedding``);
     None for a matrix without values (meta device) or not 2-D."""
     weight = getattr(weight, "weight", weight)
+    if hasattr(weight, "full_tensor"):  # a DTensor (a sharded PLM): every process calls this alike
+        weight = weight.full_tensor()
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.is_meta or weight.shape[0] == 0:
         return None
     with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import math
 import os
@@ -18,14 +19,32 @@ import torch
 from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
 from .capture import BridgeCapture, find_backbone_and_layers
+from ..modules.regularizer import check_model_matches
 from ..core.precision import check_precision
+from ..core.files import LockBusy, folder_lock, remove_owned, write_json
+from ..core.fingerprint import embedding_fingerprint
 from .corpus import batch_indices, fitting_texts, make_fitting_batch, text_batches, tokenise_texts
 
-__all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "CHECKPOINT_NAME", "FIT_STATE_NAME"]
+__all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "read_fit_state", "CHECKPOINT_NAME",
+           "FIT_STATE_NAME", "LEGACY_FIT_STATE_NAME", "CHECKPOINT_DIR_FILES"]
 
 CHECKPOINT_NAME = "checkpoint"
-FIT_STATE_NAME = "fit_state.pt"
+FIT_STATE_NAME = "fit_state.json"  # step, loss history, signature: JSON, never a pickle
+LEGACY_FIT_STATE_NAME = "fit_state.pt"  # before: read with weights_only=True only
 ENGINE_DIR = "engine"
+OLD, PARTIAL = ".old", ".partial"  # the swap's two other names (see _save_checkpoint)
+# What a checkpoint folder holds: the regulariser's files, the fit state, accelerate's save_state
+# of the engine, and the temporary files of an interrupted atomic write.
+_CHECKPOINT_FILES = (
+    "sbpet_config.json", "sbpet_model.safetensors", FIT_STATE_NAME, LEGACY_FIT_STATE_NAME, ".*.tmp",
+    f"{ENGINE_DIR}/", *(f"{ENGINE_DIR}/{name}" for name in (
+        "model*.safetensors", "pytorch_model*.bin", "optimizer*.bin", "scheduler*.bin", "random_states_*.pkl",
+        "sampler*.bin", "scaler.pt", "dl_state_dict*.bin")),
+)
+# What fit_mapping writes into checkpoint_dir: the checkpoint under its three names and its lock.
+CHECKPOINT_DIR_FILES = (f"{CHECKPOINT_NAME}.lock", *(
+    f"{CHECKPOINT_NAME}{suffix}{part}" for suffix in ("", OLD, PARTIAL)
+    for part in ("/", *(f"/{name}" for name in _CHECKPOINT_FILES))))
 logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _batch_indices = batch_indices  # the list path's order (kept under its old name)
@@ -130,57 +149,175 @@ def _destroy_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _remove_checkpoint_folder(path: str) -> None:
+    """Delete one of the checkpoint's folders, only if it holds nothing but a checkpoint's files."""
+    remove_owned(path, _CHECKPOINT_FILES, " (a fit_mapping checkpoint holds only its own files)")
+
+
+def _complete(path: str) -> bool:
+    """Whether a checkpoint folder was written to the end (its fit state is written last)."""
+    return os.path.isfile(os.path.join(path, "sbpet_model.safetensors")) and (
+        os.path.isfile(os.path.join(path, FIT_STATE_NAME)) or os.path.isfile(os.path.join(path, LEGACY_FIT_STATE_NAME)))
+
+
+def _checkpoint_folders(directory) -> tuple[str, str, str]:
+    final = os.path.join(os.fspath(directory), CHECKPOINT_NAME)
+    return final, final + OLD, final + PARTIAL
+
+
+def _has_checkpoint(directory) -> bool:
+    return any(os.path.lexists(p) for p in _checkpoint_folders(directory))
+
+
+def _recover_checkpoint(directory) -> None:
+    """Leave ``checkpoint/`` complete after an interrupted save (main process, under the lock):
+    the swap always keeps one complete copy (checkpoint/, else the newer checkpoint.partial/, else
+    checkpoint.old/), which takes the final name; the rest (only checkpoint files) is dropped.
+    ValueError with the command that repairs it when no copy is complete."""
+    final, old, partial = _checkpoint_folders(directory)
+    if not _complete(final):
+        source = next((p for p in (partial, old) if _complete(p)), None)
+        if source is None:
+            raise ValueError(
+                f"the checkpoint in {directory} is half-written (none of {CHECKPOINT_NAME}/, {CHECKPOINT_NAME}{OLD}/ "
+                f"and {CHECKPOINT_NAME}{PARTIAL}/ is complete): start the fit again with resume=False (sbpet fit "
+                f"--force), which removes them, or delete {os.path.join(directory, CHECKPOINT_NAME)}* yourself")
+        _remove_checkpoint_folder(final)
+        os.replace(source, final)
+    for path in (old, partial):
+        _remove_checkpoint_folder(path)
+
+
 def _save_checkpoint(directory, accelerator, regularizer, step, history, signature):
-    """``checkpoint/``: the regulariser's ``save_pretrained`` files, ``fit_state.pt`` (step, loss
+    """``checkpoint/``: the regulariser's ``save_pretrained`` files, ``fit_state.json`` (step, loss
     history, signature) and ``engine/`` (accelerate's optimizer, scheduler and g state). Called
-    on every process (the engine may write a shard on each); rank 0 writes the rest."""
-    final = os.path.join(directory, CHECKPOINT_NAME)
-    partial = final + ".partial"
+    on every process (the engine may write a shard on each); rank 0 writes the rest.
+
+    Written as ``checkpoint.partial/`` (the fit state last), then swapped in keeping a complete
+    copy at every instant: ``checkpoint/`` -> ``checkpoint.old/``, ``checkpoint.partial/`` ->
+    ``checkpoint/``, ``checkpoint.old/`` dropped (:func:`_recover_checkpoint` finishes an
+    interrupted swap)."""
+    final, old, partial = _checkpoint_folders(directory)
     engine = os.path.join(partial, ENGINE_DIR)
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove_checkpoint_folder(partial)
         os.makedirs(engine)
     accelerator.wait_for_everyone()  # every process writes into engine/ (its random state at least)
     accelerator.save_state(engine)
     accelerator.wait_for_everyone()  # ... before rank 0 moves the directory
     if accelerator.is_main_process:
         regularizer.save_pretrained(partial)
-        torch.save({"step": step, "history": history, "signature": signature},
-                   os.path.join(partial, FIT_STATE_NAME))
-        # Swap in the finished checkpoint only once it is complete: an interrupted save never
-        # replaces a good one.
-        shutil.rmtree(final, ignore_errors=True)
+        write_json(os.path.join(partial, FIT_STATE_NAME), {"step": step, "history": history, "signature": signature})
+        if os.path.lexists(final):
+            _remove_checkpoint_folder(old)  # a complete checkpoint/ is there: an old copy is not needed
+            os.replace(final, old)
         os.replace(partial, final)
+        _remove_checkpoint_folder(old)
     accelerator.wait_for_everyone()
+
+
+def read_fit_state(path: str) -> dict:
+    """The fit state of a checkpoint folder ``path``: ``{"step", "history", "signature"}`` from its
+    ``fit_state.json``, or from a ``fit_state.pt`` of an earlier version read with
+    ``weights_only=True`` (never unpickled). ValueError naming the file and the repair otherwise.
+
+    Example:
+        >>> read_fit_state("g/fit/checkpoint")["history"][:2]  # doctest: +SKIP
+        [3.21, 3.02]
+    """
+    repair = (f"delete {path} (or rerun with resume=False; sbpet fit --force) to start the fit again")
+    json_path, legacy = os.path.join(path, FIT_STATE_NAME), os.path.join(path, LEGACY_FIT_STATE_NAME)
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{json_path} is damaged ({exc}): {repair}") from None
+    elif os.path.isfile(legacy):
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several kinds for a damaged or unsafe file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{legacy} cannot be read safely (it is damaged, or holds objects that would have to be "
+                             f"unpickled; sbpet never does: {first}): {repair}") from None
+    else:
+        raise ValueError(f"{path} holds no {FIT_STATE_NAME}: not a fit_mapping checkpoint; {repair}")
+    ok = isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("history"), list)
+    if not ok:
+        raise ValueError(f"the fit state in {path} is damaged (no step and history): {repair}")
+    return state
 
 
 def _load_checkpoint(directory, model, regularizer, accelerator, optimizer, scheduler, signature):
     from ..modules.regularizer import BridgeRegularizer
 
     path = os.path.join(directory, CHECKPOINT_NAME)
-    state_path = os.path.join(path, FIT_STATE_NAME)
-    if not os.path.isfile(state_path):
-        raise ValueError(f"{state_path} does not exist: not a fit_mapping checkpoint")
+    state = read_fit_state(path)
+    saved_signature = state.get("signature")
+    if saved_signature != signature:
+        changed = sorted(k for k in set(signature) | set(saved_signature or {})
+                         if (saved_signature or {}).get(k) != signature.get(k))
+        raise ValueError(
+            f"the checkpoint in {path} was made with other settings ({', '.join(changed)} differ: "
+            f"{ {k: (saved_signature or {}).get(k) for k in changed} } there, "
+            f"{ {k: signature.get(k) for k in changed} } now): resume with the same settings, rerun with "
+            "resume=False (sbpet fit --force) to start again, or use another checkpoint_dir"
+        )
     saved = BridgeRegularizer.from_pretrained(path, model=model)
     try:
         regularizer.load_state_dict(saved.state_dict())
     except RuntimeError as exc:
         raise ValueError(f"the checkpoint in {path} does not match this regulariser: {exc}") from exc
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several kinds for a damaged file
-        raise ValueError(f"{state_path} is damaged: {exc}") from exc
-    if state.get("signature") != signature:
-        raise ValueError(
-            f"the checkpoint in {path} was made with {state.get('signature')} but this run uses "
-            f"{signature}: remove it or use another checkpoint_dir"
-        )
-    if "optimizer" in state:  # written before accelerate held the engine state
+    if "optimizer" in state:  # written before accelerate held the engine state (read weights_only)
         optimizer.optimizer.load_state_dict(state["optimizer"])
         scheduler.scheduler.load_state_dict(state["scheduler"])
     else:
-        accelerator.load_state(os.path.join(path, ENGINE_DIR))
-    return int(state["step"]), list(state["history"])
+        try:
+            # accelerate reads optimizer.bin / scheduler.bin / random_states_*.pkl with torch.load; say
+            # weights_only=True here, whatever its default becomes.
+            accelerator.load_state(os.path.join(path, ENGINE_DIR), load_kwargs={"weights_only": True})
+        except Exception as exc:  # noqa: BLE001 - torch raises several kinds for a damaged or unsafe file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"the engine state in {os.path.join(path, ENGINE_DIR)} cannot be read safely (damaged, "
+                             f"or holding objects that would have to be unpickled: {first}): rerun with resume=False "
+                             "(sbpet fit --force) to start again, or delete the checkpoint folder") from None
+    return int(state["step"]), [float(v) for v in state["history"]]
+
+
+def _signature(regularizer, model, **settings) -> dict:
+    """Everything a resumed fit must share with the checkpoint: the settings (every fitting
+    hyperparameter), the regulariser's configuration (what shapes g and its target) and the model's
+    fingerprint; JSON-round-tripped, as it is stored."""
+    skip = ("backend", "precision", "name_or_path", "seed", "model_fingerprint", "weights_sha256")
+    config = {k: v for k, v in regularizer.config.items() if k not in skip}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    fingerprint = embedding_fingerprint(embeddings) if embeddings is not None else None
+    value = {**settings, "regularizer": config, "model": None if fingerprint is None else fingerprint["sha256"]}
+    return json.loads(json.dumps(value))
+
+
+@contextlib.contextmanager
+def _checkpoint_lock(checkpoint_dir, accelerator):
+    """One fit at a time into ``checkpoint_dir`` (its ``checkpoint.lock``, held by rank 0): a second
+    one is refused at once with a ValueError saying so (every process of it stops)."""
+    if checkpoint_dir is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(folder_lock(os.path.join(checkpoint_dir, CHECKPOINT_NAME), wait=False))
+            except LockBusy as exc:
+                busy = str(exc)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            busy = broadcast_object_list([busy])[0]
+        if busy is not None:
+            raise ValueError(f"checkpoint_dir {checkpoint_dir}: another fit is writing there ({busy}): wait for it to "
+                             "end, or use another checkpoint_dir")
+        yield
 
 
 def _process_group() -> tuple[int, int]:
@@ -304,10 +441,16 @@ def fit_mapping(
         tokenizer: its tokenizer. texts: the corpus, as above.
         regularizer: the :class:`~sbpet.BridgeRegularizer` to fit, trained in place on the
             model's device; frozen again when done.
-        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files, ``fit_state.pt``: step,
+        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files, ``fit_state.json``: step,
             loss ``history`` and settings, and ``engine/``: accelerate's ``save_state`` of the
-            optimizer, scheduler and g) is written every ``save_every`` steps and at the end. With ``resume`` an existing checkpoint there is loaded and the
-            run continues from its step with the same data; one from different settings is an error.
+            optimizer, scheduler and g) is written every ``save_every`` steps and at the end,
+            swapped in so that a complete copy exists at every instant (docs/safety.md). With
+            ``resume`` an existing checkpoint there is loaded and the run continues from its step
+            with the same data; one from other settings (any fitting hyperparameter, the
+            regulariser's configuration, another model) is an error naming what differs. Nothing
+            there is unpickled. ``resume=False`` removes an earlier checkpoint only when it holds
+            nothing but a checkpoint's files (else a ValueError naming the foreign file). One fit at
+            a time: a second fit into the same ``checkpoint_dir`` is refused (``checkpoint.lock``).
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
             regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: g's products while fitting; ``"fp32"`` by default whatever the regulariser's
@@ -346,13 +489,44 @@ def fit_mapping(
     if batch_size < world:
         raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {world} processes")
     autocast_dtype = _autocast_dtype(backbone_dtype, device)
-    signature = {"steps": steps, "batch_size": batch_size, "max_length": max_length,
-                 "seed": seed, "mask_probability": mask_probability,
-                 "texts": len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream"}
-    if autocast_dtype is not None:  # absent otherwise, so fp32 checkpoints of earlier versions resume
-        signature["backbone_dtype"] = str(autocast_dtype).removeprefix("torch.")
+    # g is for this model: its sizes and word embeddings (a g built for another model is an error)
+    check_model_matches(regularizer.config, model, "the regulariser")
+    fingerprint = embedding_fingerprint(model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    if fingerprint is not None:
+        regularizer.config["model_fingerprint"] = fingerprint  # saved with g: which PLM it was fitted for
+    signature = _signature(
+        regularizer, model, steps=steps, batch_size=batch_size, max_length=max_length, seed=seed,
+        learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, mask_probability=mask_probability, corrupt_inputs=bool(corrupt_inputs),
+        precision=precision, backbone_dtype=None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+        texts=len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream")
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    capture, bar = None, None
+    with _checkpoint_lock(checkpoint_dir, accelerator):
+        if checkpoint_dir is not None and accelerator.is_main_process and _has_checkpoint(checkpoint_dir):
+            if resume:
+                _recover_checkpoint(checkpoint_dir)  # an interrupted save's complete copy takes the final name
+            else:  # start again: only a checkpoint's own files are removed (else a ValueError naming one)
+                for path in _checkpoint_folders(checkpoint_dir):
+                    _remove_checkpoint_folder(path)
+        accelerator.wait_for_everyone()
+        return _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, autocast_dtype, signature,
+                    was_training, grad_flags, steps=steps, batch_size=batch_size, max_length=max_length,
+                    learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                    max_grad_norm=max_grad_norm, mask_probability=mask_probability, corrupt_inputs=corrupt_inputs,
+                    checkpoint_dir=checkpoint_dir, save_every=save_every, resume=resume, seed=seed,
+                    progress=progress, backend=backend, precision=precision, log_every=log_every,
+                    text_column=text_column)
+
+
+def _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, autocast_dtype, signature, was_training,
+         grad_flags, *, steps, batch_size, max_length, learning_rate, weight_decay, warmup_ratio, max_grad_norm,
+         mask_probability, corrupt_inputs, checkpoint_dir, save_every, resume, seed, progress, backend, precision,
+         log_every, text_column):
+    from tqdm.auto import tqdm
+
+    rank, world = accelerator.process_index, accelerator.num_processes
     capture, bar = None, None
     try:
         model.eval()

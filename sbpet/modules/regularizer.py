@@ -386,3 +386,22 @@ def check_model_matches(config: dict, model, where: str = "the regulariser") -> 
         if embeddings is not None:
             compare_fingerprints(config["model_fingerprint"], embedding_fingerprint(embeddings), fitted,
                                  model_name(model))
+
+
+def check_fits_model(regularizer, model) -> None:
+    """What hooks and trainers check before the first step: the regulariser's hidden size against
+    ``model``'s (its config's ``hidden_size``, when it has one) and the fingerprint of the word
+    embeddings it was fitted for against ``model``'s (another model or vocabulary order: a
+    ValueError naming both; a model fine-tuned from the same base: a warning). The layer count is
+    the caller's (it knows the layers). Nothing is checked where the model has no config."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) if config is not None else None
+    saved_for = regularizer.config.get("name_or_path")
+    fitted = f"the regulariser{f' (fitted for {saved_for!r})' if saved_for else ''}"
+    if isinstance(hidden, int) and hidden != regularizer.hidden_size:
+        raise ValueError(f"{fitted} was built for hidden_size={regularizer.hidden_size} but {model_name(model)} has "
+                         f"hidden_size={hidden}: use the g fitted for this model")
+    saved = regularizer.config.get("model_fingerprint")
+    embeddings = _input_embeddings(model) if saved is not None else None
+    if embeddings is not None:
+        compare_fingerprints(saved, embedding_fingerprint(embeddings), fitted, model_name(model))
