@@ -43,6 +43,8 @@ __all__ = [
 REGULARIZER_KINDS = ("pdf", "sde")
 POSITIONS = ("mask", "all")  # which tokens R regularises in sbpet train (see train_few_shot)
 TEST_SPLIT_SEED = 0  # the one test split of a corpus: never the run's seed
+# Files of a model folder that hold weights (their content is part of the cache keys).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 FIT_CURVE = "fit_curve.json"  # in a cached g's folder: R per fitting step
 
 
@@ -60,14 +62,20 @@ def deterministic_algorithms():
     asked for its deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, effective when set before
     CUDA starts), ``auto`` leaves out the Triton strategy that trains g with float32 atomics
     (``fused``; see :mod:`sbpet.backends.dispatch`), and an op without a
-    deterministic implementation warns instead of stopping the run (``warn_only``)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    deterministic implementation warns instead of stopping the run (``warn_only``). The
+    environment variable is set for the block only (a value the user set is kept) and restored
+    afterwards."""
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def config_digest(config: dict, length: int = 12) -> str:
@@ -132,6 +140,45 @@ class Setup:
                              f"least {overhead + 1})")
         self.check_positions(())
         self._tests: dict[int, tuple] = {}
+        self._keys: dict[str, str] = {}
+
+    # -- content keys ----------------------------------------------------------------------------
+
+    @property
+    def model_key(self) -> str:
+        """A digest of what the model folder holds, not of its path: config.json, every weights
+        file (:func:`~sbpet.core.files.file_digest`) and the tokenizer's vocabulary. The same
+        model copied elsewhere has the same key; changed weights or vocabulary, another."""
+        if "model" not in self._keys:
+            from ..core.files import digest, file_digest
+
+            files = {}
+            for name in sorted(os.listdir(self.model_dir)):
+                path = os.path.join(self.model_dir, name)
+                if os.path.isfile(path) and (name == "config.json" or name.endswith(_WEIGHT_SUFFIXES)):
+                    files[name] = file_digest(path)
+            vocab = sorted(self.tokenizer.get_vocab().items())
+            self._keys["model"] = digest({"files": files, "vocab": digest(vocab, 64)}, 24)
+        return self._keys["model"]
+
+    @property
+    def data_key(self) -> str:
+        """A digest of the corpus itself (every example's text and label, and the class names),
+        not of its folder: a moved copy hits the caches, a file added or changed misses them."""
+        if "data" not in self._keys:
+            from ..core.files import digest
+
+            self._keys["data"] = digest({"classes": list(self.classes), "examples": [list(e) for e in self.examples]},
+                                        24)
+        return self._keys["data"]
+
+    def fitting_key(self) -> str:
+        """A digest of the texts g is fitted on (the corpus minus the test split), in order."""
+        if "fitting" not in self._keys:
+            from ..core.files import digest
+
+            self._keys["fitting"] = digest([t for t, _ in self.split()[0]], 24)
+        return self._keys["fitting"]
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -222,12 +269,14 @@ class Setup:
         return classifier.to(self.device), encoder, words
 
     def g_config(self, bridge: str, kind: str = "pdf", fit_steps: int | None = None) -> dict:
-        """Everything the fitted g depends on (its cache key); ``fit_steps`` None: ``--fit-steps``."""
+        """Everything the fitted g depends on (its cache key); ``fit_steps`` None: ``--fit-steps``.
+        The model and the fitting texts enter by content (:attr:`model_key`, :meth:`fitting_key`),
+        not by path: a moved copy hits the cache, a changed folder refits."""
         if kind not in REGULARIZER_KINDS:
             raise ValueError(f"--regularizer must be one of {REGULARIZER_KINDS}, got {kind!r}")
         a = self.args
         steps = a.fit_steps if fit_steps is None else int(fit_steps)
-        return {"model_dir": self.model_dir, "data_dir": self.data_dir, "kind": kind, "bridge": bridge,
+        return {"model": self.model_key, "fitting_texts": self.fitting_key(), "kind": kind, "bridge": bridge,
                 "dims": list(self.dims), "fit_steps": steps, "fit_batch_size": a.fit_batch_size,
                 "fit_lr": a.fit_lr, "fit_seed": a.fit_seed, "max_length": a.max_length,
                 "test_per_class": a.test_per_class, "test_split_seed": TEST_SPLIT_SEED,
@@ -245,35 +294,42 @@ class Setup:
         """The fitted g of ``kind`` and ``bridge`` on the device: from the cache, or fitted now
         (``fit_steps`` steps, None: ``--fit-steps``; on the corpus minus the test split, PLM
         frozen, seeded with ``args.fit_seed``), saved with its fitting curve (``fit_curve.json``:
-        R per step) and loaded back, so a fresh fit and a cached one are the same module."""
-        from ..hf.fitting import fit_mapping
+        R per step) and loaded back, so a fresh fit and a cached one are the same module.
+
+        The g folder is locked (``<folder>.lock``) while it is fitted and read: a second process
+        that wants the same g waits (saying so), then uses it. ``force`` refits; the earlier
+        fitting checkpoint (``<folder>/fit``) is removed only when it holds nothing but its own
+        files (else a ValueError naming the foreign one)."""
+        from ..core.files import folder_lock, remove_owned, write_json
+        from ..hf.fitting import CHECKPOINT_DIR_FILES, fit_mapping
 
         path = self.g_dir(bridge, kind, fit_steps)
         steps = self.g_config(bridge, kind, fit_steps)["fit_steps"]
         encoder = self.encoder() if encoder is None else encoder
-        if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
-            a = self.args
-            reg = self.new_regularizer(bridge, kind, encoder)
-            texts = [t for t, _ in self.split()[0]]
-            print(f"fitting the {kind} g ({bridge} bridge; {steps} steps, {len(texts)} texts) -> {path}")
-            if force:
-                import shutil
-
-                shutil.rmtree(os.path.join(path, "fit"), ignore_errors=True)
-            history = fit_mapping(
-                encoder, self.tokenizer, texts, reg, steps=steps, batch_size=a.fit_batch_size,
-                max_length=a.max_length, learning_rate=a.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
-                save_every=50, seed=a.fit_seed, progress=self.progress,
-                backend=a.backend if kind == "pdf" else None,
-            )
-            reg.save_pretrained(path)
-            losses = history["loss"]
-            with open(os.path.join(path, FIT_CURVE), "w", encoding="utf-8") as f:
-                json.dump({"steps": steps, "loss": losses}, f)
-            print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
-        else:
-            print(f"using the cached g in {path}")
-        return self._load(path, encoder, kind)
+        waiting = lambda: print(f"waiting for another process that is fitting the g in {path}", flush=True)  # noqa: E731
+        with folder_lock(path, on_wait=waiting):
+            if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
+                a = self.args
+                reg = self.new_regularizer(bridge, kind, encoder)
+                texts = [t for t, _ in self.split()[0]]
+                print(f"fitting the {kind} g ({bridge} bridge; {steps} steps, {len(texts)} texts) -> {path}")
+                if force:
+                    remove_owned(os.path.join(path, "fit"), CHECKPOINT_DIR_FILES,
+                                 " (--force removes only the fitting checkpoint sbpet wrote)")
+                history = fit_mapping(
+                    encoder, self.tokenizer, texts, reg, steps=steps, batch_size=a.fit_batch_size,
+                    max_length=a.max_length, learning_rate=a.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
+                    save_every=50, seed=a.fit_seed, progress=self.progress,
+                    backend=a.backend if kind == "pdf" else None,
+                )
+                reg.save_pretrained(path)
+                losses = history["loss"]
+                write_json(os.path.join(path, FIT_CURVE), {"steps": steps, "loss": losses})
+                print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last "
+                      "10 steps)")
+            else:
+                print(f"using the cached g in {path}")
+            return self._load(path, encoder, kind)
 
     def new_regularizer(self, bridge: str, kind: str, encoder):
         """An unfitted g of ``kind`` ("pdf" or "sde") and ``bridge`` for ``encoder``, with this
@@ -298,18 +354,25 @@ class Setup:
 
 def read_fit_curve(g_dir: str) -> list | None:
     """R per fitting step of the cached g in ``g_dir``: from its ``fit_curve.json``, else from its
-    fitting checkpoint's history (a g fitted before the curve was saved); None when neither is there."""
+    fitting checkpoint's history (a g fitted before the curve was saved; JSON, or a legacy
+    ``fit_state.pt`` read with ``weights_only=True``, never unpickled); None when neither is there.
+    ValueError naming the file and the repair when the checkpoint's state is damaged."""
     try:
         with open(os.path.join(g_dir, FIT_CURVE), encoding="utf-8") as f:
-            return list(json.load(f)["loss"])
+            return [float(v) for v in json.load(f)["loss"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    from ..hf.fitting import CHECKPOINT_NAME, FIT_STATE_NAME
+    from ..hf.fitting import CHECKPOINT_NAME, FIT_STATE_NAME, LEGACY_FIT_STATE_NAME, read_fit_state
 
-    state = os.path.join(g_dir, "fit", CHECKPOINT_NAME, FIT_STATE_NAME)
-    if not os.path.isfile(state):
+    checkpoint = os.path.join(g_dir, "fit", CHECKPOINT_NAME)
+    if not any(os.path.isfile(os.path.join(checkpoint, n)) for n in (FIT_STATE_NAME, LEGACY_FIT_STATE_NAME)):
         return None
-    return list(torch.load(state, map_location="cpu", weights_only=False)["history"])
+    try:
+        history = read_fit_state(checkpoint)["history"]
+        return [float(v) for v in history]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"the fitting curve of the g in {g_dir} cannot be read: {exc}; or refit it: sbpet fit "
+                         "--force with the same options") from None
 
 
 def trim_padding(batch: dict) -> dict:

@@ -14,13 +14,16 @@ bit-identical losses and accuracy on the CPU. A different thread count
 
 Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
 configuration (:mod:`sbpet.cli.runs`) and refuses a folder that already holds a run without
-``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
+``--overwrite``, as ``sbpet fit --out`` does for a saved g, ``sbpet plot --out`` for an existing
+file and ``sbpet study --out`` for outputs it did not write; ``--force`` removes only the fitting
+checkpoint sbpet wrote. Commands run with the hub off (``HF_HUB_OFFLINE``, for the command only). Bad input stops a command with exit
 status 2 and a message naming the option, before a model is loaded or g fitted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,7 +31,6 @@ import time
 from .protocol import add_protocol_arguments
 from .study.grid import add_study_arguments
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub: everything is local
 
 __all__ = ["main", "build_parser", "DEFAULTS"]
 
@@ -294,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "column when no run is saved")
     plot.add_argument("--examples", type=_positive_int, default=40, help="test examples to draw per run")
     plot.add_argument("--out", help="PNG path (default: <cache>/trajectories.png)")
+    plot.add_argument("--overwrite", action="store_true", help="replace the file --out names if it exists")
 
     study = sub.add_parser(
         "study", help="a seeded grid of protocols x PETs x regularisers x g budgets x positions x shots x alphas",
@@ -309,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(study, PETS)
     _add_training(study, unset=quickable)
     study.add_argument("--out", help="output folder (default: <cache>/study)")
+    study.add_argument("--overwrite", action="store_true",
+                       help="replace runs.csv, table.md, ... in --out even when they were not written by a study "
+                       "(a study's own folder is refreshed as it resumes)")
     study.add_argument("--quick", action="store_true",
                        help="a tiny grid for CI: both protocols (the paper's 4 steps, validated every 2); lora; "
                        "none,pdf-brownian; 4 shots; alpha 0.1; 2 seeds; 1 epoch; g fitted 20 steps; 20 test and 4 "
@@ -442,6 +448,10 @@ def cmd_plot(args) -> int:
     _resolve_bridge(args)
     cache = args.cache_dir or default_cache()
     # Every refusal comes before the model is loaded or a g fitted.
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a folder; name the PNG file to write")
+    if args.out and os.path.lexists(args.out) and not args.overwrite:
+        raise ValueError(f"--out: {args.out} already exists; pass --overwrite to replace it, or choose another --out")
     runs = args.runs or saved_runs(cache)
     metas = [read_run(run) for run in runs]
     if not runs and not args.untuned:
@@ -472,6 +482,30 @@ def cmd_study(args) -> int:
     return run_study(args, DEFAULTS)
 
 
+@contextlib.contextmanager
+def offline_hub():
+    """Run the block with the Hugging Face hub off (``HF_HUB_OFFLINE=1``, unless the user set the
+    variable): a command never reaches the network, everything it loads is local. The variable,
+    and huggingface_hub's reading of it when that module is loaded, are restored afterwards, so
+    importing or calling sbpet's CLI from Python leaves the rest of the process as it was."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    was_loaded = "huggingface_hub.constants" in sys.modules
+    before = getattr(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE", None)
+    if previous is None:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if was_loaded:
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+            constants = sys.modules.get("huggingface_hub.constants")
+            if constants is not None:  # loaded in the block, it read the variable the block set
+                constants.HF_HUB_OFFLINE = before if was_loaded else bool(os.environ.get("TRANSFORMERS_OFFLINE", "")
+                                                                          .upper() in ("1", "ON", "YES", "TRUE"))
+
+
 def main(argv=None) -> int:
     """Entry point of the ``sbpet`` console script; returns the exit status (2 for bad options,
     whose message argparse prints naming the option, before anything slow runs)."""
@@ -481,7 +515,8 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     commands = {"fit": cmd_fit, "train": cmd_train, "plot": cmd_plot, "study": cmd_study}
     try:
-        return commands[args.command](args)
+        with offline_hub():
+            return commands[args.command](args)
     except (OSError, ValueError) as exc:  # bad input found after parsing: a message, not a traceback
         print(f"sbpet {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,8 @@ A run's default folder is ``<cache>/runs/<name>``, the name being
 ``<pet>-<regularizer>-<bridge>-a<alpha>-<shots>shot-seed<seed>-<hash>`` (the vanilla PET:
 ``<pet>-none-<shots>shot-seed<seed>-<hash>``). The readable part holds what people vary between
 runs they compare; the hash covers everything else the result depends on (budgets, model, corpus,
-g's configuration, device, backend, precision). So runs that differ in any setting never share a
+g's configuration, device, backend, precision; the model
+and corpus by content, not by path). So runs that differ in any setting never share a
 folder, and a folder that already holds a run holds one of exactly this configuration: training it
 again (which would give the same numbers on this machine) replaces it only with ``--overwrite``.
 """
@@ -38,7 +39,8 @@ def run_config(setup, args, protocol=None) -> dict:
         "epochs": float(a.epochs), "batch_size": int(a.batch_size), "lr": float(a.lr),
         "max_length": int(a.max_length), "val_per_class": int(a.val_per_class),
         "test_per_class": int(a.test_per_class), "test_split_seed": TEST_SPLIT_SEED,
-        "model_dir": setup.model_dir, "data_dir": setup.data_dir,
+        # The model and corpus by content, not by path (a moved copy is the same run).
+        "model": setup.model_key, "data": setup.data_key,
         "g": setup.g_config(a.measure_bridge, a.regularizer),
         "device": setup.device.type, "backend": a.backend, "precision": a.precision,
         # Only where it is not the default, so the runs made before the option keep their names.

@@ -41,7 +41,7 @@ _SAMPLE_CHUNKS, _CHUNK = 64, 64 * 2**10
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None):
     """Open a temporary file beside ``path`` (same folder, unique name) for writing; when the
     block ends without an error it is flushed, fsync'ed and moved onto ``path`` with
     ``os.replace``; on an error it is removed and ``path`` is left as it was.
@@ -59,7 +59,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     os.makedirs(folder, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding})) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "newline": newline})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
