@@ -177,6 +177,10 @@ def _recover_checkpoint(directory) -> None:
     final, old, partial = _checkpoint_folders(directory)
     if not _complete(final):
         source = next((p for p in (partial, old) if _complete(p)), None)
+        if source is None and not os.path.lexists(final):  # the first save was interrupted: nothing to resume
+            for path in (old, partial):
+                _remove_checkpoint_folder(path)
+            return
         if source is None:
             raise ValueError(
                 f"the checkpoint in {directory} is half-written (none of {CHECKPOINT_NAME}/, {CHECKPOINT_NAME}{OLD}/ "
