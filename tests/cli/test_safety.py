@@ -183,3 +183,21 @@ def test_offline_inside_a_command():
     finally:
         if before is not None:
             os.environ["HF_HUB_OFFLINE"] = before
+
+
+def test_study_runs_are_keyed_by_content(tiny, tmp_path, capsys):
+    """A study's run cache keyed the model and data folders by path: the same content elsewhere
+    reran everything, a changed corpus reused runs."""
+    model_dir, data_dir, common = tiny
+    out = tmp_path / "study"
+    assert main(_study(common, out)) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir, moved / "model")
+    shutil.copytree(data_dir, moved / "data")
+    other = ["--model-dir", str(moved / "model"), "--data-dir", str(moved / "data"), *common[4:]]
+    capsys.readouterr()
+    assert main(_study(other, out)) == 0
+    assert "0 runs trained, 2 cached" in capsys.readouterr().out
+    (moved / "data" / "game" / "100.txt").write_text("a new report of the game\n")
+    assert main(_study(other, out)) == 0
+    assert "2 runs trained, 0 cached" in capsys.readouterr().out
