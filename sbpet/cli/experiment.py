@@ -22,7 +22,8 @@ from dataclasses import replace
 
 import torch
 
-from . import datasets, demo
+from . import cache, datasets, demo
+from .cache import FIT_CURVE, read_fit_curve  # noqa: F401 - part of this module's interface
 from .protocol import OURS, Protocol
 
 __all__ = [
@@ -43,9 +44,6 @@ __all__ = [
 REGULARIZER_KINDS = ("pdf", "sde")
 POSITIONS = ("mask", "all")  # which tokens R regularises in sbpet train (see train_few_shot)
 TEST_SPLIT_SEED = 0  # the one test split of a corpus: never the run's seed
-# Files of a model folder that hold weights (their content is part of the cache keys).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-FIT_CURVE = "fit_curve.json"  # in a cached g's folder: R per fitting step
 
 
 def seed_everything(seed: int) -> None:
@@ -62,9 +60,8 @@ def deterministic_algorithms():
     asked for its deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, effective when set before
     CUDA starts), ``auto`` leaves out the Triton strategy that trains g with float32 atomics
     (``fused``; see :mod:`sbpet.backends.dispatch`), and an op without a
-    deterministic implementation warns instead of stopping the run (``warn_only``). The
-    environment variable is set for the block only (a value the user set is kept) and restored
-    afterwards."""
+    deterministic implementation warns instead of stopping the run (``warn_only``). The variable
+    is set for the block only (a value the user set is kept)."""
     workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if workspace is None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
@@ -142,42 +139,26 @@ class Setup:
         self._tests: dict[int, tuple] = {}
         self._keys: dict[str, str] = {}
 
-    # -- content keys ----------------------------------------------------------------------------
-
+    # -- content keys (sbpet.cli.cache) ----------------------------------------------------------
     @property
     def model_key(self) -> str:
-        """A digest of what the model folder holds, not of its path: config.json, every weights
-        file (:func:`~sbpet.core.files.file_digest`) and the tokenizer's vocabulary. The same
-        model copied elsewhere has the same key; changed weights or vocabulary, another."""
+        """A digest of what the model folder holds, not of its path (:func:`~sbpet.cli.cache.model_key`)."""
         if "model" not in self._keys:
-            from ..core.files import digest, file_digest
-
-            files = {}
-            for name in sorted(os.listdir(self.model_dir)):
-                path = os.path.join(self.model_dir, name)
-                if os.path.isfile(path) and (name == "config.json" or name.endswith(_WEIGHT_SUFFIXES)):
-                    files[name] = file_digest(path)
-            vocab = sorted(self.tokenizer.get_vocab().items())
-            self._keys["model"] = digest({"files": files, "vocab": digest(vocab, 64)}, 24)
+            self._keys["model"] = cache.model_key(self.model_dir, self.tokenizer)
         return self._keys["model"]
 
     @property
     def data_key(self) -> str:
-        """A digest of the corpus itself (every example's text and label, and the class names),
-        not of its folder: a moved copy hits the caches, a file added or changed misses them."""
+        """A digest of the corpus itself (every example and the class names), not of its folder."""
         if "data" not in self._keys:
-            from ..core.files import digest
-
-            self._keys["data"] = digest({"classes": list(self.classes), "examples": [list(e) for e in self.examples]},
-                                        24)
+            self._keys["data"] = cache.content_key({"classes": list(self.classes),
+                                                    "examples": [list(e) for e in self.examples]})
         return self._keys["data"]
 
     def fitting_key(self) -> str:
         """A digest of the texts g is fitted on (the corpus minus the test split), in order."""
         if "fitting" not in self._keys:
-            from ..core.files import digest
-
-            self._keys["fitting"] = digest([t for t, _ in self.split()[0]], 24)
+            self._keys["fitting"] = cache.content_key([t for t, _ in self.split()[0]])
         return self._keys["fitting"]
 
     # -- data ----------------------------------------------------------------------------------
@@ -296,18 +277,15 @@ class Setup:
         frozen, seeded with ``args.fit_seed``), saved with its fitting curve (``fit_curve.json``:
         R per step) and loaded back, so a fresh fit and a cached one are the same module.
 
-        The g folder is locked (``<folder>.lock``) while it is fitted and read: a second process
-        that wants the same g waits (saying so), then uses it. ``force`` refits; the earlier
-        fitting checkpoint (``<folder>/fit``) is removed only when it holds nothing but its own
-        files (else a ValueError naming the foreign one)."""
+        The g folder is locked while it is fitted and read: a second process waits, then uses it.
+        ``force`` refits, removing ``<folder>/fit`` only if it holds just its own files."""
         from ..core.files import folder_lock, remove_owned, write_json
         from ..hf.fitting import CHECKPOINT_DIR_FILES, fit_mapping
 
         path = self.g_dir(bridge, kind, fit_steps)
         steps = self.g_config(bridge, kind, fit_steps)["fit_steps"]
         encoder = self.encoder() if encoder is None else encoder
-        waiting = lambda: print(f"waiting for another process that is fitting the g in {path}", flush=True)  # noqa: E731
-        with folder_lock(path, on_wait=waiting):
+        with folder_lock(path, on_wait=lambda: print(f"waiting for another process fitting the g in {path}")):
             if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
                 a = self.args
                 reg = self.new_regularizer(bridge, kind, encoder)
@@ -325,8 +303,7 @@ class Setup:
                 reg.save_pretrained(path)
                 losses = history["loss"]
                 write_json(os.path.join(path, FIT_CURVE), {"steps": steps, "loss": losses})
-                print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last "
-                      "10 steps)")
+                print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (last 10 steps)")
             else:
                 print(f"using the cached g in {path}")
             return self._load(path, encoder, kind)
@@ -350,29 +327,6 @@ class Setup:
 
         options = {"backend": self.args.backend, "precision": self.args.precision} if kind == "pdf" else {}
         return BridgeRegularizer.from_pretrained(path, model=encoder, **options).to(self.device)
-
-
-def read_fit_curve(g_dir: str) -> list | None:
-    """R per fitting step of the cached g in ``g_dir``: from its ``fit_curve.json``, else from its
-    fitting checkpoint's history (a g fitted before the curve was saved; JSON, or a legacy
-    ``fit_state.pt`` read with ``weights_only=True``, never unpickled); None when neither is there.
-    ValueError naming the file and the repair when the checkpoint's state is damaged."""
-    try:
-        with open(os.path.join(g_dir, FIT_CURVE), encoding="utf-8") as f:
-            return [float(v) for v in json.load(f)["loss"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    from ..hf.fitting import CHECKPOINT_NAME, FIT_STATE_NAME, LEGACY_FIT_STATE_NAME, read_fit_state
-
-    checkpoint = os.path.join(g_dir, "fit", CHECKPOINT_NAME)
-    if not any(os.path.isfile(os.path.join(checkpoint, n)) for n in (FIT_STATE_NAME, LEGACY_FIT_STATE_NAME)):
-        return None
-    try:
-        history = read_fit_state(checkpoint)["history"]
-        return [float(v) for v in history]
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"the fitting curve of the g in {g_dir} cannot be read: {exc}; or refit it: sbpet fit "
-                         "--force with the same options") from None
 
 
 def trim_padding(batch: dict) -> dict:

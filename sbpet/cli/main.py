@@ -14,20 +14,19 @@ bit-identical losses and accuracy on the CPU. A different thread count
 
 Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
 configuration (:mod:`sbpet.cli.runs`) and refuses a folder that already holds a run without
-``--overwrite``, as ``sbpet fit --out`` does for a saved g, ``sbpet plot --out`` for an existing
-file and ``sbpet study --out`` for outputs it did not write; ``--force`` removes only the fitting
-checkpoint sbpet wrote. Commands run with the hub off (``HF_HUB_OFFLINE``, for the command only). Bad input stops a command with exit
+``--overwrite``, as do ``sbpet fit --out``, ``sbpet plot --out`` and ``sbpet study --out``
+(docs/safety.md). Commands run with the hub off (``HF_HUB_OFFLINE``, for the command only). Bad input stops a command with exit
 status 2 and a message naming the option, before a model is loaded or g fitted.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 
+from .environment import offline_hub
 from .protocol import add_protocol_arguments
 from .study.grid import add_study_arguments
 
@@ -448,9 +447,7 @@ def cmd_plot(args) -> int:
     _resolve_bridge(args)
     cache = args.cache_dir or default_cache()
     # Every refusal comes before the model is loaded or a g fitted.
-    if args.out and os.path.isdir(args.out):
-        raise ValueError(f"--out: {args.out} is a folder; name the PNG file to write")
-    if args.out and os.path.lexists(args.out) and not args.overwrite:
+    if args.out and os.path.lexists(args.out) and (os.path.isdir(args.out) or not args.overwrite):
         raise ValueError(f"--out: {args.out} already exists; pass --overwrite to replace it, or choose another --out")
     runs = args.runs or saved_runs(cache)
     metas = [read_run(run) for run in runs]
@@ -480,30 +477,6 @@ def cmd_study(args) -> int:
     from .study import run_study
 
     return run_study(args, DEFAULTS)
-
-
-@contextlib.contextmanager
-def offline_hub():
-    """Run the block with the Hugging Face hub off (``HF_HUB_OFFLINE=1``, unless the user set the
-    variable): a command never reaches the network, everything it loads is local. The variable,
-    and huggingface_hub's reading of it when that module is loaded, are restored afterwards, so
-    importing or calling sbpet's CLI from Python leaves the rest of the process as it was."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    was_loaded = "huggingface_hub.constants" in sys.modules
-    before = getattr(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE", None)
-    if previous is None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        if was_loaded:
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-            constants = sys.modules.get("huggingface_hub.constants")
-            if constants is not None:  # loaded in the block, it read the variable the block set
-                constants.HF_HUB_OFFLINE = before if was_loaded else bool(os.environ.get("TRANSFORMERS_OFFLINE", "")
-                                                                          .upper() in ("1", "ON", "YES", "TRUE"))
 
 
 def main(argv=None) -> int:
