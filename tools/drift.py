@@ -270,8 +270,9 @@ def main(argv=None) -> int:
                 text += "\nlock: constraints.txt left as it is (something broke)"
         print(text, flush=True)
         if args.report:
-            with open(args.report, "w") as f:
-                f.write(text + "\n")
+            from sbpet.core.files import write_text
+
+            write_text(args.report, text + "\n")
         return 1 if args.strict and not all(o.ok for o in outcomes) else 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -317,13 +317,22 @@ def fit_mapping(
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     capture, bar = None, None
     with checkpoint_lock(checkpoint_dir, accelerator):
+        problem = None
         if checkpoint_dir is not None and accelerator.is_main_process and has_checkpoint(checkpoint_dir):
-            if resume:
-                recover_checkpoint(checkpoint_dir)  # an interrupted save's complete copy takes the final name
-            else:  # start again: only a checkpoint's own files are removed (else a ValueError naming one)
-                for path in checkpoint_folders(checkpoint_dir):
-                    remove_checkpoint_folder(path)
-        accelerator.wait_for_everyone()
+            try:
+                if resume:
+                    recover_checkpoint(checkpoint_dir)  # an interrupted save's complete copy takes the final name
+                else:  # start again: only a checkpoint's own files are removed (else a ValueError naming one)
+                    for path in checkpoint_folders(checkpoint_dir):
+                        remove_checkpoint_folder(path)
+            except ValueError as exc:
+                problem = str(exc)
+        if world > 1:  # every process stops alike (none waits for rank 0 at the first save)
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise ValueError(problem)
         return _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, autocast_dtype, signature,
                     was_training, grad_flags, steps=steps, batch_size=batch_size, max_length=max_length,
                     learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
