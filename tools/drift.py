@@ -235,8 +235,9 @@ def write_lock(text: str, path: str = CONSTRAINTS) -> None:
     ]
     names = {canonical(line.split("==")[0]): line.split("==")[0] for line in text.splitlines() if "==" in line}
     lines += [f"{names[name]}=={pins[name]}" for name in sorted(pins)]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    from sbpet.core.files import write_text
+
+    write_text(path, "\n".join(lines) + "\n")  # atomic: a crash leaves the old file whole
 
 
 def main(argv=None) -> int:
@@ -269,8 +270,9 @@ def main(argv=None) -> int:
                 text += "\nlock: constraints.txt left as it is (something broke)"
         print(text, flush=True)
         if args.report:
-            with open(args.report, "w") as f:
-                f.write(text + "\n")
+            from sbpet.core.files import write_text
+
+            write_text(args.report, text + "\n")
         return 1 if args.strict and not all(o.ok for o in outcomes) else 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

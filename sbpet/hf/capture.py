@@ -211,7 +211,7 @@ class BridgeCapture:
 
     def __init__(self, model: nn.Module, regularizer, backend: str | None = None, precision: str | None = None,
                  max_positions: int | None = None):
-        from ..modules.regularizer import BridgeRegularizer
+        from ..modules.regularizer import BridgeRegularizer, check_fits_model
 
         if not isinstance(regularizer, BridgeRegularizer) or regularizer.config.get("kind", "pdf") != "pdf":
             raise TypeError(
@@ -231,6 +231,7 @@ class BridgeCapture:
                 f"the model has {len(self.layers)} layers but the regulariser was built for "
                 f"num_layers={regularizer.num_layers}"
             )
+        check_fits_model(regularizer, self.backbone)  # hidden size and word embeddings (issue 34)
         self._armed = False
         self._handles = [
             self.layers[0].register_forward_pre_hook(self._first_layer_hook, with_kwargs=True)

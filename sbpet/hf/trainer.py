@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -13,6 +14,7 @@ from ..backends.dispatch import check_backend_name
 from .capture import BridgeCapture, align_to_states, num_virtual_tokens
 from ..core.precision import check_precision
 from ..core.validation import shift_labels_left
+from ..modules.regularizer import check_fits_model
 
 __all__ = ["BridgeTrainer", "BRIDGE_LABELS_KEY", "REGULARIZER_DIR"]
 
@@ -85,8 +87,8 @@ class BridgeTrainer(Trainer):
             capture = "hooks" if getattr(bridge, "config", {}).get("kind", "pdf") == "pdf" else "hidden_states"
         if capture not in ("hooks", "hidden_states"):
             raise ValueError(f"capture must be 'hooks' or 'hidden_states', got {capture!r}")
-        if float(bridge_weight) < 0:
-            raise ValueError(f"bridge_weight must be >= 0, got {bridge_weight}")
+        if not float(bridge_weight) >= 0 or not math.isfinite(float(bridge_weight)):  # NaN fails the first test
+            raise ValueError(f"bridge_weight must be a finite number >= 0, got {bridge_weight}")
         if self.args.n_gpu > 1:
             raise ValueError(
                 "BridgeTrainer does not support torch.nn.DataParallel (n_gpu > 1): launch with "
@@ -108,8 +110,10 @@ class BridgeTrainer(Trainer):
             bridge.to(self.args.device)
             bridge.requires_grad_(False)
             bridge.eval()
-            if capture == "hooks":
+            if capture == "hooks":  # BridgeCapture checks the regulariser against the model
                 self._bridge_capture = BridgeCapture(self.model, bridge, backend, precision)
+            else:
+                check_fits_model(bridge, self.model)
         self._bridge_sums = None
         self._bridge_last_logged = 0
         self._loss_kwargs_checked = False
