@@ -18,6 +18,7 @@ from .capture import (
     find_backbone_and_layers,
     masked_lm_bridge_labels,
     num_virtual_tokens,
+    packing_arguments,
 )
 
 # name -> submodule, imported on first attribute access.
@@ -52,5 +53,6 @@ __all__ = [
     "find_backbone_and_layers",
     "masked_lm_bridge_labels",
     "num_virtual_tokens",
+    "packing_arguments",
     *_LAZY,
 ]

@@ -10,7 +10,7 @@ from transformers import Trainer
 
 from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
-from .capture import BridgeCapture, align_to_states, num_virtual_tokens
+from .capture import PACKING_KEYS, BridgeCapture, align_to_states, num_virtual_tokens, packing_arguments
 from ..core.precision import check_precision
 from ..core.validation import shift_labels_left
 
@@ -120,7 +120,7 @@ class BridgeTrainer(Trainer):
         """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels and the
         attention mask: the regulariser finds its positions there (no device read) and hands them
         over in one non-blocking copy (:mod:`sbpet.core.positions`)."""
-        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask")
+        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask", *PACKING_KEYS)
                 if isinstance(inputs.get(key), torch.Tensor) and inputs[key].device.type == "cpu"}
         prepared = super()._prepare_inputs(inputs)
         self._host_inputs = host
@@ -220,9 +220,10 @@ class BridgeTrainer(Trainer):
         from_key = BRIDGE_LABELS_KEY if bridge_labels is not None else "labels"
         bridge_labels = self._on_host(self._bridge_labels(inputs, bridge_labels), from_key)
         attention_mask = self._on_host(inputs.get("attention_mask"), "attention_mask")
+        packing = packing_arguments({key: self._on_host(inputs.get(key), key) for key in PACKING_KEYS})
         self._host_inputs = {}
         if self._bridge_capture is not None:
-            with self._bridge_capture.armed(bridge_labels, attention_mask):
+            with self._bridge_capture.armed(bridge_labels, attention_mask, **packing):
                 task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             bridge_loss = self._bridge_capture.loss()
         else:
@@ -232,7 +233,7 @@ class BridgeTrainer(Trainer):
                 bridge_labels, attention_mask, num_virtual_tokens(model), self.bridge.ignore_index
             )
             with torch.autocast(task_loss.device.type, enabled=False):
-                bridge_loss = self.bridge(outputs.hidden_states, labels, mask, **self._bridge_options)
+                bridge_loss = self.bridge(outputs.hidden_states, labels, mask, **packing, **self._bridge_options)
         # The Trainer divides a per-batch-mean loss by the accumulation steps itself; when the task
         # loss is already normalised over the accumulated batch, R (a per-batch mean) is scaled here.
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
@@ -266,8 +267,9 @@ class BridgeTrainer(Trainer):
         if self.bridge is None or bridge_labels is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         mask = inputs.get("attention_mask")
+        packing = packing_arguments(inputs)
         if self._bridge_capture is not None:
-            with self._bridge_capture.armed(bridge_labels, mask):
+            with self._bridge_capture.armed(bridge_labels, mask, **packing):
                 result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             with torch.no_grad():
                 bridge_loss = self._bridge_capture.loss()
@@ -289,7 +291,7 @@ class BridgeTrainer(Trainer):
             # labels and mask as the batch holds them (the host, in the Trainer's loop): no device read
             labels, mask = align_to_states(bridge_labels, mask, num_virtual_tokens(model), self.bridge.ignore_index)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                bridge_loss = self.bridge(states[-1], labels, mask, **self._bridge_options)
+                bridge_loss = self.bridge(states[-1], labels, mask, **packing, **self._bridge_options)
         count = self._regularised_count(bridge_labels).to(bridge_loss.device).float()
         sums = torch.stack([bridge_loss.detach().float() * count, count])
         self._eval_bridge_sums = sums if self._eval_bridge_sums is None else self._eval_bridge_sums + sums
