@@ -186,6 +186,30 @@ def sequence_starts(real: torch.Tensor, *, position_ids=None, cu_seq_lens=None, 
     return starts
 
 
+def _merge_padding(starts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``starts`` without sequences of padding alone (flash-attention's ``cu_seq_lens`` and
+    ``seq_idx`` may give a row's padding a sequence of its own): such a run joins the sequence
+    before it (a row's leading one the sequence after it). Padding weighs nothing in a context and
+    the causal shift never pairs it (its labels are ignored), so nothing changes but the count."""
+    batch, seq = starts.shape
+    for _ in range(seq):
+        ordinal = starts.long().cumsum(dim=1) - 1
+        flat = (torch.arange(batch)[:, None] * seq + ordinal).reshape(-1)
+        counts = torch.zeros(batch * seq, dtype=torch.int64).index_add_(0, flat, real.reshape(-1).long())
+        empty = (counts.view(batch, seq).gather(1, ordinal) == 0) & starts  # the start of a padding-only run
+        drop = empty.clone()
+        drop[:, 0] = False
+        leading = empty[:, 0] & (starts[:, 1:].sum(dim=1) > 0)  # [pad ... | seq]: drop the next start instead
+        if bool(leading.any()):
+            nxt = torch.where(starts[:, 1:], torch.arange(1, seq), seq).min(dim=1).values
+            rows = leading.nonzero().flatten()
+            drop[rows, nxt[rows]] = True
+        if not bool(drop.any()):
+            return starts
+        starts = starts & ~drop
+    return starts
+
+
 def find_segments(real: torch.Tensor, device=None, *, position_ids=None, cu_seq_lens=None,
                   seq_idx=None) -> Segments:
     """The :class:`Segments` of a batch whose real tokens are ``real`` (bool [B, S]) on ``device``
@@ -202,7 +226,8 @@ def find_segments(real: torch.Tensor, device=None, *, position_ids=None, cu_seq_
                                                       for t in given):
         return Segments.per_row(batch, seq, device)
     host_real = real.detach().to("cpu")
-    starts = sequence_starts(host_real, position_ids=position_ids, cu_seq_lens=cu_seq_lens, seq_idx=seq_idx)
+    starts = _merge_padding(sequence_starts(host_real, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
+                                            seq_idx=seq_idx), host_real)
     slot = starts.long().cumsum(dim=1) - 1
     slots = int(slot[:, -1].max()) + 1
     index = torch.arange(batch)[:, None] * slots + slot
