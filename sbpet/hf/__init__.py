@@ -19,6 +19,7 @@ from .capture import (
     find_backbone_and_layers,
     masked_lm_bridge_labels,
     num_virtual_tokens,
+    packing_arguments,
 )
 
 # name -> submodule, imported on first attribute access.
@@ -56,5 +57,6 @@ __all__ = [
     "find_backbone_and_layers",
     "masked_lm_bridge_labels",
     "num_virtual_tokens",
+    "packing_arguments",
     *(name for name in _LAZY if name != "BridgeSFTTrainer"),  # needs trl: not in a star import
 ]

@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
-from .capture import BridgeCapture, _unwrap, align_to_states, num_virtual_tokens
+from .capture import PACKING_KEYS, BridgeCapture, _unwrap, align_to_states, num_virtual_tokens, packing_arguments
 from .models import check_shift_labels
 from ..core.precision import check_precision
 from ..core.validation import shift_labels_left
@@ -126,7 +126,7 @@ class BridgeTrainerMixin:
         """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels and the
         attention mask: the regulariser finds its positions there (no device read) and hands them
         over in one non-blocking copy (:mod:`sbpet.core.positions`)."""
-        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask")
+        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask", *PACKING_KEYS)
                 if isinstance(inputs.get(key), torch.Tensor) and inputs[key].device.type == "cpu"}
         prepared = super()._prepare_inputs(inputs)
         self._host_inputs = host
@@ -226,11 +226,12 @@ class BridgeTrainerMixin:
         from_key = BRIDGE_LABELS_KEY if bridge_labels is not None else "labels"
         bridge_labels = self._on_host(self._bridge_labels(inputs, bridge_labels), from_key)
         attention_mask = self._on_host(inputs.get("attention_mask"), "attention_mask")
+        packing = packing_arguments({key: self._on_host(inputs.get(key), key) for key in PACKING_KEYS})
         self._host_inputs = {}
         # The parent runs the forward once; its outputs are asked for only when our caller wants
         # them (TRL's SFTTrainer runs a second, full-logits forward to return them).
         if self._bridge_capture is not None:
-            with self._bridge_capture.armed(bridge_labels, attention_mask):
+            with self._bridge_capture.armed(bridge_labels, attention_mask, **packing):
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             bridge_loss = self._bridge_capture.loss()
         else:
@@ -241,7 +242,7 @@ class BridgeTrainerMixin:
                 bridge_labels, attention_mask, num_virtual_tokens(model), self.bridge.ignore_index
             )
             with torch.autocast(states[0][0].device.type, enabled=False):
-                bridge_loss = self.bridge(states[0], labels, mask, **self._bridge_options)
+                bridge_loss = self.bridge(states[0], labels, mask, **packing, **self._bridge_options)
         task_loss, outputs = result if return_outputs else (result, None)
         # R's share of the optimizer step: its sum over this micro-batch's regularised positions
         # divided by the count of the whole accumulated batch (the Trainer's num_items_in_batch
@@ -318,8 +319,9 @@ class BridgeTrainerMixin:
         if self.bridge is None or bridge_labels is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         mask = inputs.get("attention_mask")
+        packing = packing_arguments(inputs)
         if self._bridge_capture is not None:
-            with self._bridge_capture.armed(bridge_labels, mask):
+            with self._bridge_capture.armed(bridge_labels, mask, **packing):
                 result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             with torch.no_grad():
                 bridge_loss = self._bridge_capture.loss()
@@ -337,7 +339,7 @@ class BridgeTrainerMixin:
             # labels and mask as the batch holds them (the host, in the Trainer's loop): no device read
             labels, mask = align_to_states(bridge_labels, mask, num_virtual_tokens(model), self.bridge.ignore_index)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                bridge_loss = self.bridge(states[0], labels, mask, **self._bridge_options)
+                bridge_loss = self.bridge(states[0], labels, mask, **packing, **self._bridge_options)
         count = self._regularised_count(bridge_labels).to(bridge_loss.device).float()
         sums = torch.stack([bridge_loss.detach().float() * count, count])
         self._eval_bridge_sums = sums if self._eval_bridge_sums is None else self._eval_bridge_sums + sums

@@ -306,9 +306,9 @@ def test_context_kernels_poisoned_outputs(device):
                                            device=device)
     num_states, (batch, seq, hidden) = len(states), states[0].shape
     table = context_kernels.layer_table(states)
-    mask_f, inv_count = context_kernels.mask_weights(mask)
+    sequences = context_kernels.Sequences.per_row(mask)
     poisoned = torch.full((num_states, batch, hidden), float("nan"), device=device)
-    contexts = context_kernels.context_forward(table, num_states, mask_f, inv_count, out=poisoned)
+    contexts = context_kernels.context_forward(table, num_states, sequences, out=poisoned)
     m = mask.double()
     expected = torch.stack([(h.double() * m[..., None]).sum(1) / m.sum(1, keepdim=True) for h in states])
     assert_close(contexts, expected, torch.float32, "contexts")
@@ -317,7 +317,7 @@ def test_context_kernels_poisoned_outputs(device):
     grad_contexts = torch.randn(num_states, batch, hidden, device=device)
     grad_tokens = torch.randn(num_states, batch_index.numel(), hidden, device=device)
     out = torch.full((num_states, batch, seq, hidden), float("nan"), device=device)
-    grads = context_kernels.context_backward(grad_contexts, mask_f, inv_count, batch_index, seq_index,
+    grads = context_kernels.context_backward(grad_contexts, sequences, batch_index, seq_index,
                                              grad_tokens, torch.float32, out=out)
     expected = (m / m.sum(1, keepdim=True))[None, :, :, None] * grad_contexts.double()[:, :, None, :]
     expected[:, batch_index, seq_index] += grad_tokens.double()
