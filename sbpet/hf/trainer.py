@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
@@ -19,15 +20,67 @@ from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
 from .capture import PACKING_KEYS, BridgeCapture, _unwrap, align_to_states, num_virtual_tokens, packing_arguments
 from .models import check_shift_labels
+from ..core.positions import find_segments
 from ..core.precision import check_precision
 from ..core.validation import shift_labels_left
 
-__all__ = ["BridgeTrainer", "BridgeTrainerMixin", "BRIDGE_LABELS_KEY", "REGULARIZER_DIR"]
+__all__ = ["BridgeTrainer", "BridgeTrainerMixin", "BRIDGE_LABELS_KEY", "POSITIONS_KEY", "REGULARIZER_DIR",
+           "regularised_positions"]
 
 BRIDGE_LABELS_KEY = "bridge_labels"
 REGULARIZER_DIR = "sbpet_regularizer"
+#: The key under which the trainers' data collator hands over a batch's regularised positions,
+#: counted where the collator runs (the host), as a Python int; removed before the model's forward.
+POSITIONS_KEY = "sbpet_regularised_positions"
 
 logger = logging.getLogger(__name__)
+
+
+def regularised_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                          ignore_index: int = -100, shift_labels: bool = False, num_virtual: int = 0,
+                          position_ids=None, seq_idx=None, cu_seq_lens=None) -> torch.Tensor:
+    """How many positions R averages over for ``labels`` [B, S], found as the capture finds them:
+    ``num_virtual`` virtual tokens in front, the causal shift with ``shift_labels`` (stopping at
+    the end of every packed sequence that ``position_ids`` / ``seq_idx`` / ``cu_seq_lens`` mark).
+    A 0-dim int64 tensor on ``labels``' device (boundaries on a device are read once: give the
+    host's).
+
+    Example:
+        >>> regularised_positions(torch.tensor([[-100, 5, 6, 7]]), shift_labels=True,
+        ...                       position_ids=torch.tensor([[0, 1, 0, 1]]))
+        tensor(2)
+    """
+    labels, mask = align_to_states(labels.long(), attention_mask, num_virtual, ignore_index)
+    if shift_labels:
+        packing = {k: v for k, v in (("position_ids", position_ids), ("seq_idx", seq_idx),
+                                     ("cu_seq_lens", cu_seq_lens)) if v is not None}
+        segments = find_segments(mask != 0, labels.device, **packing) if packing else None
+        labels = shift_labels_left(labels, ignore_index, segments)
+    return (labels != ignore_index).sum()
+
+
+class _CountingCollator:
+    """The trainer's data collator, adding to each batch (a mapping) the count of its regularised
+    positions (:func:`regularised_positions`) under :data:`POSITIONS_KEY`, taken from the labels
+    it made where it runs, on the host (the Trainer's dataloader moves batches to the device
+    afterwards; a Python int stays). Picklable for DataLoader workers."""
+
+    def __init__(self, collator, ignore_index: int, shift_labels: bool, num_virtual: int):
+        self.collator = collator
+        self.options = dict(ignore_index=ignore_index, shift_labels=shift_labels, num_virtual=num_virtual)
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if isinstance(batch, Mapping):
+            labels = batch.get(BRIDGE_LABELS_KEY)
+            if labels is None and isinstance(batch.get("labels"), torch.Tensor) and batch["labels"].dim() == 2:
+                labels = batch["labels"]
+            mask = batch.get("attention_mask")
+            packing = packing_arguments(batch)
+            on_host = [t for t in (labels, mask, *packing.values()) if isinstance(t, torch.Tensor)]
+            if labels is not None and all(t.device.type == "cpu" for t in on_host):
+                batch[POSITIONS_KEY] = int(regularised_positions(labels, mask, **packing, **self.options))
+        return batch
 
 
 @contextlib.contextmanager
@@ -132,6 +185,20 @@ class BridgeTrainerMixin:
         self._host_inputs = host
         return prepared
 
+    def _get_dataloader(self, *args, **kwargs):
+        """``Trainer._get_dataloader`` with the data collator wrapped to count each batch's
+        regularised positions where it runs, on the host (:data:`POSITIONS_KEY`); ``data_collator``
+        itself stays the one given (TRL checks its type)."""
+        collator = self.data_collator
+        if self.bridge is not None and collator is not None:
+            self.data_collator = _CountingCollator(collator, self.bridge.ignore_index,
+                                                   bool(getattr(self.bridge, "shift_labels", False)),
+                                                   num_virtual_tokens(self.model))
+        try:
+            return super()._get_dataloader(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+
     def _on_host(self, tensor, key: str):
         """The host copy of the batch's ``key`` when ``tensor`` is its device copy, else ``tensor``."""
         host = self._host_inputs.get(key)
@@ -219,6 +286,7 @@ class BridgeTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         bridge_labels = inputs.pop(BRIDGE_LABELS_KEY, None)
+        inputs.pop(POSITIONS_KEY, None)
         if model.training and self.probe_loss_num_items:
             self.check_loss_uses_num_items(model, inputs, num_items_in_batch)
         if self.bridge is None or not model.training:
@@ -263,11 +331,13 @@ class BridgeTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """``Trainer.get_batch_samples`` (the micro-batches of one optimizer step), counting each
-        one's regularised positions from the labels the collator made (on the host: no device
-        read), so that :meth:`compute_loss` takes R's mean over the whole accumulated batch. The
-        count is per process (under DDP each process's R is its own positions' mean, and DDP
-        averages the processes' gradients)."""
+        """``Trainer.get_batch_samples`` (the micro-batches of one optimizer step) and each one's
+        regularised positions, as the trainer's collator counted them on the host
+        (:data:`POSITIONS_KEY`; no device read), so that :meth:`compute_loss` takes R's mean over
+        the whole accumulated batch. Batches from another collator are counted here, from their
+        tensors as they lie (no read when there are no packing boundaries on a device). The count
+        is per process (under DDP each process's R is its own positions' mean, and DDP averages the
+        processes' gradients)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._step_counts = {}
         if self.bridge is not None:
@@ -278,14 +348,16 @@ class BridgeTrainerMixin:
         return batch_samples, num_items_in_batch
 
     def _batch_count(self, batch):
-        """The regularised positions of one collated micro-batch: an int when its labels lie on the
-        host, a 0-dim tensor on their device otherwise (never read), None without labels."""
-        if not isinstance(batch, dict):
+        """The regularised positions of one collated micro-batch: an int when counted on the host,
+        a 0-dim tensor on the labels' device otherwise (never read), None without labels."""
+        if not isinstance(batch, Mapping):
             return None
+        if isinstance(batch.get(POSITIONS_KEY), int):
+            return batch[POSITIONS_KEY]
         labels = self._bridge_labels(batch, batch.get(BRIDGE_LABELS_KEY), required=False)
         if labels is None:
             return None
-        count = self._regularised_count(labels)
+        count = self._regularised_count(labels, batch.get("attention_mask"), packing_arguments(batch))
         return int(count) if count.device.type == "cpu" else count
 
     def training_step(self, model, inputs, *args, **kwargs):
@@ -302,20 +374,20 @@ class BridgeTrainerMixin:
         finally:
             self._step_share = None
 
-    def _regularised_count(self, labels: torch.Tensor) -> torch.Tensor:
-        """How many positions of ``labels`` [B, S] R averages over (virtual tokens and the causal
-        shift applied as in the capture)."""
+    def _regularised_count(self, labels: torch.Tensor, attention_mask=None, packing=None) -> torch.Tensor:
+        """How many positions of ``labels`` [B, S] R averages over (:func:`regularised_positions`
+        with this run's regulariser and model)."""
         reg = self.bridge
-        labels, _ = align_to_states(labels, None, num_virtual_tokens(self.model), reg.ignore_index)
-        if reg.shift_labels:
-            labels = shift_labels_left(labels, reg.ignore_index)
-        return (labels != reg.ignore_index).sum()
+        return regularised_positions(labels, attention_mask, ignore_index=reg.ignore_index,
+                                     shift_labels=bool(getattr(reg, "shift_labels", False)),
+                                     num_virtual=num_virtual_tokens(self.model), **(packing or {}))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """``Trainer.prediction_step`` without ``bridge_labels`` in the model's inputs; with a
         regulariser and regularised positions, R of the batch is added to the evaluation's sums."""
         inputs = dict(inputs)
         bridge_labels = self._bridge_labels(inputs, inputs.pop(BRIDGE_LABELS_KEY, None), required=False)
+        counted = inputs.pop(POSITIONS_KEY, None)
         if self.bridge is None or bridge_labels is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         mask = inputs.get("attention_mask")
@@ -340,7 +412,9 @@ class BridgeTrainerMixin:
             labels, mask = align_to_states(bridge_labels, mask, num_virtual_tokens(model), self.bridge.ignore_index)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 bridge_loss = self.bridge(states[0], labels, mask, **packing, **self._bridge_options)
-        count = self._regularised_count(bridge_labels).to(bridge_loss.device).float()
+        if not isinstance(counted, int):
+            counted = self._regularised_count(bridge_labels, inputs.get("attention_mask"), packing)
+        count = torch.as_tensor(counted).to(bridge_loss.device).float()
         sums = torch.stack([bridge_loss.detach().float() * count, count])
         self._eval_bridge_sums = sums if self._eval_bridge_sums is None else self._eval_bridge_sums + sums
         return result

@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from sbpet.hf import BridgeCapture, causal_lm_bridge_labels  # noqa: E402
+from sbpet.hf import BridgeCapture, causal_lm_bridge_labels, packing_arguments  # noqa: E402
 from sbpet.hf.models import (  # noqa: E402
     SUPPORTED_MODELS,
     ShiftLabelsWarning,
@@ -100,6 +100,16 @@ def _lora_params(model):
     return [p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
 
 
+def packed_row(ids, mask, labels):
+    """The real tokens of each row, one after the other in a single row, with position_ids that
+    restart at 0 for each sequence (as TRL's padding-free collator makes them; no attention mask)."""
+    rows = [r.bool() for r in mask]
+    packed_ids = torch.cat([i[r] for i, r in zip(ids, rows)])[None]
+    packed_labels = torch.cat([lab[r] for lab, r in zip(labels, rows)])[None]
+    position_ids = torch.cat([torch.arange(int(r.sum())) for r in rows])[None]
+    return packed_ids, packed_labels, position_ids
+
+
 def test_every_supported_model_has_a_tiny_config():
     assert sorted(TINY_CONFIGS) == sorted(IDS)
     assert len(set(IDS)) == len(IDS)
@@ -138,6 +148,36 @@ def test_supported_model(entry):
     for p, a, b in zip(params, hooked_grads, whole_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert sum(float(g.abs().sum()) for g in hooked_grads) > 0, "no gradient reached LoRA"
+
+
+@pytest.mark.parametrize("entry", [m for m in SUPPORTED_MODELS if m.causal], ids=[m.model_type for m in SUPPORTED_MODELS
+                                                                                if m.causal])
+def test_decoder_packed_row_equals_padded_batch(entry):
+    """The three sequences of the padded batch packed into one row (position_ids restarting, no
+    attention mask): the model keeps them apart, and so does the capture: the same R and LoRA
+    gradients."""
+    model, base = tiny_lora(entry)
+    reg = tiny_regularizer(base, shift_labels=True)
+    ids, mask, labels = batch_for(entry)
+    packed_ids, packed_labels, position_ids = packed_row(ids, mask, labels)
+    params = _lora_params(model)
+    capture = BridgeCapture(model, reg)
+    try:
+        with capture.armed(labels, mask):
+            model(input_ids=ids, attention_mask=mask)
+        padded = capture.loss()
+        padded_grads = torch.autograd.grad(padded, params)
+        # use_cache=False as in training: transformers finds packed rows only without a cache
+        batch = {"input_ids": packed_ids, "position_ids": position_ids, "use_cache": False}
+        with capture.armed(packed_labels, None, **packing_arguments(batch)):
+            model(**batch)
+        packed = capture.loss()
+        packed_grads = torch.autograd.grad(packed, params)
+    finally:
+        capture.remove()
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=0)
+    for p, a, b in zip(params, packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("entry", [m for m in SUPPORTED_MODELS if m.model_type in ("llama", "bert")],

@@ -323,3 +323,49 @@ def test_trl_is_an_extra_pinned_and_in_the_drift_check():
     assert pins["trl"] == trl.__version__
     assert "trl" in drift.EXTRAS.split(",")
     assert any(os.path.normpath("tests/hf/test_sft.py").startswith(os.path.normpath(path)) for path in drift.SUBSET)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed rows: TRL's padding_free and packing train like padded batches
+
+
+def one_step_layout(tmp_path, tokenizer, layout, capture="hooks"):
+    recorder = GradRecorder()
+    options = {"padding_free": dict(padding_free=True, max_length=None),
+               "packing": dict(packing=True, max_length=64),
+               "padded": {}}[layout]
+    seen = []
+    trainer, _ = sft_trainer(tmp_path, tokenizer, data=prompt_completion(3), completion_only_loss=True,
+                             bridge_weight=4.0, capture=capture, callbacks=[recorder], per_device_train_batch_size=3,
+                             max_steps=1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, **options)
+    compute_loss = trainer.compute_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append({k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    return recorder.grads, next(e for e in trainer.state.log_history if "bridge_loss" in e), seen[0]
+
+
+@pytest.mark.parametrize("layout, capture", [("padding_free", "hooks"), ("packing", "hooks"),
+                                             ("padding_free", "hidden_states")])
+def test_packed_rows_train_like_padded(layout, capture, tmp_path, tokenizer):
+    """The same 3 prompt-completion examples, padded (3 rows) or packed into one row by TRL
+    (padding_free: position_ids / seq_idx / cu_seq_lens, no attention mask; packing with 'bfd'): the
+    same R, task loss and LoRA gradients (fp32), so each sequence has its own context and the
+    causal shift never pairs a state with the next sequence's token."""
+    padded, padded_log, padded_batch = one_step_layout(tmp_path / "a", tokenizer, "padded", capture)
+    packed, packed_log, packed_batch = one_step_layout(tmp_path / "b", tokenizer, layout, capture)
+    assert padded_batch["input_ids"].shape[0] == 3 and packed_batch["input_ids"].shape[0] == 1
+    assert "attention_mask" not in packed_batch and "position_ids" in packed_batch
+    assert int((packed_batch["position_ids"] == 0).sum()) == 3  # three sequences in the row
+    assert packed_log["bridge_loss"] == pytest.approx(padded_log["bridge_loss"], rel=1e-6)
+    assert packed_log["task_loss"] == pytest.approx(padded_log["task_loss"], rel=1e-6)
+    assert padded.keys() == packed.keys() and len(padded) == 8
+    for name in padded:  # float rounding only: 1e-5 of each tensor's largest entry
+        scale = float(padded[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"{name}: {m}")
