@@ -1,8 +1,8 @@
 """BridgeSFTTrainer (TRL's SFTTrainer with the regulariser) on a tiny random Llama with LoRA:
 R over every completion token (TRL's labels, shifted), one model forward per training step and no
-FutureWarning, gradient accumulation exact with unequal numbers of regularised positions (also
-for BridgeTrainer), eval R, the regulariser in checkpoints, the shift check, the ImportError
-without trl, and the packaging (extra, pins, drift)."""
+FutureWarning, gradient accumulation exact with unequal numbers of regularised positions, TRL's
+padding_free and packing rows = padded batches, eval R, the regulariser in checkpoints, the shift
+check, the ImportError without trl, and the packaging (extra, pins, drift)."""
 
 import os
 import re
@@ -12,52 +12,29 @@ import warnings
 import pytest
 import torch
 
-from hf_helpers import VOCAB, tiny_tokenizer
+from hf_helpers import (
+    grad_recorder,
+    in_order,
+    llama_lora_config,
+    llama_regularizer,
+    spread_lora_b,
+    tiny_llama,
+    tiny_tokenizer,
+    unequal_examples,
+)
 
 pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
-import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 import sbpet  # noqa: E402
-from sbpet.hf import BridgeTrainer, find_backbone_and_layers  # noqa: E402
+from sbpet.hf import find_backbone_and_layers  # noqa: E402
 from sbpet.hf.models import ShiftLabelsWarning  # noqa: E402
 from sbpet.hf.sft import BridgeSFTTrainer  # noqa: E402
 from sbpet.hf.trainer import REGULARIZER_DIR  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=40, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-    )
-    config._attn_implementation = "sdpa"
-    return transformers.LlamaForCausalLM(config)
-
-
-def regularizer_for(model, shift_labels=True):
-    return sbpet.BridgeRegularizer(32, 2, dims=(24, 6), word_embeddings=model.get_input_embeddings().weight,
-                                   shift_labels=shift_labels, backend="torch")
-
-
-def lora_config():
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS)
-
-
-def spread_lora_b(model):
-    """LoRA's B starts at zero; a random one makes the LoRA gradients depend on everything."""
-    gen = torch.Generator().manual_seed(11)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
 def prompt_completion(n=6):
@@ -88,11 +65,11 @@ def tokenizer(tmp_path_factory):
 
 def sft_trainer(tmp_path, tokenizer, data=None, shift_labels=True, **kw):
     model = tiny_llama()
-    reg = regularizer_for(model, shift_labels)
+    reg = llama_regularizer(model, shift_labels)
     options = {k: kw.pop(k) for k in ("capture", "bridge_weight", "callbacks", "eval_dataset") if k in kw}
     options.setdefault("bridge_weight", 0.5)
     trainer = BridgeSFTTrainer(model=model, args=sft_args(tmp_path, **kw), train_dataset=data or prompt_completion(),
-                               processing_class=tokenizer, peft_config=lora_config(), bridge=reg, **options)
+                               processing_class=tokenizer, peft_config=llama_lora_config(), bridge=reg, **options)
     spread_lora_b(trainer.model)
     return trainer, reg
 
@@ -198,32 +175,8 @@ def test_sft_says_a_missing_shift(tmp_path, tokenizer):
 # Gradient accumulation with unequal numbers of regularised positions
 
 
-def unequal_examples():
-    """Two sequences, 40 and 36 tokens: the first trains on its last 3 tokens, the second on 32
-    (after the causal shift: 3 and 32 regularised positions)."""
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(5, VOCAB, (2, 40), generator=gen)
-    return [(ids[0].tolist(), [0] * 37 + [1] * 3), (ids[1, :36].tolist(), [0] * 4 + [1] * 32)]
-
-
-class GradRecorder(TrainerCallback):
-    def __init__(self):
-        self.grads = {}
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        for name, p in model.named_parameters():
-            if p.requires_grad and p.grad is not None:
-                self.grads[name] = p.grad.detach().clone()
-
-
-def in_order(trainer):
-    """Train on the examples in their order (the accumulated micro-batches are 3, then 32)."""
-    trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    return trainer
-
-
 def one_step_sft(tmp_path, tokenizer, batch_size, accumulation):
-    recorder = GradRecorder()
+    recorder = grad_recorder()
     data = Dataset.from_dict({"input_ids": [e[0] for e in unequal_examples()],
                               "completion_mask": [e[1] for e in unequal_examples()]})
     trainer, _ = sft_trainer(tmp_path, tokenizer, data=data, completion_only_loss=True, bridge_weight=4.0,
@@ -234,61 +187,18 @@ def one_step_sft(tmp_path, tokenizer, batch_size, accumulation):
     return recorder.grads, next(e for e in trainer.state.log_history if "bridge_loss" in e)
 
 
-def one_step_bridge_trainer(tmp_path, batch_size, accumulation):
-    recorder = GradRecorder()
-    model = get_peft_model(tiny_llama(), lora_config())
-    spread_lora_b(model)
-    reg = regularizer_for(model.get_base_model())
-    data = []
-    for ids, completion in unequal_examples():  # right-padded to 40
-        pad = [0] * (40 - len(ids))
-        ids, completion = torch.tensor(ids + pad), torch.tensor(completion + pad)
-        data.append({"input_ids": ids, "attention_mask": (torch.arange(40) < 40 - len(pad)).long(),
-                     "labels": torch.where(completion.bool(), ids, -100)})
-    args = transformers.TrainingArguments(
-        str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-        max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
-    trainer = BridgeTrainer(model=model, args=args, train_dataset=data, data_collator=collate, bridge=reg,
-                            bridge_weight=4.0, callbacks=[recorder])
-    in_order(trainer).train()
-    return recorder.grads, next(e for e in trainer.state.log_history if "bridge_loss" in e)
-
-
-@pytest.mark.parametrize("trainer_class", ["BridgeTrainer", "BridgeSFTTrainer"])
-def test_gradient_accumulation_with_unequal_counts(trainer_class, tmp_path, tokenizer):
+def test_gradient_accumulation_with_unequal_counts(tmp_path, tokenizer):
     """Micro-batches of 3 and 32 regularised positions at GA 2 accumulate the gradient of one batch
     of both (R's mean over all 35 positions, not the mean of the two micro-batches' means), and log
-    that batch's R."""
-    if trainer_class == "BridgeTrainer":
-        whole, whole_log = one_step_bridge_trainer(tmp_path / "a", 2, 1)
-        accumulated, acc_log = one_step_bridge_trainer(tmp_path / "b", 1, 2)
-    else:
-        whole, whole_log = one_step_sft(tmp_path / "a", tokenizer, 2, 1)
-        accumulated, acc_log = one_step_sft(tmp_path / "b", tokenizer, 1, 2)
+    that batch's R (BridgeTrainer's: tests/hf/test_trainer.py)."""
+    whole, whole_log = one_step_sft(tmp_path / "a", tokenizer, 2, 1)
+    accumulated, acc_log = one_step_sft(tmp_path / "b", tokenizer, 1, 2)
     assert whole.keys() == accumulated.keys() and len(whole) == 8  # q and v, A and B, 2 layers
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7,
                                    msg=lambda m: f"{name}: {m}")
     assert acc_log["bridge_loss"] == pytest.approx(whole_log["bridge_loss"], rel=1e-5)
     assert acc_log["task_loss"] == pytest.approx(whole_log["task_loss"], rel=1e-5)
-
-
-def test_the_unequal_counts_tell_the_means_apart():
-    """The data above can fail the test: R's mean over the 35 positions differs clearly from the
-    mean of the two micro-batches' means."""
-    model = tiny_llama()
-    reg = regularizer_for(model)
-    per_example = []
-    for ids, completion in unequal_examples():
-        ids = torch.tensor([ids])
-        labels = torch.where(torch.tensor([completion]).bool(), ids, -100)
-        with torch.no_grad():
-            states = model(input_ids=ids, output_hidden_states=True).hidden_states
-        per_example.append(reg(states, labels).item())
-    pooled = (3 * per_example[0] + 32 * per_example[1]) / 35
-    assert abs(pooled - sum(per_example) / 2) > 0.02 * pooled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +240,7 @@ def test_trl_is_an_extra_pinned_and_in_the_drift_check():
 
 
 def one_step_layout(tmp_path, tokenizer, layout, capture="hooks"):
-    recorder = GradRecorder()
+    recorder = grad_recorder()
     options = {"padding_free": dict(padding_free=True, max_length=None),
                "packing": dict(packing=True, max_length=64),
                "padded": {}}[layout]
