@@ -279,3 +279,27 @@ def test_packed_rows_train_like_padded(layout, capture, tmp_path, tokenizer):
         assert scale > 0, name
         torch.testing.assert_close(packed[name], padded[name], rtol=1e-5, atol=1e-5 * scale,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_gradient_accumulation_of_padding_free_rows(tmp_path, tokenizer):
+    """Labels on every token (no completion-only loss), padding_free: three micro-batches of one
+    sequence each (unequal counts) accumulate the gradient of one packed row of all three. (TRL
+    ignores each sequence's first label, so no pair crosses a boundary here; the count's own
+    boundary rule is tested in tests/hf/test_trainer.py.)"""
+    def step(path, batch_size, accumulation):
+        recorder = grad_recorder()
+        trainer, _ = sft_trainer(path, tokenizer, data=prompt_completion(3), completion_only_loss=False,
+                                 padding_free=True, max_length=None, bridge_weight=4.0, callbacks=[recorder],
+                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                 max_steps=1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+                                 shuffle_dataset=False)
+        in_order(trainer).train()
+        return recorder.grads, next(e for e in trainer.state.log_history if "bridge_loss" in e)
+
+    whole, whole_log = step(tmp_path / "a", 3, 1)
+    accumulated, acc_log = step(tmp_path / "b", 1, 3)
+    assert acc_log["bridge_loss"] == pytest.approx(whole_log["bridge_loss"], rel=1e-6)
+    for name in whole:
+        scale = float(whole[name].abs().max())
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"{name}: {m}")
