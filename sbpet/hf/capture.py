@@ -250,7 +250,7 @@ class BridgeCapture:
         if is_prefix_tuned(model):  # peft's prefix tuning on transformers >= 5.24 (see .prefix)
             enable_prefix_tuning(model)
         from .models import check_model
-        check_model(model, regularizer)  # the layers can be found; shift_labels suits the model (sbpet.hf.models)
+        check_model(model, regularizer, find_backbone_and_layers)  # layers found, shift_labels suits the model
         self.backbone, self.layers = find_backbone_and_layers(model)
         self.num_virtual = num_virtual_tokens(model)
         if len(self.layers) != regularizer.num_layers:

@@ -5,12 +5,12 @@ does not fit.
   builds a tiny random model of each: the layers are found, the hooks' R equals R of
   ``output_hidden_states``, gradients reach LoRA, and for the decoders a packed row trains like
   the padded batch). ``docs/llm.md``'s table is written from it (:func:`supported_models_table`).
-- :func:`find_layers` : :func:`~sbpet.hf.capture.find_backbone_and_layers` with an error that
-  says what sbpet looks for when a model has no layer list it can find.
+- :class:`UnsupportedModelError`: a model with no layer list sbpet can find, named with what
+  sbpet looks for.
 - :func:`check_shift_labels`: a causal LM wants a regulariser built with ``shift_labels=True``
   (the state at s predicts token s+1), a masked LM one without; the other way round trains
   silently on the wrong pairs, so it is said (:class:`ShiftLabelsWarning`).
-- :func:`check_model`: both, as :class:`~sbpet.hf.BridgeCapture` and the trainers call them.
+- :func:`check_model`: both, as :class:`~sbpet.hf.BridgeCapture` calls them.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ __all__ = [
     "UnsupportedModelError",
     "check_model",
     "check_shift_labels",
-    "find_layers",
     "language_model_kind",
     "supported_models_table",
+    "task_model",
+    "unsupported_model_error",
 ]
 
 
@@ -102,23 +103,17 @@ class UnsupportedModelError(ValueError):
     """The model holds no layer list that sbpet can hook."""
 
 
-def find_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """:func:`~sbpet.hf.capture.find_backbone_and_layers`, raising :class:`UnsupportedModelError`
-    that names the model's class and what sbpet looks for when there is no layer list."""
-    from .capture import _LAYER_LIST_NAMES, find_backbone_and_layers
-
-    try:
-        return find_backbone_and_layers(model)
-    except ValueError as exc:
-        task = _task_model(model)
-        raise UnsupportedModelError(
-            f"sbpet cannot find the layers of {type(task).__name__}: it looks, in the backbone "
-            f"(model.base_model), for an nn.ModuleList of config.num_hidden_layers blocks (preferably "
-            f"named one of {', '.join(_LAYER_LIST_NAMES)}), whose blocks take and return the hidden "
-            f"states [B, S, H] ({exc}). The tested models are listed in docs/llm.md "
-            "(sbpet.hf.models.SUPPORTED_MODELS); with another model, compute R from "
-            "output_hidden_states (BridgeTrainer(capture='hidden_states'))"
-        ) from exc
+def unsupported_model_error(model: nn.Module, reason: Exception) -> UnsupportedModelError:
+    """The error for a model whose layers sbpet cannot find (``reason``: what the search said),
+    naming its class and what sbpet looks for."""
+    return UnsupportedModelError(
+        f"sbpet cannot find the layers of {type(task_model(model)).__name__}: it looks, in the backbone "
+        "(model.base_model), for an nn.ModuleList of config.num_hidden_layers blocks (preferably named "
+        "layer, layers, h, block or blocks: sbpet.hf.capture.find_backbone_and_layers) whose blocks take and "
+        f"return the hidden states [B, S, H] ({reason}). The tested models are listed in docs/llm.md "
+        "(sbpet.hf.models.SUPPORTED_MODELS); with another model, compute R from output_hidden_states "
+        "(BridgeTrainer(capture='hidden_states'))"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,9 +124,10 @@ class ShiftLabelsWarning(UserWarning):
     """The regulariser's ``shift_labels`` does not suit the model's language-model head."""
 
 
-def _task_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model with its task head: DDP/DataParallel and peft peeled, a user's module
-    searched for the first PreTrainedModel it holds (else ``model`` itself)."""
+def task_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model with its task head (``LlamaForCausalLM``): DDP/DataParallel and peft
+    peeled, a user's module searched for the first PreTrainedModel it holds (else ``model``
+    itself). Its ``base_model`` is the backbone."""
     from transformers import PreTrainedModel
 
     try:
@@ -168,7 +164,7 @@ def language_model_kind(model: nn.Module) -> str | None:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    name = type(_task_model(model)).__name__
+    name = type(task_model(model)).__name__
     causal = name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or name.endswith("ForCausalLM")
     masked = name in MODEL_FOR_MASKED_LM_MAPPING_NAMES.values() or name.endswith("ForMaskedLM")
     if causal == masked:  # neither, or listed as both (XLMWithLMHeadModel): no opinion
@@ -186,7 +182,7 @@ def check_shift_labels(model: nn.Module, regularizer, stacklevel: int = 3) -> bo
     kind = language_model_kind(model)
     if shift is None or kind is None or bool(shift) == (kind == "causal"):
         return True
-    name = type(_task_model(model)).__name__
+    name = type(task_model(model)).__name__
     if kind == "causal":
         message = (
             f"{name} is a causal LM but the regulariser has shift_labels=False: each hidden state is "
@@ -203,9 +199,13 @@ def check_shift_labels(model: nn.Module, regularizer, stacklevel: int = 3) -> bo
     return False
 
 
-def check_model(model: nn.Module, regularizer) -> None:
+def check_model(model: nn.Module, regularizer, find_layers=None) -> None:
     """What :class:`~sbpet.hf.BridgeCapture` and the trainers check of a model and its
-    regulariser: the layers can be found (:func:`find_layers`) and the causal shift suits the
-    model (:func:`check_shift_labels`)."""
-    find_layers(model)
+    regulariser: ``find_layers(model)`` (the capture's layer search) finds the layers, else
+    :class:`UnsupportedModelError`; the causal shift suits the model (:func:`check_shift_labels`)."""
+    if find_layers is not None:
+        try:
+            find_layers(model)
+        except ValueError as exc:
+            raise unsupported_model_error(model, exc) from exc
     check_shift_labels(model, regularizer, stacklevel=4)

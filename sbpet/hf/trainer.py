@@ -8,7 +8,6 @@ in :mod:`sbpet.hf.sft` (:class:`~sbpet.hf.sft.BridgeSFTTrainer`), a user's own t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -18,91 +17,23 @@ from transformers import Trainer
 
 from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
-from .capture import PACKING_KEYS, BridgeCapture, _unwrap, align_to_states, num_virtual_tokens, packing_arguments
+from .batches import (
+    BRIDGE_LABELS_KEY,
+    POSITIONS_KEY,
+    CountingCollator,
+    backbone_states,
+    regularised_positions,
+)
+from .capture import PACKING_KEYS, BridgeCapture, align_to_states, num_virtual_tokens, packing_arguments
 from .models import check_shift_labels
-from ..core.positions import find_segments
 from ..core.precision import check_precision
-from ..core.validation import shift_labels_left
 
 __all__ = ["BridgeTrainer", "BridgeTrainerMixin", "BRIDGE_LABELS_KEY", "POSITIONS_KEY", "REGULARIZER_DIR",
            "regularised_positions"]
 
-BRIDGE_LABELS_KEY = "bridge_labels"
 REGULARIZER_DIR = "sbpet_regularizer"
-#: The key under which the trainers' data collator hands over a batch's regularised positions,
-#: counted where the collator runs (the host), as a Python int; removed before the model's forward.
-POSITIONS_KEY = "sbpet_regularised_positions"
 
 logger = logging.getLogger(__name__)
-
-
-def regularised_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                          ignore_index: int = -100, shift_labels: bool = False, num_virtual: int = 0,
-                          position_ids=None, seq_idx=None, cu_seq_lens=None) -> torch.Tensor:
-    """How many positions R averages over for ``labels`` [B, S], found as the capture finds them:
-    ``num_virtual`` virtual tokens in front, the causal shift with ``shift_labels`` (stopping at
-    the end of every packed sequence that ``position_ids`` / ``seq_idx`` / ``cu_seq_lens`` mark).
-    A 0-dim int64 tensor on ``labels``' device (boundaries on a device are read once: give the
-    host's).
-
-    Example:
-        >>> regularised_positions(torch.tensor([[-100, 5, 6, 7]]), shift_labels=True,
-        ...                       position_ids=torch.tensor([[0, 1, 0, 1]]))
-        tensor(2)
-    """
-    labels, mask = align_to_states(labels.long(), attention_mask, num_virtual, ignore_index)
-    if shift_labels:
-        packing = {k: v for k, v in (("position_ids", position_ids), ("seq_idx", seq_idx),
-                                     ("cu_seq_lens", cu_seq_lens)) if v is not None}
-        segments = find_segments(mask != 0, labels.device, **packing) if packing else None
-        labels = shift_labels_left(labels, ignore_index, segments)
-    return (labels != ignore_index).sum()
-
-
-class _CountingCollator:
-    """The trainer's data collator, adding to each batch (a mapping) the count of its regularised
-    positions (:func:`regularised_positions`) under :data:`POSITIONS_KEY`, taken from the labels
-    it made where it runs, on the host (the Trainer's dataloader moves batches to the device
-    afterwards; a Python int stays). Picklable for DataLoader workers."""
-
-    def __init__(self, collator, ignore_index: int, shift_labels: bool, num_virtual: int):
-        self.collator = collator
-        self.options = dict(ignore_index=ignore_index, shift_labels=shift_labels, num_virtual=num_virtual)
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        if isinstance(batch, Mapping):
-            labels = batch.get(BRIDGE_LABELS_KEY)
-            if labels is None and isinstance(batch.get("labels"), torch.Tensor) and batch["labels"].dim() == 2:
-                labels = batch["labels"]
-            mask = batch.get("attention_mask")
-            packing = packing_arguments(batch)
-            on_host = [t for t in (labels, mask, *packing.values()) if isinstance(t, torch.Tensor)]
-            if labels is not None and all(t.device.type == "cpu" for t in on_host):
-                batch[POSITIONS_KEY] = int(regularised_positions(labels, mask, **packing, **self.options))
-        return batch
-
-
-@contextlib.contextmanager
-def _backbone_states(model):
-    """Record the hidden states the backbone returns (``output_hidden_states=True``) in the list
-    yielded; the first forward's come first. Read from the backbone, not the model's output: a head
-    may not hand them on (TRL's fused LM head returns log-probabilities only)."""
-    states = []
-
-    def hook(module, args, output):
-        found = output.get("hidden_states") if isinstance(output, dict) else getattr(output, "hidden_states", None)
-        if found is None:
-            raise RuntimeError(f"{type(module).__name__} returned no hidden_states with output_hidden_states=True")
-        states.append(found)
-
-    handle = _unwrap(model)[0].register_forward_hook(hook)
-    try:
-        yield states
-    finally:
-        handle.remove()
-    if not states:
-        raise RuntimeError("the model's backbone did not run: no hidden states for the regulariser")
 
 
 class BridgeTrainerMixin:
@@ -191,7 +122,7 @@ class BridgeTrainerMixin:
         itself stays the one given (TRL checks its type)."""
         collator = self.data_collator
         if self.bridge is not None and collator is not None:
-            self.data_collator = _CountingCollator(collator, self.bridge.ignore_index,
+            self.data_collator = CountingCollator(collator, self.bridge.ignore_index,
                                                    bool(getattr(self.bridge, "shift_labels", False)),
                                                    num_virtual_tokens(self.model))
         try:
@@ -304,7 +235,7 @@ class BridgeTrainerMixin:
             bridge_loss = self._bridge_capture.loss()
         else:
             inputs["output_hidden_states"] = True
-            with _backbone_states(model) as states:
+            with backbone_states(model) as states:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels, mask = align_to_states(
                 bridge_labels, attention_mask, num_virtual_tokens(model), self.bridge.ignore_index
@@ -404,7 +335,7 @@ class BridgeTrainerMixin:
                 config = getattr(self.model, "config", None)
                 ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"]))
             ignore_keys = [*ignore_keys, "hidden_states"]
-            with _backbone_states(model) as states:
+            with backbone_states(model) as states:
                 result = super().prediction_step(model, {**inputs, "output_hidden_states": True},
                                                  prediction_loss_only, ignore_keys)
             device = states[0][0].device

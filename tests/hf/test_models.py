@@ -15,13 +15,13 @@ pytest.importorskip("peft")
 import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from sbpet.hf import BridgeCapture, causal_lm_bridge_labels, packing_arguments  # noqa: E402
+from sbpet.hf import BridgeCapture, causal_lm_bridge_labels, find_backbone_and_layers, packing_arguments  # noqa: E402
 from sbpet.hf.models import (  # noqa: E402
     SUPPORTED_MODELS,
     ShiftLabelsWarning,
     UnsupportedModelError,
+    check_model,
     check_shift_labels,
-    find_layers,
     language_model_kind,
     supported_models_table,
 )
@@ -118,7 +118,7 @@ def test_every_supported_model_has_a_tiny_config():
 @pytest.mark.parametrize("entry", SUPPORTED_MODELS, ids=IDS)
 def test_supported_model(entry):
     model, base = tiny_lora(entry)
-    backbone, layers = find_layers(model)
+    backbone, layers = find_backbone_and_layers(model)
     assert backbone.get_submodule(entry.layers) is layers and len(layers) == LAYERS
     assert type(base).__name__ == entry.model_class
     assert language_model_kind(model) == ("causal" if entry.causal else "masked")
@@ -220,9 +220,9 @@ def test_an_unsupported_model_is_named():
 
     config = transformers.LlamaConfig(**TINY_CONFIGS["llama"], vocab_size=VOCAB)
     model = Flat(config)
-    with pytest.raises(UnsupportedModelError, match=r"layers of Flat.*nn.ModuleList of config.num_hidden_layers"):
-        find_layers(model)
     reg = tiny_regularizer(transformers.LlamaModel(config))
+    with pytest.raises(UnsupportedModelError, match=r"layers of Flat.*nn.ModuleList of config.num_hidden_layers"):
+        check_model(model, reg, find_backbone_and_layers)
     with pytest.raises(UnsupportedModelError, match="Flat"):
         BridgeCapture(model, reg)
 
