@@ -50,11 +50,13 @@ class BridgeTrainerMixin:
     :class:`~sbpet.hf.sft.BridgeSFTTrainer` is ``BridgeTrainerMixin`` + ``trl.SFTTrainer``.
 
     Example:
-        >>> from transformers import Seq2SeqTrainer
-        >>> class BridgeSeq2SeqTrainer(BridgeTrainerMixin, Seq2SeqTrainer):
+        >>> class WeightedLossTrainer(Trainer):          # a user's Trainer with its own task loss
+        ...     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ...         ...
+        >>> class BridgeWeightedLossTrainer(BridgeTrainerMixin, WeightedLossTrainer):
         ...     pass
-        >>> trainer = BridgeSeq2SeqTrainer(model=model, args=args, train_dataset=train,
-        ...                                bridge=regularizer, bridge_weight=0.1)
+        >>> trainer = BridgeWeightedLossTrainer(model=model, args=args, train_dataset=train,
+        ...                                     bridge=regularizer, bridge_weight=0.1)
     """
 
     #: Probe on the first training batch whether the model's loss divides by the Trainer's
