@@ -231,3 +231,31 @@ def test_trl_padding_free_collator_packs_like_padding(tmp_path):
     for i, (a, b) in enumerate(zip(got_grads, want_grads)):
         _close(a, b, f"grad of parameter {i}")
     del trl
+
+
+def test_fit_mapping_packing_equals_padding(tmp_path, monkeypatch):
+    """fit_mapping(packing=True) packs each step's texts into one row: the same R per step and the
+    same fitted g as unpacked (the backbone kept apart by the block mask, as flash-attention would
+    from the positions alone); without flash attention it refuses, naming the fix."""
+    from hf_helpers import tiny_texts, tiny_tokenizer
+    from sbpet.hf import fitting
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    texts = tiny_texts(12)
+
+    def fit(packing):
+        model, reg = _llama(4)
+        _separate_packed_sequences(model.model)  # fit_mapping runs the backbone
+        history = sbpet.fit_mapping(model, tokenizer, texts, reg, steps=3, batch_size=4, progress=False,
+                                    log_every=1, packing=packing, max_grad_norm=0.0)
+        return history["loss"], [p.detach().clone() for p in reg.mapping.parameters()]
+
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
+        fit(True)
+    monkeypatch.setattr(fitting, "_check_packing", lambda backbone: None)
+    want, want_g = fit(False)
+    got, got_g = fit(True)
+    for a, b in zip(got, want):
+        assert abs(a - b) <= 1e-6 * abs(b), (got, want)
+    for i, (a, b) in enumerate(zip(got_g, want_g)):
+        _close(a, b, f"fitted g parameter {i}")
