@@ -122,17 +122,19 @@ def flat_states(hidden_states):
 
 def prepare_states(hidden_states, attention_mask, weights, mean_coef, variance, segments):
     """(kernel 1's layer table, kernel 2's flat table, kernel 1's sequences, float32 mean_coef and
-    1 / variance on the device, contiguous weights); ``segments`` = :func:`segment_tensors`."""
+    1 / variance on the device, contiguous weights, the layers the tables point into: keep them
+    alive while the kernels run, a copy of :func:`flat_states` among them); ``segments`` =
+    :func:`segment_tensors`."""
     from ..kernels import context
 
     device = hidden_states[0].device
+    table = context.layer_table(hidden_states)  # kernel 1 reads every layer in place, any strides
     states = flat_states(hidden_states)
-    table = context.layer_table(states)
     flat = context.flat_table(states)
     sequences = kernel_sequences(attention_mask, *segments)
     mean_coef_d, inv_var = device_marginals(mean_coef, variance, device)
     weights = [w.contiguous() for w in weights]
-    return table, flat, sequences, mean_coef_d, inv_var, weights
+    return table, flat, sequences, mean_coef_d, inv_var, weights, states
 
 
 def context_half(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:
