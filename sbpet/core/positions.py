@@ -225,6 +225,11 @@ def find_segments(real: torch.Tensor, device=None, *, position_ids=None, cu_seq_
     if not given or real.device.type == "meta" or any(getattr(t, "device", None) == torch.device("meta")
                                                       for t in given):
         return Segments.per_row(batch, seq, device)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise NotImplementedError(
+            "packed rows (position_ids, seq_idx, cu_seq_lens) inside a CUDA-graph capture: their sequences are "
+            "found on the host for each batch and fix the number of contexts, so a replay would keep the captured "
+            "ones; capture unpacked batches at a fixed capacity (max_positions), or run packed batches eagerly")
     host_real = real.detach().to("cpu")
     starts = _merge_padding(sequence_starts(host_real, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
                                             seq_idx=seq_idx), host_real)
