@@ -95,11 +95,12 @@ def kernel_sequences(attention_mask, segment_index, segment_start, segment_end, 
     of each sequence (an empty slot's count is taken as 1: no position refers to it)."""
     from ..kernels import context
 
-    mask = (attention_mask != 0).to(torch.float32).contiguous()
-    counts = torch.zeros(segment_start.shape[0], dtype=torch.float32, device=mask.device)
-    counts.index_add_(0, segment_index.reshape(-1), mask.reshape(-1))
-    return context.Sequences(mask, 1.0 / counts.clamp(min=1), segment_index.contiguous(), segment_start.contiguous(),
-                             segment_end.contiguous(), slots)
+    from ..core.positions import Segments
+
+    real = attention_mask != 0
+    counts = Segments(segment_index, segment_start, segment_end, slots).counts(real)
+    return context.Sequences(real.to(torch.float32).contiguous(), 1.0 / counts.clamp(min=1).to(torch.float32),
+                             segment_index.contiguous(), segment_start.contiguous(), segment_end.contiguous(), slots)
 
 
 def segment_tensors(segments, attention_mask):

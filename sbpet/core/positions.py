@@ -116,12 +116,17 @@ class Segments:
         return Segments(flat[:cells].view(self.index.shape), flat[cells: cells + self.num_contexts],
                         flat[cells + self.num_contexts:], self.slots)
 
+    def counts(self, real: torch.Tensor) -> torch.Tensor:
+        """int64 [G]: each sequence's count of real tokens (``real`` bool [B, S]; 0 for an empty
+        slot), from the rows' running counts: no scatter, no atomics, the same on every run."""
+        running = torch.nn.functional.pad(real.long().cumsum(dim=1), (1, 0))  # [B, S + 1]
+        row = self.row
+        return running[row, self.end] - running[row, self.start]
+
     def context_weights(self, real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``dtype`` [B, S]: ``real`` / (its sequence's count of real tokens), the weights of SPEC
         step 1's mean (every sequence has a real token: validated)."""
-        counts = torch.zeros(self.num_contexts, dtype=dtype, device=real.device)
-        counts.index_add_(0, self.index.reshape(-1), real.reshape(-1).to(dtype))
-        return real.to(dtype) / counts.clamp(min=1)[self.index]
+        return real.to(dtype) / self.counts(real).clamp(min=1).to(dtype)[self.index]
 
 
 def _host(tensor: torch.Tensor, name: str) -> torch.Tensor:
