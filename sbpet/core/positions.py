@@ -215,15 +215,18 @@ def _merge_padding(starts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def find_segments(real: torch.Tensor, device=None, *, position_ids=None, cu_seq_lens=None,
-                  seq_idx=None) -> Segments:
-    """The :class:`Segments` of a batch whose real tokens are ``real`` (bool [B, S]) on ``device``
-    (default: ``real``'s): one per row when no boundary is given (built on the device, no host
-    work), else from the boundaries (:func:`sequence_starts`; found on the host and handed over in
-    one non-blocking copy). A boundary that lies on a device is read once (one host sync: hand the
-    collator's host copy over instead, as :class:`sbpet.hf.BridgeTrainer` does); on the ``meta``
-    device nothing is read and every row is one sequence. Raises ValueError naming the argument
-    when a sequence has no real token."""
+def find_segments(real: torch.Tensor | None, device=None, *, position_ids=None, cu_seq_lens=None,
+                  seq_idx=None, shape: tuple[int, int] | None = None) -> Segments:
+    """The :class:`Segments` of a batch whose real tokens are ``real`` (bool [B, S]; None: every
+    token of a ``shape`` [B, S] batch, as padding-free batches come) on ``device`` (default:
+    ``real``'s): one per row when no boundary is given (built on the device, no host work), else
+    from the boundaries (:func:`sequence_starts`; found on the host and handed over in one
+    non-blocking copy). A boundary or mask that lies on a device is read once (one host sync: hand
+    the collator's host copies over instead, as :class:`sbpet.hf.BridgeTrainer` does); on the
+    ``meta`` device nothing is read and every row is one sequence. Raises ValueError naming the
+    argument when a sequence has no real token."""
+    if real is None:
+        real = torch.ones(shape, dtype=torch.bool)
     batch, seq = real.shape
     device = real.device if device is None else torch.device(device)
     given = [t for t in (position_ids, cu_seq_lens, seq_idx) if t is not None]
