@@ -409,13 +409,22 @@ def test_custom_op_schema(strategy):
         args = tuple([a.cuda() for a in x] if isinstance(x, list) else x.cuda() for x in args)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     num_valid = torch.tensor(batch_index.shape[0] - 1, device=tail.device)  # a fixed capacity's count
+    # One sequence per row, and the row packed as two sequences (position ids restarting at 2).
+    from sbpet.core.positions import Segments, find_segments
+
+    per_row = Segments.per_row(1, 5, tail.device)
+    packed = find_segments(torch.ones(1, 5, dtype=torch.bool), tail.device,
+                           position_ids=torch.tensor([[0, 1, 0, 1, 2]]))
+    layouts = [(s.index, s.start, s.end, s.slots) for s in (per_row, packed)]
     for count in (None, num_valid):
-        torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32", strategy, count),
-                              test_utils=checks)
+        for layout in layouts:
+            torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default,
+                                  (*args, "fp32", strategy, count, *layout), test_utils=checks)
     # The parts interface's two ops: per-layer capture (kernel 1) and the loss from parts (kernel 2).
     states, mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance = args
-    torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index),
-                          test_utils=checks)
+    for layout in layouts:
+        torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index,
+                                                                        *layout), test_utils=checks)
     contexts = torch.randn(len(states), *states[0].shape[::2], device=tail.device, requires_grad=True)
     tokens = [h.detach()[batch_index, seq_index].requires_grad_(True) for h in states]
     torch.library.opcheck(torch.ops.sbpet.triton_parts_forward.default,
