@@ -33,7 +33,7 @@ def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, pre
     flags = _grad_flags(mapping, tail, *states)
     key = (
         states[0].dtype, precision, len(states), hidden, tuple(mapping.dims),
-        *dispatch.shape_key(batch, seq, inputs.targets.numel()), flags,
+        *dispatch.shape_key(batch, seq, inputs.targets.numel()), flags, inputs.segments is not None,
     )
 
     args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,

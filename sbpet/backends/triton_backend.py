@@ -54,7 +54,7 @@ def _bridge_forward(
     num_states = len(hidden_states)
     num_rows = batch_index.shape[0]
     segments = (segment_index, segment_start, segment_end, slots)
-    table, flat, sequences, mean_coef_d, inv_var, weights = prepare_states(
+    table, flat, sequences, mean_coef_d, inv_var, weights, _states = prepare_states(
         hidden_states, attention_mask, weights, mean_coef, variance, segments
     )
     contexts = context_kernels.context_forward(table, num_states, sequences)
@@ -122,7 +122,7 @@ def _bridge_backward(
         grad_states = torch.zeros((num_states, batch, seq, hidden), dtype=dtype, device=device)
         return grad_states, *zero_parameter_grads(weights, biases, tail, train_mapping, train_tail)
     segments = (segment_index, segment_start, segment_end, slots)
-    _, flat, sequences, mean_coef_d, inv_var, weights = prepare_states(
+    _, flat, sequences, mean_coef_d, inv_var, weights, _states = prepare_states(
         hidden_states, attention_mask, weights, mean_coef, variance, segments
     )
     context_index, flat_index = _kernel2_rows(batch_index, seq_index, segment_index)

@@ -95,11 +95,12 @@ def kernel_sequences(attention_mask, segment_index, segment_start, segment_end, 
     of each sequence (an empty slot's count is taken as 1: no position refers to it)."""
     from ..kernels import context
 
-    mask = (attention_mask != 0).to(torch.float32).contiguous()
-    counts = torch.zeros(segment_start.shape[0], dtype=torch.float32, device=mask.device)
-    counts.index_add_(0, segment_index.reshape(-1), mask.reshape(-1))
-    return context.Sequences(mask, 1.0 / counts.clamp(min=1), segment_index.contiguous(), segment_start.contiguous(),
-                             segment_end.contiguous(), slots)
+    from ..core.positions import Segments
+
+    real = attention_mask != 0
+    counts = Segments(segment_index, segment_start, segment_end, slots).counts(real)
+    return context.Sequences(real.to(torch.float32).contiguous(), 1.0 / counts.clamp(min=1).to(torch.float32),
+                             segment_index.contiguous(), segment_start.contiguous(), segment_end.contiguous(), slots)
 
 
 def segment_tensors(segments, attention_mask):
@@ -122,17 +123,19 @@ def flat_states(hidden_states):
 
 def prepare_states(hidden_states, attention_mask, weights, mean_coef, variance, segments):
     """(kernel 1's layer table, kernel 2's flat table, kernel 1's sequences, float32 mean_coef and
-    1 / variance on the device, contiguous weights); ``segments`` = :func:`segment_tensors`."""
+    1 / variance on the device, contiguous weights, the layers the tables point into: keep them
+    alive while the kernels run, a copy of :func:`flat_states` among them); ``segments`` =
+    :func:`segment_tensors`."""
     from ..kernels import context
 
     device = hidden_states[0].device
+    table = context.layer_table(hidden_states)  # kernel 1 reads every layer in place, any strides
     states = flat_states(hidden_states)
-    table = context.layer_table(states)
     flat = context.flat_table(states)
     sequences = kernel_sequences(attention_mask, *segments)
     mean_coef_d, inv_var = device_marginals(mean_coef, variance, device)
     weights = [w.contiguous() for w in weights]
-    return table, flat, sequences, mean_coef_d, inv_var, weights
+    return table, flat, sequences, mean_coef_d, inv_var, weights, states
 
 
 def context_half(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:

@@ -116,12 +116,17 @@ class Segments:
         return Segments(flat[:cells].view(self.index.shape), flat[cells: cells + self.num_contexts],
                         flat[cells + self.num_contexts:], self.slots)
 
+    def counts(self, real: torch.Tensor) -> torch.Tensor:
+        """int64 [G]: each sequence's count of real tokens (``real`` bool [B, S]; 0 for an empty
+        slot), from the rows' running counts: no scatter, no atomics, the same on every run."""
+        running = torch.nn.functional.pad(real.long().cumsum(dim=1), (1, 0))  # [B, S + 1]
+        row = self.row
+        return running[row, self.end] - running[row, self.start]
+
     def context_weights(self, real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``dtype`` [B, S]: ``real`` / (its sequence's count of real tokens), the weights of SPEC
         step 1's mean (every sequence has a real token: validated)."""
-        counts = torch.zeros(self.num_contexts, dtype=dtype, device=real.device)
-        counts.index_add_(0, self.index.reshape(-1), real.reshape(-1).to(dtype))
-        return real.to(dtype) / counts.clamp(min=1)[self.index]
+        return real.to(dtype) / self.counts(real).clamp(min=1).to(dtype)[self.index]
 
 
 def _host(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -210,21 +215,29 @@ def _merge_padding(starts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def find_segments(real: torch.Tensor, device=None, *, position_ids=None, cu_seq_lens=None,
-                  seq_idx=None) -> Segments:
-    """The :class:`Segments` of a batch whose real tokens are ``real`` (bool [B, S]) on ``device``
-    (default: ``real``'s): one per row when no boundary is given (built on the device, no host
-    work), else from the boundaries (:func:`sequence_starts`; found on the host and handed over in
-    one non-blocking copy). A boundary that lies on a device is read once (one host sync: hand the
-    collator's host copy over instead, as :class:`sbpet.hf.BridgeTrainer` does); on the ``meta``
-    device nothing is read and every row is one sequence. Raises ValueError naming the argument
-    when a sequence has no real token."""
+def find_segments(real: torch.Tensor | None, device=None, *, position_ids=None, cu_seq_lens=None,
+                  seq_idx=None, shape: tuple[int, int] | None = None) -> Segments:
+    """The :class:`Segments` of a batch whose real tokens are ``real`` (bool [B, S]; None: every
+    token of a ``shape`` [B, S] batch, as padding-free batches come) on ``device`` (default:
+    ``real``'s): one per row when no boundary is given (built on the device, no host work), else
+    from the boundaries (:func:`sequence_starts`; found on the host and handed over in one
+    non-blocking copy). A boundary or mask that lies on a device is read once (one host sync: hand
+    the collator's host copies over instead, as :class:`sbpet.hf.BridgeTrainer` does); on the
+    ``meta`` device nothing is read and every row is one sequence. Raises ValueError naming the
+    argument when a sequence has no real token."""
+    if real is None:
+        real = torch.ones(shape, dtype=torch.bool)
     batch, seq = real.shape
     device = real.device if device is None else torch.device(device)
     given = [t for t in (position_ids, cu_seq_lens, seq_idx) if t is not None]
     if not given or real.device.type == "meta" or any(getattr(t, "device", None) == torch.device("meta")
                                                       for t in given):
         return Segments.per_row(batch, seq, device)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise NotImplementedError(
+            "packed rows (position_ids, seq_idx, cu_seq_lens) inside a CUDA-graph capture: their sequences are "
+            "found on the host for each batch and fix the number of contexts, so a replay would keep the captured "
+            "ones; capture unpacked batches at a fixed capacity (max_positions), or run packed batches eagerly")
     host_real = real.detach().to("cpu")
     starts = _merge_padding(sequence_starts(host_real, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
                                             seq_idx=seq_idx), host_real)

@@ -184,6 +184,7 @@ def validate_inputs(
     if labels.device not in (device, torch.device("cpu")):
         raise ValueError(f"labels is on {labels.device} but hidden_states are on {device} (the CPU also works)")
 
+    given_mask = attention_mask is not None
     if attention_mask is None:
         attention_mask = torch.ones(batch, seq, dtype=torch.long, device=labels.device)
     elif not isinstance(attention_mask, torch.Tensor):
@@ -200,8 +201,9 @@ def validate_inputs(
     labels = labels.long()
     real = attention_mask != 0  # boolean from here on: every real token weighs the same
     packed = any(t is not None for t in (position_ids, cu_seq_lens, seq_idx))
-    segments = find_segments(real, real.device, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
-                             seq_idx=seq_idx) if packed else None
+    # no mask (padding-free batches): nothing to read back for the sequences
+    segments = find_segments(real if given_mask else None, real.device, position_ids=position_ids,
+                             cu_seq_lens=cu_seq_lens, seq_idx=seq_idx, shape=(batch, seq)) if packed else None
     if shift_labels:
         labels = shift_labels_left(labels, ignore_index, segments)
     state_mode = checks.check_mode(route, device)

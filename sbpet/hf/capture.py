@@ -303,6 +303,7 @@ class BridgeCapture:
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        given_mask = attention_mask is not None
         if attention_mask is None:
             attention_mask = torch.ones_like(labels)
         if attention_mask.shape != labels.shape:
@@ -322,7 +323,9 @@ class BridgeCapture:
             labels.long(), attention_mask, self.num_virtual, reg.ignore_index
         )
         real = attention_mask != 0  # boolean: any nonzero value is a real token, all weigh the same
-        segments = find_segments(real, real.device, **packing) if packing else None
+        # no mask (padding-free batches): nothing to read back for the sequences
+        segments = find_segments(real if given_mask else None, real.device, shape=tuple(real.shape),
+                                 **packing) if packing else None
         if reg.shift_labels:
             labels = shift_labels_left(labels, reg.ignore_index, segments)
         device = self._states_device(labels.device)
