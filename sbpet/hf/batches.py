@@ -43,7 +43,9 @@ def regularised_positions(labels: torch.Tensor, attention_mask: torch.Tensor | N
     if shift_labels:
         packing = {k: v for k, v in (("position_ids", position_ids), ("seq_idx", seq_idx),
                                      ("cu_seq_lens", cu_seq_lens)) if v is not None}
-        segments = find_segments(mask != 0, labels.device, **packing) if packing else None
+        # no mask (padding-free batches): every token real, nothing to read
+        real = None if attention_mask is None else mask != 0
+        segments = find_segments(real, labels.device, shape=tuple(labels.shape), **packing) if packing else None
         labels = shift_labels_left(labels, ignore_index, segments)
     return (labels != ignore_index).sum()
 
