@@ -33,9 +33,9 @@ class BridgeSFTTrainer(BridgeTrainerMixin, SFTTrainer):
 
     Regularised positions: every token TRL trains on, i.e. the ``labels`` its collator builds
     (-100 on padding, and on the prompt with ``completion_only_loss`` / ``assistant_only_loss``),
-    each state paired with the next token by the regulariser's causal shift. A dataset column
-    ``bridge_labels`` [S] (kept through TRL's column removal), if the collator passes it on,
-    overrides them.
+    each state paired with the next token by the regulariser's causal shift. A ``data_collator``
+    of your own that adds ``bridge_labels`` [B, S] to the batch overrides them (TRL's collators
+    build ``labels`` only).
 
     What TRL does stays TRL's: the completion-only loss, ``padding_free``, ``packing``,
     ``peft_config`` (the model is wrapped before the capture's hooks are placed), its metrics. One
