@@ -164,9 +164,11 @@ def sequence_starts(real: torch.Tensor, *, position_ids=None, cu_seq_lens=None, 
                 f"non-decreasing, at most B * S = {batch * seq} last; got {cu.tolist()[:8]}")
         flat = starts.view(-1)
         flat[cu[:-1][cu[:-1] < batch * seq]] = True
-        crossing = [b for b in range(1, batch) if b * seq < int(cu[-1]) and not bool(flat[b * seq])]
-        if crossing:
-            raise ValueError(f"cu_seq_lens: a sequence crosses from row {crossing[0] - 1} into row {crossing[0]}; "
+        row_starts = torch.arange(1, batch) * seq
+        crossing = ((row_starts < cu[-1]) & ~flat[row_starts]).nonzero().flatten() + 1  # on the host
+        if crossing.numel():
+            first = int(crossing[0])
+            raise ValueError(f"cu_seq_lens: a sequence crosses from row {first - 1} into row {first}; "
                              "packed sequences must lie within one row")
     elif seq_idx is not None:
         ids = _host(seq_idx, "seq_idx")
