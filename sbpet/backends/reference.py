@@ -139,8 +139,9 @@ def reference_capture_layer(states, attention_mask, batch_index, seq_index, segm
 
 def reference_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
                               precision="fp32", num_valid=None):
-    """R from the parts (lists of L+1 contexts [B, H] and token rows [N, H]) by the reference's
-    steps 2-7: concatenate [context ; token] per row, run the whole mapping, score the bridge."""
+    """R from the parts (lists of L+1 contexts [G, H] and token rows [N, H]; ``batch_index``: each
+    row's context) by the reference's steps 2-7: concatenate [context ; token] per row, run the
+    whole mapping, score the bridge."""
     contexts, tokens = torch.stack(list(contexts)), torch.stack(list(tokens))
     inputs = torch.cat([contexts[:, batch_index], zero_padding(tokens.to(contexts.dtype), num_valid)], dim=-1)
     latents = latent_points(mapping, inputs, precision)

@@ -164,9 +164,11 @@ def sequence_starts(real: torch.Tensor, *, position_ids=None, cu_seq_lens=None, 
                 f"non-decreasing, at most B * S = {batch * seq} last; got {cu.tolist()[:8]}")
         flat = starts.view(-1)
         flat[cu[:-1][cu[:-1] < batch * seq]] = True
-        crossing = [b for b in range(1, batch) if b * seq < int(cu[-1]) and not bool(flat[b * seq])]
-        if crossing:
-            raise ValueError(f"cu_seq_lens: a sequence crosses from row {crossing[0] - 1} into row {crossing[0]}; "
+        row_starts = torch.arange(1, batch) * seq
+        crossing = ((row_starts < cu[-1]) & ~flat[row_starts]).nonzero().flatten() + 1  # on the host
+        if crossing.numel():
+            first = int(crossing[0])
+            raise ValueError(f"cu_seq_lens: a sequence crosses from row {first - 1} into row {first}; "
                              "packed sequences must lie within one row")
     elif seq_idx is not None:
         ids = _host(seq_idx, "seq_idx")
@@ -250,15 +252,15 @@ def find_segments(real: torch.Tensor | None, device=None, *, position_ids=None, 
     end = torch.full_like(start, seq)
     by_row = start.view(batch, slots)
     end.view(batch, slots)[:, :-1] = by_row[:, 1:]  # a sequence ends where the next one starts (or at S)
-    counts = torch.zeros(batch * slots, dtype=torch.int64).index_add_(0, index.reshape(-1), host_real.reshape(-1).long())
-    empty = (counts == 0) & (start < end)
+    segments = Segments(index, start, end, slots)
+    empty = (segments.counts(host_real) == 0) & (start < end)
     if bool(empty.any()):
         name = "cu_seq_lens" if cu_seq_lens is not None else "seq_idx" if seq_idx is not None else "position_ids"
         g = int(empty.nonzero()[0])
         raise ValueError(f"{name} makes {int(empty.sum())} sequence(s) with no real token (attention_mask all zero "
                          f"there), first row {g // slots} columns [{int(start[g])}, {int(end[g])}): their context "
                          "mean is undefined")
-    return Segments(index, start, end, slots).to(device)
+    return segments.to(device)
 
 
 def _modes(route: str, known: dict[str, str], *tensors: torch.Tensor) -> list[str]:
