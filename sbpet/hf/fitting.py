@@ -25,7 +25,7 @@ from .checkpoint import (  # noqa: F401 - the checkpoint's names, reachable from
     checkpoint_lock, fit_signature, has_checkpoint, load_checkpoint, read_fit_state, recover_checkpoint,
     remove_checkpoint_folder)
 from .checkpoint import save_checkpoint as _save_checkpoint  # a module global: tests stop a fit after a save
-from .corpus import batch_indices, fitting_texts, make_fitting_batch, text_batches, tokenise_texts
+from .corpus import batch_indices, fitting_texts, make_fitting_batch, pack_fitting_batch, text_batches, tokenise_texts
 
 __all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "read_fit_state", "CHECKPOINT_NAME",
            "FIT_STATE_NAME", "LEGACY_FIT_STATE_NAME", "CHECKPOINT_DIR_FILES"]
@@ -45,12 +45,13 @@ def _schedule(warmup: int, total: int):
 
 
 class _HostCopies:
-    """The batch's labels and mask on the host, where its positions are found for free. A plain
-    object, so that DistributedDataParallel (which moves tensors, and tuples of them, to its
-    device) passes it to the forward as it is."""
+    """The batch's labels, mask and (packed rows) position ids on the host, where its positions and
+    sequences are found for free. A plain object, so that DistributedDataParallel (which moves
+    tensors, and tuples of them, to its device) passes it to the forward as it is."""
 
-    def __init__(self, labels: torch.Tensor, attention_mask: torch.Tensor):
-        self.labels, self.attention_mask = labels, attention_mask
+    def __init__(self, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None = None):
+        self.labels, self.attention_mask, self.position_ids = labels, attention_mask, position_ids
 
 
 class _FitStep(torch.nn.Module):
@@ -65,22 +66,38 @@ class _FitStep(torch.nn.Module):
         self._backbone = (backbone,)  # a tuple: not a registered submodule
         self._capture, self._autocast_dtype = capture, autocast_dtype
 
-    def forward(self, input_ids, attention_mask, labels, host: _HostCopies):
+    def forward(self, input_ids, attention_mask, labels, host: _HostCopies, position_ids=None):
         backbone, device = self._backbone[0], input_ids.device
+        # Packed rows: the model and the regulariser get the positions (the latter the host copy).
+        model_packing = {} if position_ids is None else {"position_ids": position_ids}
+        packing = {} if host.position_ids is None else {"position_ids": host.position_ids}
         # no_grad, not inference_mode: the states the backbone yields feed g, which autograd records.
         # g runs at its own precision, whatever mixed precision the engine was configured with.
         with torch.autocast(device.type, enabled=False):
             if self._capture is not None:
                 with torch.no_grad(), _autocast(device, self._autocast_dtype), \
-                        self._capture.armed(host.labels, host.attention_mask):
-                    backbone(input_ids=input_ids, attention_mask=attention_mask)
+                        self._capture.armed(host.labels, host.attention_mask, **packing):
+                    backbone(input_ids=input_ids, attention_mask=attention_mask, **model_packing)
                 return self._capture.loss()
             with torch.no_grad(), _autocast(device, self._autocast_dtype):
                 hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                  output_hidden_states=True).hidden_states
+                                  output_hidden_states=True, **model_packing).hidden_states
             if self._autocast_dtype is not None:
                 hidden = tuple(h.float() for h in hidden)
-            return self.regularizer(hidden, labels, attention_mask)  # the SDE one
+            return self.regularizer(hidden, labels, attention_mask, **packing)  # the SDE one
+
+
+_PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def _check_packing(backbone) -> None:
+    """``packing`` needs attention that keeps packed sequences apart from ``position_ids`` alone."""
+    implementation = str(getattr(backbone.config, "_attn_implementation", None))
+    if implementation not in _PACKING_ATTENTION and "flash" not in implementation:
+        raise ValueError(
+            f"packing=True: {type(backbone).__name__} runs attn_implementation={implementation!r}, which does not "
+            "keep packed sequences apart from position_ids alone (its states would mix the texts); load the model "
+            "with attn_implementation='flash_attention_2' (or 'flash_attention_3'), or fit without packing")
 
 
 def _engine(device: torch.device):
@@ -216,6 +233,7 @@ def fit_mapping(
     text_column: str = "text",
     backbone_dtype: str | None = "auto",
     log_every: int = 10,
+    packing: bool = False,
 ) -> dict:
     """Fit the regulariser's mapping g (and a trainable tail) on ``texts`` with the PLM frozen.
 
@@ -276,6 +294,13 @@ def fit_mapping(
         log_every: R is read back from the device every ``log_every`` steps (and at each
             checkpoint), not every step; the progress bar and the ``sbpet.hf.fitting`` logger then
             show R and tokens per second. A non-finite R is reported (FloatingPointError) then.
+        packing: each process's rows of a step are packed into one row of real tokens (no
+            padding is computed; ``position_ids`` restart at 0 for each text), as transformers'
+            ``DataCollatorWithFlattening`` packs: the way a large corpus is read fast. The same
+            texts, targets and R as unpacked (one context per text). The backbone must keep packed
+            sequences apart from ``position_ids`` alone: a flash-attention implementation
+            (``attn_implementation="flash_attention_2"``, ``"flash_attention_3"`` or a hub flash
+            kernel); any other raises ValueError.
 
     Returns:
         ``{"loss": [R per step], "steps": steps, "resumed_from": step or 0}``.
@@ -301,6 +326,8 @@ def fit_mapping(
     rank, world = accelerator.process_index, accelerator.num_processes
     if batch_size < world:
         raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {world} processes")
+    if packing:
+        _check_packing(backbone)
     autocast_dtype = _autocast_dtype(backbone_dtype, device)
     # g is for this model: its sizes and word embeddings (a g built for another model is an error)
     check_model_matches(regularizer.config, model, "the regulariser")
@@ -312,7 +339,8 @@ def fit_mapping(
         learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, mask_probability=mask_probability, corrupt_inputs=bool(corrupt_inputs),
         precision=precision, backbone_dtype=None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
-        texts=len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream")
+        texts=len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream",
+        packing=bool(packing))
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     capture, bar = None, None
@@ -396,8 +424,13 @@ def _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, au
                 weight = _regularised_count(labels[mine], causal, ignore) / max(
                     1, _regularised_count(labels, causal, ignore))
                 input_ids, attention_mask, labels = input_ids[mine], attention_mask[mine], labels[mine]
-            host = _HostCopies(labels, attention_mask)  # positions found on the host: no device read
-            loss = step_module(input_ids.to(device), attention_mask.to(device), labels.to(device), host)
+            if packing:  # one row of real tokens per process: no mask, positions restart per text
+                input_ids, labels, position_ids = pack_fitting_batch(input_ids, attention_mask, labels)
+                host = _HostCopies(labels, None, position_ids)  # positions and sequences found on the host
+                loss = step_module(input_ids.to(device), None, labels.to(device), host, position_ids.to(device))
+            else:
+                host = _HostCopies(labels, attention_mask)  # positions found on the host: no device read
+                loss = step_module(input_ids.to(device), attention_mask.to(device), labels.to(device), host)
             # The engine averages g's gradients over the processes: scaled by the process count,
             # each share counts by its positions, and the sum is the global batch's R.
             accelerator.backward(loss * (weight * world))

@@ -129,11 +129,18 @@ class BridgeRegularizer(nn.Module):
     def vocab_size(self) -> int:
         return self.tail.shape[0]
 
-    def forward(self, hidden_states, labels, attention_mask=None, *, backend: str | None = None,
-                precision: str | None = None, max_positions: int | None = None) -> torch.Tensor:
+    def forward(self, hidden_states, labels, attention_mask=None, position_ids=None, *, backend: str | None = None,
+                precision: str | None = None, max_positions: int | None = None, seq_idx=None,
+                cu_seq_lens=None) -> torch.Tensor:
         """R of ``hidden_states`` (L+1 tensors [B, S, H] or [L+1, B, S, H]) for ``labels`` [B, S];
         ``backend`` / ``precision`` override the module's own for this call; ``max_positions``: see
-        :func:`sbpet.bridge_loss`."""
+        :func:`sbpet.bridge_loss`. Packed rows: ``position_ids`` [B, S] (or TRL's ``seq_idx``,
+        flash-attention's ``cu_seq_lens_q`` as ``cu_seq_lens``; :func:`sbpet.hf.packing_arguments`
+        picks them from a batch): one context per sequence, as :func:`sbpet.bridge_loss` says.
+
+        Example:
+            >>> out = model(**batch, output_hidden_states=True)   # a padding-free batch
+            >>> r = regularizer(out.hidden_states, labels, None, batch["position_ids"])"""
         return bridge_loss(
             hidden_states,
             labels,
@@ -148,6 +155,9 @@ class BridgeRegularizer(nn.Module):
             precision=self.precision if precision is None else precision,
             num_layers=self.num_layers,
             max_positions=max_positions,
+            position_ids=position_ids,
+            cu_seq_lens=cu_seq_lens,
+            seq_idx=seq_idx,
         )
 
     def extra_repr(self) -> str:
