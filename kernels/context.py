@@ -288,9 +288,6 @@ class Sequences:
         return Sequences(mask, 1.0 / mask.sum(dim=1), rows[:, None].expand(batch, seq).contiguous(),
                          torch.zeros_like(rows), torch.full_like(rows, seq), 1)
 
-    def weight(self) -> torch.Tensor:
-        """float32 [B, S]: each position's weight in its sequence's mean, mask / count."""
-        return self.mask * self.inv_count[self.index]
 
 
 def context_forward(

@@ -113,10 +113,11 @@ if triton is not None:
         w1_ptr, w1_stride,
         out_ptr, out_layer_stride, out_b_stride, out_s_stride,  # the row's place (b, s) in layer g
         batch_index_ptr, seq_index_ptr,
-        grad_context_ptr,  # float32 [G, B, H] (ADD_CONTEXT; B contexts)
-        weight_ptr,  # float32 [B * S]: each flat position's context weight (ADD_CONTEXT)
+        grad_context_ptr,  # float32 [G, B, H] (ADD_CONTEXT)
+        mask_ptr,  # float32 [B, S] (ADD_CONTEXT)
+        inv_count_ptr,  # float32 [B] (ADD_CONTEXT)
         grad_loss_ptr, inv_pairs,
-        N, B, H, D1,
+        N, B, S, H, D1,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         ADD_CONTEXT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
@@ -135,8 +136,8 @@ if triton is not None:
         b = tl.load(batch_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         s = tl.load(seq_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         ok = row_ok[:, None] & col_ok[None, :]
-        if ADD_CONTEXT:  # rows named (context b, flat position s): kernel 1's flat_table
-            weight = tl.load(weight_ptr + s, mask=row_ok, other=0.0)
+        if ADD_CONTEXT:
+            weight = tl.load(mask_ptr + b * S + s, mask=row_ok, other=0.0) * tl.load(inv_count_ptr + b)
             share = tl.load(grad_context_ptr + ((layer * B + b) * H)[:, None] + cols[None, :], mask=ok, other=0.0)
             acc += weight[:, None] * share
         out = out_ptr + (layer * out_layer_stride + b * out_b_stride + s * out_s_stride)[:, None] + cols[None, :]
@@ -267,9 +268,11 @@ def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tens
                 context=None, cfg: GemmConfig | None = None) -> torch.Tensor:
     """Write ``da1 @ w1_token * grad_loss * inv_pairs`` of every row to ``out`` at element offset
     ``g * out_strides[0] + b_n * out_strides[1] + s_n * out_strides[2]`` (H contiguous), in
-    ``out``'s dtype. ``context`` = (float32 grad_context [G, C, H], float32 weights [B * S] of the
-    flat positions) adds each row's context share first (the whole-states route, whose rows are
-    named (context c, flat position b * S + s): ``context.flat_table``); None leaves it out (the parts
+    ``out``'s dtype. ``context`` = (float32 grad_context [G, C, H], float32 mask [B, S], float32
+    inv_count [C]) adds each row's context share first (the whole-states route, whose rows are named
+    (context c, flat position p = b * S + s): ``context.flat_table``; the kernel runs with S = 0, so
+    ``mask[b * S + s]`` reads the flat position's mask and ``inv_count[b]`` its context's); None
+    leaves it out (the parts
     route, whose context gradient is returned apart). ``cfg``: one of :func:`gemm_candidates` (None:
     the fixed choice). Each row's elements are written, not added to (a repeated launch is harmless).
     A fixed capacity's padding rows need no mask here: :func:`first_layer` wrote their a1 as 0 and
@@ -279,13 +282,13 @@ def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tens
     hidden = w1_token.shape[1]
     cfg = cfg or gemm_config(num_rows, precision, kernel="token_grad")
     launch, num_warps, num_stages = _launch(cfg)
-    grad_context, weight = context if context is not None else (da1, da1)
-    num_contexts = grad_context.shape[1] if context is not None else 1
+    grad_context, mask, inv_count = context if context is not None else (da1, da1, da1)
+    contexts = grad_context.shape[1] if context is not None else 1
     grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(hidden, cfg["BLOCK_N"]), num_layers)
     token_grad_kernel[grid](
         da1, w1_token, w1_token.stride(0), out, *out_strides, batch_index, seq_index,
-        grad_context, weight, grad_loss, float(inv_pairs),
-        num_rows, num_contexts, hidden, width,
+        grad_context, mask, inv_count, grad_loss, float(inv_pairs),
+        num_rows, contexts, 0, hidden, width,
         ADD_CONTEXT=context is not None, DOT_PRECISION=dot_precision(precision=precision),
         num_warps=num_warps, num_stages=num_stages, **launch,
     )

@@ -139,7 +139,7 @@ def gemm_backward(grad_loss, inv_pairs, table, batch_index, seq_index, targets, 
             sequences, rows, columns = states_context
             context_kernels.context_backward(grad_contexts[first:end], sequences, rows, columns,
                                              None, out.dtype, out=out[first:end])
-            share = (grad_contexts[first:end], sequences.weight().reshape(-1))
+            share = (grad_contexts[first:end], sequences.mask, sequences.inv_count)
         _token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out[first:end], out_strides,
                      precision, share, table.base.dtype)
         if train_mapping:  # da1^T @ rows, in row chunks within the budget (the rows are gathered)

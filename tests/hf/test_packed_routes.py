@@ -89,10 +89,19 @@ def _trainable(model):
     return [p for p in model.model.parameters() if p.requires_grad]  # lm_head: no share in R
 
 
+def _backends():
+    from sbpet.backends.triton_backend import triton_is_usable
+
+    return ["reference", "torch"] + (["triton"] if triton_is_usable("cpu") else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("route", ["hooks", "hidden_states"])
-def test_llama_packed_row_equals_padded_batch(route):
-    """R and the gradient of every model parameter: padded batch vs the packed row (causal shift)."""
+def test_llama_packed_row_equals_padded_batch(route, backend):
+    """R and the gradient of every model parameter: padded batch vs the packed row (causal shift),
+    on every backend (triton: kernel 1 per layer in the hooks, kernel 2 on the parts or the states)."""
     model, reg = _llama()
+    reg.backend = backend
     (ids, mask, labels), (packed_ids, position_ids, packed_labels) = _batches()
     params = _trainable(model)
 
