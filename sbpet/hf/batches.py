@@ -13,16 +13,38 @@ import torch
 
 from ..core.positions import find_segments
 from ..core.validation import shift_labels_left
-from .capture import align_to_states, packing_arguments
+from .capture import PACKING_KEYS, align_to_states, packing_arguments
 from .models import task_model
 
-__all__ = ["BRIDGE_LABELS_KEY", "POSITIONS_KEY", "CountingCollator", "backbone_states", "regularised_positions"]
+__all__ = ["BRIDGE_LABELS_KEY", "HOST_KEY", "POSITIONS_KEY", "CountingCollator", "HostCopies", "backbone_states",
+           "regularised_positions"]
 
 #: The batch key of the bridge labels [B, S] (removed before the model's forward).
 BRIDGE_LABELS_KEY = "bridge_labels"
 #: The key under which the trainers' data collator hands over a batch's regularised positions,
 #: counted where the collator runs (the host), as a Python int; removed before the model's forward.
 POSITIONS_KEY = "sbpet_regularised_positions"
+#: The key under which the trainers' data collator hands over the batch's host tensors that the
+#: regulariser reads (:class:`HostCopies`); removed before the model's forward.
+HOST_KEY = "sbpet_host_copies"
+#: The batch keys the regulariser reads on the host: its labels, mask and packed-sequence boundaries.
+HOST_KEYS = (BRIDGE_LABELS_KEY, "labels", "attention_mask", *PACKING_KEYS)
+
+
+class HostCopies:
+    """The collated batch's host tensors that the regulariser reads (:data:`HOST_KEYS`), as the
+    collator made them. A plain object, not a mapping or a tensor: the Trainer's dataloader
+    (accelerate's device placement, ``pin_memory``) moves the batch's tensors to the device and
+    passes it as it is, so the positions and sequence boundaries are found on the host even when
+    the model's inputs arrive on the GPU."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    @classmethod
+    def of(cls, batch: Mapping) -> "HostCopies":
+        return cls({key: batch[key] for key in HOST_KEYS
+                    if isinstance(batch.get(key), torch.Tensor) and batch[key].device.type == "cpu"})
 
 
 def regularised_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -54,7 +76,8 @@ class CountingCollator:
     """The trainer's data collator, adding to each batch (a mapping) the count of its regularised
     positions (:func:`regularised_positions`) under :data:`POSITIONS_KEY`, taken from the labels
     it made where it runs, on the host (the Trainer's dataloader moves batches to the device
-    afterwards; a Python int stays). Picklable for DataLoader workers."""
+    afterwards; a Python int stays), and the host tensors the regulariser reads
+    (:class:`HostCopies` under :data:`HOST_KEY`). Picklable for DataLoader workers."""
 
     def __init__(self, collator, ignore_index: int, shift_labels: bool, num_virtual: int):
         self.collator = collator
@@ -71,6 +94,7 @@ class CountingCollator:
             on_host = [t for t in (labels, mask, *packing.values()) if isinstance(t, torch.Tensor)]
             if labels is not None and all(t.device.type == "cpu" for t in on_host):
                 batch[POSITIONS_KEY] = int(regularised_positions(labels, mask, **packing, **self.options))
+            batch[HOST_KEY] = HostCopies.of(batch)
         return batch
 
 

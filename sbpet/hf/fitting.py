@@ -343,7 +343,6 @@ def fit_mapping(
         packing=bool(packing))
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    capture, bar = None, None
     with checkpoint_lock(checkpoint_dir, accelerator):
         problem = None
         if checkpoint_dir is not None and accelerator.is_main_process and has_checkpoint(checkpoint_dir):
@@ -367,13 +366,13 @@ def fit_mapping(
                     max_grad_norm=max_grad_norm, mask_probability=mask_probability, corrupt_inputs=corrupt_inputs,
                     checkpoint_dir=checkpoint_dir, save_every=save_every, resume=resume, seed=seed,
                     progress=progress, backend=backend, precision=precision, log_every=log_every,
-                    text_column=text_column)
+                    text_column=text_column, packing=packing)
 
 
 def _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, autocast_dtype, signature, was_training,
          grad_flags, *, steps, batch_size, max_length, learning_rate, weight_decay, warmup_ratio, max_grad_norm,
          mask_probability, corrupt_inputs, checkpoint_dir, save_every, resume, seed, progress, backend, precision,
-         log_every, text_column):
+         log_every, text_column, packing):
     from tqdm.auto import tqdm
 
     rank, world = accelerator.process_index, accelerator.num_processes

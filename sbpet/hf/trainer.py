@@ -20,8 +20,10 @@ from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
 from .batches import (
     BRIDGE_LABELS_KEY,
+    HOST_KEY,
     POSITIONS_KEY,
     CountingCollator,
+    HostCopies,
     backbone_states,
     regularised_positions,
 )
@@ -112,11 +114,13 @@ class BridgeTrainerMixin:
         self._step_share = None
 
     def _prepare_inputs(self, inputs):
-        """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels and the
-        attention mask: the regulariser finds its positions there (no device read) and hands them
-        over in one non-blocking copy (:mod:`sbpet.core.positions`)."""
-        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask", *PACKING_KEYS)
-                if isinstance(inputs.get(key), torch.Tensor) and inputs[key].device.type == "cpu"}
+        """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels, the
+        attention mask and the packed-sequence boundaries: the regulariser finds its positions
+        there (no device read) and hands them over in one non-blocking copy
+        (:mod:`sbpet.core.positions`). The copies come from the collator (:class:`HostCopies`, which
+        the dataloader's move to the device leaves on the host), else from the batch as given."""
+        copies = inputs.pop(HOST_KEY, None) if isinstance(inputs, Mapping) else None
+        host = copies.tensors if isinstance(copies, HostCopies) else HostCopies.of(inputs).tensors
         prepared = super()._prepare_inputs(inputs)
         self._host_inputs = host
         return prepared

@@ -228,6 +228,52 @@ def test_the_regulariser_gets_the_host_labels_and_mask(capture, tmp_path, monkey
     assert seen == ["host", "host"]
 
 
+@pytest.mark.parametrize("capture", ["hooks", "hidden_states"])
+def test_host_copies_pass_the_dataloaders_move_to_the_device(capture, tmp_path, monkeypatch):
+    """On a GPU the Trainer's dataloader (accelerate's DataLoaderShard) moves the whole batch to the
+    device before ``_prepare_inputs`` sees it: the regulariser still finds its positions on the
+    collator's host copies (HostCopies, which the move passes as it is). The move is simulated by
+    a clone, each tensor tagged as in the test above."""
+    import accelerate.data_loader
+    import sbpet.core.validation
+    import sbpet.hf.capture
+    from sbpet.hf.batches import HOST_KEY, HostCopies
+
+    seen = []
+
+    def collate_and_tag(rows):
+        batch = collate(rows)
+        batch["bridge_labels"].sbpet_test_copy = "host"
+        return batch
+
+    def move(data, *args, **kwargs):
+        if isinstance(data, torch.Tensor):
+            moved = data.clone()
+            moved.sbpet_test_copy = "moved"
+            return moved
+        if isinstance(data, dict):
+            return {key: move(value) for key, value in data.items()}
+        return data
+
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", move)
+    for module in (sbpet.hf.capture, sbpet.core.validation):
+        found = module.find_positions
+
+        def spy(labels, real, *args, _found=found, **kwargs):
+            seen.append(getattr(labels, "sbpet_test_copy", None))
+            return _found(labels, real, *args, **kwargs)
+
+        monkeypatch.setattr(module, "find_positions", spy)
+    model, base = pet_model("lora")
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, max_steps=2), train_dataset=classification_data(),
+                            data_collator=collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert getattr(batch["bridge_labels"], "sbpet_test_copy", None) == "moved"  # the simulated move ran
+    assert isinstance(batch[HOST_KEY], HostCopies)
+    trainer.train()  # HOST_KEY never reaches the model's forward
+    assert seen == ["host", "host"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradient accumulation with unequal numbers of regularised positions (tiny Llama, LoRA)
 
