@@ -9,7 +9,10 @@ Same contract as :func:`sbpet.backends.reference.reference_bridge_loss`. What it
 - the rows of all layers go through the mapping in one batched call, with a written-out backward
   whose products run at the user's ``precision`` like the forward's (:mod:`sbpet.core.precision`);
 - one custom backward writes each layer's gradient in one pass: the context share broadcast to
-  every real token plus the token rows, instead of summing separately built gradients.
+  every real token plus the token rows, instead of summing separately built gradients;
+- saves little and recomputes g in the backward, one autograd node per layer
+  (:mod:`.torch_recompute`, issue 35); ``SBPET_TORCH_RECOMPUTE=0`` restores the save-everything
+  path (parts + :class:`_Mapping`), kept as the benchmark's yardstick.
 """
 
 from __future__ import annotations
@@ -206,7 +209,9 @@ def torch_bridge_loss(
     num_valid=None,
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
-    :func:`sbpet.backends.reference.reference_bridge_loss`."""
+    :func:`sbpet.backends.reference.reference_bridge_loss`. Saves g's activations for the backward:
+    the backend's ``loss`` is :func:`sbpet.backends.torch_recompute.recompute_bridge_loss`, which
+    recomputes them, unless ``SBPET_TORCH_RECOMPUTE=0`` picks this one."""
     # Float32 rows when the states need a gradient: each element of it is then rounded to the
     # states' dtype once (the rows would be widened for g's products anyway).
     wide_rows = any(h.requires_grad for h in hidden_states)

@@ -1,0 +1,289 @@
+"""Peak tensor memory of one training step with and without the regulariser (issue 35, item 3).
+
+One step is what ``BridgeTrainer`` does per batch on the hooks route: a Llama causal LM built from
+its config (random weights, no download) with LoRA (r 8) on ``q_proj`` and ``v_proj``, every token
+regularised (``causal_lm_bridge_labels``, ``shift_labels=True``), g of dims (1024, 256, 128) frozen,
+``BridgeCapture`` around the forward, ``task_loss + alpha * R``, backward. "Without" is the same
+step with no capture and the task loss only. The count (``/work/shared/MEMORY.md``):
+
+- on the CPU, a ``TorchDispatchMode`` adds every new storage an op creates to a live total (each
+  storage once, by identity, whatever views of it an op returns) and takes it off when the storage
+  dies (``weakref.finalize``); every storage that exists before the step (weights, buffers, the
+  batch, the regulariser) is marked as seen and never counted; the peak of the live total is the
+  step's peak. One warm-up step first; the LoRA gradients are set to None before the counted step;
+- at Llama-7B widths the same count runs with the model and the regulariser on the ``meta``
+  device (no arithmetic, no data; the labels stay on the host so the positions are exact); a
+  small shape run both ways checks that the two counts agree (``--check-meta``).
+
+Every configuration runs in its own process (allocator caches and lazily built buffers of an
+earlier run would leak into the next). ``--time`` also times the step with the recompute against
+the save-everything path (``SBPET_TORCH_RECOMPUTE=0``), interleaved in one process.
+
+    python -m benchmarks.memory [--configs NAMES] [--json OUT.json] [--md OUT.md] [--time]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import weakref
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["MemoryConfig", "CONFIGS", "StepTracker", "build", "count_step", "run_config", "main"]
+
+BRIDGE_WEIGHT = 0.1
+LORA_RANK = 8
+DIMS = (1024, 256, 128)
+RECOMPUTE_ENV = "SBPET_TORCH_RECOMPUTE"
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """One model, batch and step. ``device``: "cpu" (counted with data) or "meta" (no data)."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    seq: int
+    vocab: int
+    batch: int = 1
+    checkpointing: bool = False
+    backend: str = "torch"
+    device: str = "cpu"
+
+
+def _configs():
+    base = {
+        "h1024": MemoryConfig("h1024", 1024, 4, 16, 2752, 512, 32000),
+        "h256": MemoryConfig("h256", 256, 4, 4, 688, 512, 32000),
+        "h4096-meta": MemoryConfig("h4096-meta", 4096, 2, 32, 11008, 512, 32000, device="meta"),
+        "small": MemoryConfig("small", 128, 2, 4, 344, 128, 1000),
+        "small-meta": MemoryConfig("small-meta", 128, 2, 4, 344, 128, 1000, device="meta"),
+    }
+    out = {}
+    for name, config in base.items():
+        for ckpt in (True, False):
+            full = f"{name}-{'ckpt' if ckpt else 'nockpt'}"
+            out[full] = replace(config, name=full, checkpointing=ckpt)
+    return out
+
+
+CONFIGS = _configs()
+DEFAULT_CONFIGS = ("h1024-ckpt", "h1024-nockpt", "h256-ckpt", "h256-nockpt", "h4096-meta-ckpt",
+                   "h4096-meta-nockpt")
+
+
+class StepTracker(TorchDispatchMode):
+    """Peak bytes of the storages created while the mode is on, beyond those of ``existing``.
+
+    Keys storages by identity (PyTorch keeps one Python object per storage while it lives), so it
+    works on ``meta`` tensors too (their ``data_ptr()`` is 0)."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self._known: dict[int, object] = {}
+        for t in existing:
+            storage = t.untyped_storage()
+            self._known[id(storage)] = storage  # held: pre-existing storages never count
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage())
+        return out
+
+    def _add(self, storage):
+        key, size = id(storage), storage.nbytes()
+        if size == 0 or key in self._known:
+            return
+        self._known[key] = None
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key, size):
+        if self._known.get(key, 0) is None:
+            del self._known[key]
+            self.live -= size
+
+
+def build(config: MemoryConfig, regularised: bool):
+    """(model, capture or None, batch, existing tensors) for ``config``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sbpet
+
+    torch.manual_seed(0)
+    hf_config = LlamaConfig(vocab_size=config.vocab, hidden_size=config.hidden, num_hidden_layers=config.layers,
+                            num_attention_heads=config.heads, num_key_value_heads=config.heads,
+                            intermediate_size=config.intermediate, max_position_embeddings=max(2048, config.seq))
+    with torch.device(config.device):
+        base = LlamaForCausalLM(hf_config)
+    if config.checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                      target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(base, lora)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, config.vocab, (config.batch, config.seq), generator=gen)
+    mask = torch.ones_like(ids)
+    bridge_labels = sbpet.causal_lm_bridge_labels(ids, mask)
+    capture = None
+    existing = [*model.parameters(), *model.buffers()]
+    if regularised:
+        with torch.device(config.device):
+            embeddings = base.get_input_embeddings().weight
+            reg = sbpet.BridgeRegularizer(config.hidden, config.layers, dims=DIMS, bridge="ou",
+                                          word_embeddings=embeddings if config.device != "meta" else None,
+                                          tail=torch.empty(config.vocab, DIMS[-1]) if config.device == "meta" else None,
+                                          shift_labels=True, backend=config.backend)
+        reg.to(config.device)
+        reg.requires_grad_(False)  # frozen during PET training, as BridgeTrainer freezes it
+        reg.eval()
+        capture = sbpet.BridgeCapture(model, reg)
+        existing += [*reg.parameters(), *reg.buffers()]
+    device_ids = ids.to(config.device)
+    batch = {"input_ids": device_ids, "labels": device_ids, "bridge_labels": bridge_labels}
+    # The model gets no mask (all real; transformers' mask helpers read it back on ``meta``).
+    existing += [device_ids, ids, mask, bridge_labels]
+    return model, capture, batch, existing
+
+
+def step(model, capture, batch):
+    """One forward + backward, as BridgeTrainer's ``training_step``."""
+    if capture is None:
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        out.loss.backward()
+        return
+    with capture.armed(batch["bridge_labels"]):
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    (out.loss + BRIDGE_WEIGHT * capture.loss()).backward()
+
+
+def count_step(config: MemoryConfig, regularised: bool) -> int:
+    """Peak bytes of one counted step (after one warm-up step) of ``config``, in this process."""
+    model, capture, batch, existing = build(config, regularised)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step(model, capture, batch)
+    for p in trainable:
+        p.grad = None
+    tracker = StepTracker(existing)
+    with tracker:
+        step(model, capture, batch)
+    return tracker.peak
+
+
+def _child(config_name: str, regularised: bool, overrides: dict) -> int:
+    config = replace(CONFIGS[config_name], **overrides)
+    torch.set_num_threads(int(os.environ.get("SBPET_BENCH_THREADS", "1")))
+    return count_step(config, regularised)
+
+
+def run_config(config_name: str, overrides: dict | None = None) -> dict:
+    """Both variants of ``config_name``, each in a fresh process: a record with the two peaks."""
+    overrides = overrides or {}
+    config = replace(CONFIGS[config_name], **overrides)
+    peaks = {}
+    for regularised in (False, True):
+        cmd = [sys.executable, "-m", "benchmarks.memory", "--child", config_name, "--regularised",
+               str(int(regularised)), "--overrides", json.dumps(overrides)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{config_name} (regularised={regularised}) failed:\n{done.stderr[-3000:]}")
+        peaks[regularised] = int(done.stdout.strip().splitlines()[-1])
+    return {**asdict(config), "peak_without": peaks[False], "peak_with": peaks[True],
+            "ratio": peaks[True] / peaks[False]}
+
+
+def time_recompute(config_name: str, rounds: int = 5) -> dict:
+    """Step time with the recompute against the save-everything path, interleaved in this process
+    (the torch backend reads ``SBPET_TORCH_RECOMPUTE`` at every call): medians and their ratio."""
+    import time
+
+    config = CONFIGS[config_name]
+    model, capture, batch, _ = build(config, True)
+    times = {"recompute": [], "save": []}
+    for r in range(rounds + 1):
+        for mode in (("recompute", "save") if r % 2 else ("save", "recompute")):
+            os.environ[RECOMPUTE_ENV] = "1" if mode == "recompute" else "0"
+            start = time.perf_counter()
+            step(model, capture, batch)
+            if r:  # the first round warms up
+                times[mode].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    os.environ.pop(RECOMPUTE_ENV, None)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"config": config_name, "rounds": rounds, "recompute_s": medians["recompute"], "save_s": medians["save"],
+            "ratio": medians["recompute"] / medians["save"]}
+
+
+def render(records: list[dict]) -> str:
+    lines = ["| config | H | layers | S | checkpointing | backend | count | peak without MiB | peak with MiB | ratio |",
+             "| --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |"]
+    for r in records:
+        lines.append(
+            f"| {r['name']} | {r['hidden']} | {r['layers']} | {r['seq']} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{r['backend']} | {'meta' if r['device'] == 'meta' else 'cpu'} | {r['peak_without'] / 2**20:.1f} | "
+            f"{r['peak_with'] / 2**20:.1f} | x{r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--backend", default=None, help="the regulariser's backend (default: torch)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--md", default=None)
+    parser.add_argument("--time", default=None, help="a config to time the recompute on (e.g. h1024-ckpt)")
+    parser.add_argument("--check-meta", action="store_true", help="also count small-ckpt on cpu and on meta")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--regularised", default="0", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(_child(args.child, args.regularised == "1", json.loads(args.overrides)))
+        return 0
+    overrides = {"backend": args.backend} if args.backend else {}
+    names = [n for n in args.configs.split(",") if n]
+    if args.check_meta:
+        names += ["small-ckpt", "small-meta-ckpt", "small-nockpt", "small-meta-nockpt"]
+    records = []
+    for name in names:
+        records.append(run_config(name, overrides))
+        print(render(records[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(render(records))
+    timing = None
+    if args.time:
+        timing = time_recompute(args.time)
+        print(f"\nstep time with the recompute / save-everything ({args.time}, torch backend, medians of "
+              f"{timing['rounds']} interleaved rounds): {timing['recompute_s']:.3f} s / {timing['save_s']:.3f} s "
+              f"= x{timing['ratio']:.3f}")
+    from benchmarks.measure import environment
+
+    result = {"environment": environment("cpu"), "records": records, "timing": timing}
+    for path, text in ((args.json, json.dumps(result, indent=1)), (args.md, render(records))):
+        if path:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+            os.replace(tmp, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
