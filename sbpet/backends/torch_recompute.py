@@ -24,9 +24,12 @@ from .torch_backend import chain_backward, chain_forward, layer_context
 
 __all__ = ["RECOMPUTE_ENV", "ROW_CHUNK_ELEMENTS", "layer_loss", "recompute_enabled", "normalise_layer_sums", "recompute_bridge_loss", "row_chunk"]
 
-# Rows of g per chunk: about this many elements in the widest [rows, width] temporary (1 MiB of
-# float32), so that g's activations never cost more than a few such blocks.
+# Rows of g per chunk: the widest [rows, width] temporary holds at most ROW_CHUNK_ELEMENTS (1 MiB of
+# float32) and at most 1/LAYER_FRACTION of the layer's elements, so that the backward's few such
+# blocks stay small beside the one layer the model's backward holds; at least MIN_CHUNK_ROWS rows.
 ROW_CHUNK_ELEMENTS = 1 << 18
+LAYER_FRACTION = 8
+MIN_CHUNK_ROWS = 16
 RECOMPUTE_ENV = "SBPET_TORCH_RECOMPUTE"
 
 
@@ -37,10 +40,12 @@ def recompute_enabled() -> bool:
     return os.environ.get(RECOMPUTE_ENV, "1").strip() != "0"
 
 
-def row_chunk(hidden: int, weights) -> int:
-    """Rows per chunk for states of width ``hidden`` and g's ``weights``."""
+def row_chunk(hidden: int, weights, layer_elements: int | None = None) -> int:
+    """Rows per chunk for states of width ``hidden`` (``layer_elements`` = B * S * H of the layer,
+    None: no bound from it) and g's ``weights`` (see ROW_CHUNK_ELEMENTS)."""
     widest = max(hidden, *(w.shape[0] for w in weights))
-    return max(1, ROW_CHUNK_ELEMENTS // widest)
+    budget = ROW_CHUNK_ELEMENTS if layer_elements is None else min(ROW_CHUNK_ELEMENTS, layer_elements // LAYER_FRACTION)
+    return max(MIN_CHUNK_ROWS, budget // widest, 1)
 
 
 def _chunks(num_rows, chunk: int) -> list[slice]:
@@ -206,7 +211,7 @@ def layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef, 
     mask_weights = mask / mask.sum(dim=1, keepdim=True)
     params = [t for layer in mapping.layers for t in (layer.weight, layer.bias)]
     valid = None if num_valid is None else valid_rows(batch_index.shape[0], num_valid)
-    chunk = row_chunk(states.shape[-1], [layer.weight for layer in mapping.layers])
+    chunk = row_chunk(states.shape[-1], [layer.weight for layer in mapping.layers], states.numel())
     return _LayerLoss.apply(precision, chunk, mask_weights, batch_index, seq_index, valid, mean_coef, variance,
                             states, ends, *params)
 

@@ -27,6 +27,8 @@ def _chunk_rows(monkeypatch, rows: int, mapping):
     """Make the recompute's chunks ``rows`` rows long for ``mapping``."""
     widest = max(mapping.hidden_size, *mapping.dims)
     monkeypatch.setattr(torch_recompute, "ROW_CHUNK_ELEMENTS", rows * widest)
+    monkeypatch.setattr(torch_recompute, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(torch_recompute, "LAYER_FRACTION", 1)
     assert row_chunk(mapping.hidden_size, [layer.weight for layer in mapping.layers]) == rows
 
 
