@@ -50,7 +50,8 @@ def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Ten
         if bool(torch.isfinite(total).all()):
             return total
     batch, seq, hidden = states.shape
-    chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, batch * hidden))
+    # A bounded share of the layer: the hooks run this as the forward ends, beside every activation.
+    chunk = max(1, min(_UPCAST_CHUNK_ELEMENTS, states.numel() // 8) // max(1, batch * hidden))
     total = states.new_zeros((batch, 1, hidden), dtype=acc)
     padded = mask_weights == 0
     for start in range(0, seq, chunk):
