@@ -34,6 +34,7 @@ import weakref
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -92,7 +93,8 @@ DEFAULT_CONFIGS = ("h1024-ckpt", "h1024-nockpt", "h1024-v32k-ckpt", "h1024-v32k-
 class StepTracker(TorchDispatchMode):
     """Peak bytes of the storages created while the mode is on, beyond those of ``existing``.
 
-    Keys storages by identity (PyTorch keeps one Python object per storage while it lives), so it
+    sbpet's custom ops are entered (as tests/memory_tracking.py does), so the buffers the Triton
+    host code allocates are seen. Keys storages by identity (PyTorch keeps one Python object per storage while it lives), so it
     works on ``meta`` tensors too (their ``data_ptr()`` is 0)."""
 
     def __init__(self, existing=()):
@@ -104,7 +106,13 @@ class StepTracker(TorchDispatchMode):
         self.live = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        opdef = custom_ops._maybe_get_opdef(func) if func.namespace == "sbpet" else None
+        if opdef is not None:
+            with self:  # sbpet's custom ops (Triton host code): their Python bodies' buffers count
+                out = opdef._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._add(t.untyped_storage())

@@ -50,3 +50,20 @@ def test_tracker_counts_new_storages_once_and_leaves_existing_out():
     assert tracker.peak == 12 * 1024
     assert tracker.live == 2 * 1024
     del c
+
+
+def test_gpu_check_prints_the_step_memory_ratio():
+    """benchmarks.gpu_check's training-step table carries the step's peak (max_memory_allocated
+    less what was allocated before the step) and its ratio to the step without the regulariser;
+    the records are built as train_step.run builds them on CUDA."""
+    from benchmarks.report import render_train_steps
+    from benchmarks.train_step import _memory_ratios
+
+    common = dict(config="llama", arch="llama", layers=2, hidden=64, batch=1, seq=8, status="ok", median_s=0.01,
+                  min_s=0.01)
+    records = {"none": dict(common, variant="none", peak_bytes=3 << 30, step_peak_bytes=1 << 30, loss=1.0),
+               "torch": dict(common, variant="torch", peak_bytes=3 << 30, step_peak_bytes=(1 << 30) * 21 // 20)}
+    _memory_ratios(records)
+    assert records["torch"]["step_memory_ratio"] == pytest.approx(1.05)
+    table = render_train_steps(list(records.values()))
+    assert "step memory" in table and "| x1.050 |" in table and "| 1.050 |" in table
