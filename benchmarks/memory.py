@@ -248,26 +248,33 @@ def run_config(config_name: str, overrides: dict | None = None) -> dict:
             "ratio": peaks[True] / peaks[False]}
 
 
-def time_recompute(config_name: str, rounds: int = 5) -> dict:
-    """Step time with the recompute against the save-everything path, interleaved in this process
-    (the torch backend reads ``SBPET_TORCH_RECOMPUTE`` at every call): medians and their ratio."""
+def time_recompute(config_name: str, rounds: int = 7) -> dict:
+    """Step times without the regulariser, with it and the recompute, and with it and g's
+    activations saved (``SBPET_TORCH_RECOMPUTE=0``), interleaved round by round in this process
+    (the order rotates; the backend is looked up at every step): medians and their ratios.
+    ``SBPET_BENCH_THREADS`` threads (default 1: a shared machine's OpenMP barriers punish the
+    recompute's smaller products more than one large one)."""
     import time
 
+    torch.set_num_threads(int(os.environ.get("SBPET_BENCH_THREADS", "1")))
     config = CONFIGS[config_name]
     model, capture, batch, _ = build(config, True)
-    times = {"recompute": [], "save": []}
+    modes = ("none", "save", "recompute")
+    times = {mode: [] for mode in modes}
     for r in range(rounds + 1):
-        for mode in (("recompute", "save") if r % 2 else ("save", "recompute")):
-            os.environ[RECOMPUTE_ENV] = "1" if mode == "recompute" else "0"
+        for mode in modes[r % 3:] + modes[: r % 3]:
+            os.environ[RECOMPUTE_ENV] = "0" if mode == "save" else "1"
             start = time.perf_counter()
-            step(model, capture, batch)
+            step(model, None if mode == "none" else capture, batch)
             if r:  # the first round warms up
                 times[mode].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
     os.environ.pop(RECOMPUTE_ENV, None)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"config": config_name, "rounds": rounds, "recompute_s": medians["recompute"], "save_s": medians["save"],
-            "ratio": medians["recompute"] / medians["save"]}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"config": config_name, "rounds": rounds, "threads": torch.get_num_threads(), "none_s": med["none"],
+            "save_s": med["save"], "recompute_s": med["recompute"], "ratio": med["recompute"] / med["save"],
+            "regulariser_cost_save": med["save"] / med["none"] - 1,
+            "regulariser_cost_recompute": med["recompute"] / med["none"] - 1}
 
 
 def render(records: list[dict]) -> str:
@@ -292,12 +299,17 @@ def render_markdown(result: dict) -> str:
              "g (1024, 256, 128) frozen, hooks route (BridgeCapture); peak of the storages created during the "
              "step (TorchDispatchMode count; `meta`: the same count with no data); one process per cell.", "",
              render(result["records"])]
-    timing = result.get("timing")
-    if timing:
-        lines += ["", f"Step time with the recompute / with g's activations saved ({timing['config']}, torch "
-                  f"backend, medians of {timing['rounds']} interleaved rounds): {timing['recompute_s']:.3f} s / "
-                  f"{timing['save_s']:.3f} s = x{timing['ratio']:.3f}"]
+    if result.get("timing"):
+        lines += ["", render_timing(result["timing"])]
     return "\n".join(lines)
+
+
+def render_timing(t: dict) -> str:
+    return (f"Step time ({t['config']}, torch backend, {t['threads']} thread(s), medians of {t['rounds']} interleaved "
+            f"rounds): without R {t['none_s']:.3f} s; with R, g's activations saved (SBPET_TORCH_RECOMPUTE=0) "
+            f"{t['save_s']:.3f} s ({100 * t['regulariser_cost_save']:+.0f}%); with R and the recompute "
+            f"{t['recompute_s']:.3f} s ({100 * t['regulariser_cost_recompute']:+.0f}%). Recompute / saved: "
+            f"x{t['ratio']:.3f}.")
 
 
 def main(argv=None) -> int:
@@ -327,9 +339,7 @@ def main(argv=None) -> int:
     timing = None
     if args.time:
         timing = time_recompute(args.time)
-        print(f"\nstep time with the recompute / save-everything ({args.time}, torch backend, medians of "
-              f"{timing['rounds']} interleaved rounds): {timing['recompute_s']:.3f} s / {timing['save_s']:.3f} s "
-              f"= x{timing['ratio']:.3f}")
+        print("\n" + render_timing(timing))
     from benchmarks.measure import environment
 
     env = environment("cpu")
