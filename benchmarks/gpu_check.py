@@ -1,4 +1,4 @@
-"""One command that validates and times sbpet on a CUDA machine (GPU.md), offline, in < 10 minutes.
+"""One command that validates and times sbpet on a CUDA machine (docs/gpu-check.md), offline, in < 10 minutes.
 
     python -m benchmarks.gpu_check benchmarks/results
 

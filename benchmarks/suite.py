@@ -461,7 +461,7 @@ def measure_shape_pass(case: Case, pass_: str, backends, *, skip: dict | None = 
     return records, runners
 
 
-# GPU.md's measured reference ceilings (bytes/s read + written, FLOP/s): for predictions only.
+# The measured reference ceilings of docs/gpu-check.md (bytes/s read + written, FLOP/s): for predictions only.
 REFERENCE_CEILINGS = {
     "h100": {"copy_bytes_per_s": 3.0e12, "matmul_flops_per_s": 800e12},
     "h200": {"copy_bytes_per_s": 4.3e12, "matmul_flops_per_s": 790e12},
@@ -485,5 +485,5 @@ def floor_table(shape_names, ceilings: dict, elem_bytes: int = 2) -> str:
 
 if __name__ == "__main__":  # python -m benchmarks.suite [h100|h200]: the floors of the GPU shapes
     gpu = sys.argv[1] if len(sys.argv) > 1 else "h100"
-    print(f"Floors with GPU.md's {gpu} ceilings, bf16 hidden states:\n")
+    print(f"Floors with the {gpu} reference ceilings (docs/gpu-check.md), bf16 hidden states:\n")
     print(floor_table(GPU_SHAPES, REFERENCE_CEILINGS[gpu], 2))

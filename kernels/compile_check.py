@@ -148,7 +148,8 @@ def _signature(fn, states_dtype: str, constexprs: dict) -> tuple[dict, dict]:
             elif name in ("a1_ptr", "da1_ptr") or (gemm and name == "w1_ptr"):
                 ty = operand
             elif name in ("layer_offsets_ptr", "layer_strides_ptr", "batch_index_ptr", "seq_index_ptr",
-                          "targets_ptr", "num_valid_ptr"):
+                          "targets_ptr", "num_valid_ptr", "segment_start_ptr", "segment_end_ptr",
+                          "context_index_ptr"):
                 ty = "i64"
             elif name in ("row_of_ptr", "pair_ids_ptr"):
                 ty = "i32"

@@ -6,8 +6,12 @@ builds a small :class:`LayerTable` (element offset of every layer from layer 0's
 three strides, int64) and a program of layer ``l`` loads ``states_ptr + offset[l] + b*sb + s*ss +
 k*sh``. The table is copied to the device from pinned memory without a host synchronisation.
 
-Forward: ``context[l, b] = sum_s mask[b, s] * h[l][b, s] / sum_s mask[b, s]`` in float32.
-Backward: one pass over every layer's gradient, ``grad_context[l, b] * mask[b, s] / count[b]`` on
+One context per sequence: a sequence is a contiguous range ``[start[g], end[g])`` of row
+``g // K`` (K sequences at most per row; K = 1 and the range the whole row when rows are not packed).
+``index[b, s]`` is the sequence of position (b, s), ``count[g]`` its number of real tokens.
+
+Forward: ``context[l, g] = sum_{s in [start[g], end[g])} mask[b, s] * h[l][b, s] / count[g]`` in float32.
+Backward: one pass over every layer's gradient, ``grad_context[l, g] * mask[b, s] / count[g]`` on
 every token plus the token gradient rows of the regularised positions (from the fused bridge
 kernel's backward), stored once in the states' dtype.
 """
@@ -27,7 +31,8 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     tl = None
 
 __all__ = [
-    "LayerTable", "layer_table", "rows_table", "row_lookup", "context_forward", "context_backward", "interpreting",
+    "LayerTable", "layer_table", "rows_table", "flat_table", "flat_rows_ok", "row_lookup", "context_forward",
+    "context_backward", "interpreting", "Sequences",
 ]
 
 # Element alignment (in elements) that lets the kernels promise vectorisable addresses.
@@ -118,6 +123,25 @@ def rows_table(token_rows) -> LayerTable:
     return table
 
 
+def flat_rows_ok(states: torch.Tensor) -> bool:
+    """True when a [B, S, H] tensor's token (b, s) lies at flat position ``b * S + s`` times its S
+    stride (the layout :func:`flat_table` needs: any layer Hugging Face returns)."""
+    batch, seq, _ = states.shape
+    return batch == 1 or states.stride(0) == seq * states.stride(1)
+
+
+def flat_table(hidden_states) -> LayerTable:
+    """A :class:`LayerTable` over L+1 [B, S, H] layers (each :func:`flat_rows_ok`) whose token
+    (b, s) lies at (b=any, s=b * S + s): the b stride is 0, so kernel 2 reads a row from its flat
+    position while its ``batch_index`` names the row's context (its sequence, for the context
+    half), as :func:`rows_table` does for captured rows."""
+    table = layer_table(hidden_states)
+    strides = table.strides.reshape(-1, 3).clone()
+    strides[:, 0] = 0
+    table.strides = strides.reshape(-1)
+    return table
+
+
 def row_lookup(batch: int, seq: int, batch_index: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
     """int32 [B, S]: the row in [0, N) of each regularised position (b, s), -1 elsewhere."""
     row_of = torch.full((batch, seq), -1, dtype=torch.int32, device=batch_index.device)
@@ -144,19 +168,24 @@ if triton is not None:
     def context_forward_kernel(
         states_ptr, layer_offsets_ptr, layer_strides_ptr,
         mask_ptr,  # float32 [B, S]
-        inv_count_ptr,  # float32 [B]
-        context_ptr,  # float32 [L+1, B, H] (out)
+        inv_count_ptr,  # float32 [G]: 1 / each sequence's count of real tokens
+        segment_start_ptr, segment_end_ptr,  # int64 [G]: each sequence's columns in its row g // K
+        context_ptr,  # float32 [L+1, G, H] (out)
         row_of_ptr,  # int32 [B, S]: row in [0, N) of a regularised position, or -1 (GATHER_ROWS)
         tokens_ptr,  # [L+1, N, H] in the states' dtype (out, GATHER_ROWS)
-        B, S, H, N,
+        G, K, S, H, N,
         BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
         CONTIGUOUS_H: tl.constexpr, ALIGNED: tl.constexpr, GATHER_ROWS: tl.constexpr,
     ):
-        """One program: one (layer, sequence, H-block); loops over S in BLOCK_S chunks. With
-        GATHER_ROWS it also copies the regularised rows out of the same read (METHOD.md step 2)."""
+        """One program: one (layer, sequence, H-block); loops over the sequence's columns in BLOCK_S
+        chunks. With GATHER_ROWS it also copies the regularised rows out of the same read (METHOD.md
+        step 2; a row's sequences cover it, so every regularised row is copied once)."""
         pid_h = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
         layer = tl.program_id(2).to(tl.int64)
+        b = g // K
+        start = tl.load(segment_start_ptr + g)
+        end = tl.load(segment_end_ptr + g)
         offset, stride_b, stride_s, stride_h = layer_origin(
             layer_offsets_ptr, layer_strides_ptr, layer, ALIGNED
         )
@@ -168,13 +197,13 @@ if triton is not None:
             col_off = cols.to(tl.int64) * stride_h
         row_base = states_ptr + offset + b * stride_b
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
+        for s0 in range(start, end, BLOCK_S):
             seq = s0 + tl.arange(0, BLOCK_S)
-            weight = tl.load(mask_ptr + b * S + seq, mask=seq < S, other=0.0)
+            weight = tl.load(mask_ptr + b * S + seq, mask=seq < end, other=0.0)
             # Padding tokens are never read (saves bandwidth on padded batches), unless regularised.
             take = weight != 0.0
             if GATHER_ROWS:
-                row = tl.load(row_of_ptr + b * S + seq, mask=seq < S, other=-1).to(tl.int64)
+                row = tl.load(row_of_ptr + b * S + seq, mask=seq < end, other=-1).to(tl.int64)
                 take = take | (row >= 0)
             take = take[:, None] & col_ok[None, :]
             x = tl.load(row_base + seq.to(tl.int64)[:, None] * stride_s + col_off[None, :], mask=take, other=0.0)
@@ -182,18 +211,19 @@ if triton is not None:
             if GATHER_ROWS:
                 out = tokens_ptr + (layer * N + row)[:, None] * H + cols[None, :]
                 tl.store(out, x, mask=(row >= 0)[:, None] & col_ok[None, :])
-        acc = acc * tl.load(inv_count_ptr + b)
-        tl.store(context_ptr + (layer * B + b) * H + cols, acc, mask=col_ok)
+        acc = acc * tl.load(inv_count_ptr + g)
+        tl.store(context_ptr + (layer * G + g) * H + cols, acc, mask=col_ok)
 
     @triton.jit
     def context_backward_kernel(
         grad_states_ptr,  # [L+1, B, S, H] contiguous, the states' dtype (out)
-        grad_context_ptr,  # float32 [L+1, B, H]
+        grad_context_ptr,  # float32 [L+1, G, H]
         mask_ptr,  # float32 [B, S]
-        inv_count_ptr,  # float32 [B]
+        inv_count_ptr,  # float32 [G]
+        context_index_ptr,  # int64 [B, S]: the position's sequence
         row_of_ptr,  # int32 [B, S]: row of the regularised position (b, s) in [0, N), or -1
         grad_tokens_ptr,  # float32 [L+1, N, H] (HAS_TOKENS)
-        B, S, H, N,
+        B, G, S, H, N,
         BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, HAS_TOKENS: tl.constexpr,
     ):
         """One program: a [BLOCK_S, BLOCK_H] tile of one (layer, sequence); writes it once."""
@@ -206,9 +236,12 @@ if triton is not None:
         seq_ok = seq < S
         col_ok = cols < H
         ok = seq_ok[:, None] & col_ok[None, :]
-        weight = tl.load(mask_ptr + b * S + seq, mask=seq_ok, other=0.0) * tl.load(inv_count_ptr + b)
-        grad_context = tl.load(grad_context_ptr + (layer * B + b) * H + cols, mask=col_ok, other=0.0)
-        grad = weight[:, None] * grad_context[None, :]
+        context = tl.load(context_index_ptr + b * S + seq, mask=seq_ok, other=0)
+        weight = tl.load(mask_ptr + b * S + seq, mask=seq_ok, other=0.0) * tl.load(inv_count_ptr + context,
+                                                                                   mask=seq_ok, other=0.0)
+        grad_context = tl.load(grad_context_ptr + ((layer * G + context) * H)[:, None] + cols[None, :], mask=ok,
+                               other=0.0)
+        grad = weight[:, None] * grad_context
         if HAS_TOKENS:
             row = tl.load(row_of_ptr + b * S + seq, mask=seq_ok, other=-1).to(tl.int64)
             token_ptr = grad_tokens_ptr + (layer * N + row)[:, None] * H + cols[None, :]
@@ -228,33 +261,58 @@ def context_config(hidden: int, interpret: bool | None = None) -> dict:
     return dict(BLOCK_S=32, BLOCK_H=block_h, num_warps=4, bwd_num_warps=8)
 
 
-def mask_weights(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 mask [B, S] and 1 / count [B] (every row has a real token: validated upstream)."""
-    mask = (attention_mask != 0).to(torch.float32).contiguous()  # any nonzero value: a real token
-    return mask, 1.0 / mask.sum(dim=1)
+@dataclass
+class Sequences:
+    """The sequences of a batch as kernel 1 takes them (see the module docstring): ``mask``
+    float32 [B, S], ``inv_count`` float32 [G] (1 / each sequence's count of real tokens), ``index``
+    int64 [B, S] (the position's sequence), ``start``, ``end`` int64 [G] (its columns in row
+    ``g // slots``)."""
+
+    mask: torch.Tensor
+    inv_count: torch.Tensor
+    index: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    slots: int
+
+    @property
+    def num_contexts(self) -> int:
+        return self.start.shape[0]
+
+    @staticmethod
+    def per_row(attention_mask: torch.Tensor) -> "Sequences":
+        """One sequence per row (no packing; every row has a real token: validated upstream)."""
+        batch, seq = attention_mask.shape
+        mask = (attention_mask != 0).to(torch.float32).contiguous()  # any nonzero value: a real token
+        rows = torch.arange(batch, device=attention_mask.device)
+        return Sequences(mask, 1.0 / mask.sum(dim=1), rows[:, None].expand(batch, seq).contiguous(),
+                         torch.zeros_like(rows), torch.full_like(rows, seq), 1)
+
 
 
 def context_forward(
-    table: LayerTable, num_states: int, mask: torch.Tensor, inv_count: torch.Tensor, out: torch.Tensor | None = None,
+    table: LayerTable, num_states: int, sequences: Sequences, out: torch.Tensor | None = None,
     row_of: torch.Tensor | None = None, tokens_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """METHOD.md step 1 for all layers: float32 contexts [L+1, B, H] (into ``out`` when given: tests
-    pass a NaN-filled one to catch unwritten elements).
+    """METHOD.md step 1 for all layers: float32 contexts [L+1, G, H], one per sequence of
+    ``sequences`` (into ``out`` when given: tests pass a NaN-filled one to catch unwritten elements).
 
     With ``row_of`` (:func:`row_lookup`) and ``tokens_out`` ([L+1, N, H], the states' dtype) the
     same read also copies the regularised rows into ``tokens_out`` (METHOD.md step 2)."""
     batch, seq, hidden = table.base.shape
+    num_contexts = sequences.num_contexts
     context = out
     if context is None:
-        context = torch.empty((num_states, batch, hidden), dtype=torch.float32, device=table.base.device)
+        context = torch.empty((num_states, num_contexts, hidden), dtype=torch.float32, device=table.base.device)
     gather = row_of is not None
     num_rows = tokens_out.shape[1] if gather else 0
     cfg = context_config(hidden)
-    grid = (triton.cdiv(hidden, cfg["BLOCK_H"]), batch, num_states)
+    grid = (triton.cdiv(hidden, cfg["BLOCK_H"]), num_contexts, num_states)
+    mask = sequences.mask
     context_forward_kernel[grid](
-        table.base, table.offsets, table.strides, mask, inv_count, context,
+        table.base, table.offsets, table.strides, mask, sequences.inv_count, sequences.start, sequences.end, context,
         row_of if gather else mask, tokens_out if gather else context,
-        batch, seq, hidden, num_rows,
+        num_contexts, sequences.slots, seq, hidden, num_rows,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"],
         CONTIGUOUS_H=table.contiguous_h, ALIGNED=table.aligned, GATHER_ROWS=gather,
         num_warps=cfg["num_warps"],
@@ -264,19 +322,20 @@ def context_forward(
 
 def context_backward(
     grad_context: torch.Tensor,
-    mask: torch.Tensor,
-    inv_count: torch.Tensor,
+    sequences: Sequences,
     batch_index: torch.Tensor,
     seq_index: torch.Tensor,
     grad_tokens: torch.Tensor | None,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Every layer's gradient [L+1, B, S, H] in ``dtype``: the context share on every token plus
-    ``grad_tokens`` [L+1, N, H] at the regularised positions (assumed distinct, as labels give);
-    ``grad_tokens=None``: the context share alone (the GEMM strategy writes the rows after)."""
-    num_states, batch, hidden = grad_context.shape
-    seq = mask.shape[1]
+    """Every layer's gradient [L+1, B, S, H] in ``dtype``: its sequence's context share (of
+    ``grad_context`` [L+1, G, H]) on every token plus ``grad_tokens`` [L+1, N, H] at the regularised
+    positions (assumed distinct, as labels give); ``grad_tokens=None``: the context share alone (the
+    GEMM strategy writes the rows after)."""
+    num_states, num_contexts, hidden = grad_context.shape
+    mask = sequences.mask
+    batch, seq = mask.shape
     num_rows = batch_index.shape[0]
     device = grad_context.device
     has_tokens = grad_tokens is not None
@@ -287,8 +346,9 @@ def context_backward(
     cfg = context_config(hidden)
     grid = (triton.cdiv(seq, cfg["BLOCK_S"]) * triton.cdiv(hidden, cfg["BLOCK_H"]), batch, num_states)
     context_backward_kernel[grid](
-        grad_states, grad_context.contiguous(), mask, inv_count, row_of, grad_tokens if has_tokens else mask,
-        batch, seq, hidden, num_rows,
+        grad_states, grad_context.contiguous(), mask, sequences.inv_count, sequences.index, row_of,
+        grad_tokens if has_tokens else mask,
+        batch, num_contexts, seq, hidden, num_rows,
         BLOCK_S=cfg["BLOCK_S"], BLOCK_H=cfg["BLOCK_H"], HAS_TOKENS=has_tokens,
         num_warps=cfg["bwd_num_warps"],
     )

@@ -268,8 +268,11 @@ def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tens
                 context=None, cfg: GemmConfig | None = None) -> torch.Tensor:
     """Write ``da1 @ w1_token * grad_loss * inv_pairs`` of every row to ``out`` at element offset
     ``g * out_strides[0] + b_n * out_strides[1] + s_n * out_strides[2]`` (H contiguous), in
-    ``out``'s dtype. ``context`` = (float32 grad_context [G, B, H], mask [B, S], inv_count [B])
-    adds each row's context share first (the whole-states route); None leaves it out (the parts
+    ``out``'s dtype. ``context`` = (float32 grad_context [G, C, H], float32 mask [B, S], float32
+    inv_count [C]) adds each row's context share first (the whole-states route, whose rows are named
+    (context c, flat position p = b * S + s): ``context.flat_table``; the kernel runs with S = 0, so
+    ``mask[b * S + s]`` reads the flat position's mask and ``inv_count[b]`` its context's); None
+    leaves it out (the parts
     route, whose context gradient is returned apart). ``cfg``: one of :func:`gemm_candidates` (None:
     the fixed choice). Each row's elements are written, not added to (a repeated launch is harmless).
     A fixed capacity's padding rows need no mask here: :func:`first_layer` wrote their a1 as 0 and
@@ -280,12 +283,12 @@ def token_grads(da1: torch.Tensor, w1_token: torch.Tensor, grad_loss: torch.Tens
     cfg = cfg or gemm_config(num_rows, precision, kernel="token_grad")
     launch, num_warps, num_stages = _launch(cfg)
     grad_context, mask, inv_count = context if context is not None else (da1, da1, da1)
-    batch, seq = (mask.shape[0], mask.shape[1]) if context is not None else (1, 1)
+    contexts = grad_context.shape[1] if context is not None else 1
     grid = (triton.cdiv(num_rows, cfg["BLOCK_M"]) * triton.cdiv(hidden, cfg["BLOCK_N"]), num_layers)
     token_grad_kernel[grid](
         da1, w1_token, w1_token.stride(0), out, *out_strides, batch_index, seq_index,
         grad_context, mask, inv_count, grad_loss, float(inv_pairs),
-        num_rows, batch, seq, hidden, width,
+        num_rows, contexts, 0, hidden, width,
         ADD_CONTEXT=context is not None, DOT_PRECISION=dot_precision(precision=precision),
         num_warps=num_warps, num_stages=num_stages, **launch,
     )

@@ -13,7 +13,8 @@ The package is layered; each layer imports only the ones below it:
 6. :mod:`sbpet.cli` -- the offline demo, the study and the ``sbpet`` command.
 
 The Hugging Face trainer and fitting are imported on first use (``sbpet.BridgeTrainer`` imports
-``transformers.Trainer``), so ``import sbpet`` stays light. The module paths of sbpet 0.1.0's flat
+``transformers.Trainer``; ``sbpet.BridgeSFTTrainer`` imports TRL, an optional extra), so ``import
+sbpet`` stays light. The module paths of sbpet 0.1.0's flat
 layout (``sbpet.regularizer``, ``sbpet.dispatch``, ...) still import, with a DeprecationWarning.
 """
 
@@ -37,6 +38,8 @@ from .modules.sde import DriftNetwork, SDEBridgeRegularizer, sde_bridge_loss
 # name -> module, imported on first attribute access.
 _LAZY = {
     "BridgeTrainer": "hf.trainer",
+    "BridgeTrainerMixin": "hf.trainer",
+    "BridgeSFTTrainer": "hf.sft",  # needs trl: pip install "sbpet[trl]"
     "fit_mapping": "hf.fitting",
     "BridgeCapture": "hf.capture",
     "masked_lm_bridge_labels": "hf.labels",
@@ -46,6 +49,9 @@ _LAZY = {
     "apply_bitfit": "hf.peft_utils",
     "enable_prefix_tuning": "hf.prefix",
 }
+
+# Names that need an optional extra: kept out of __all__ so that `from sbpet import *` works without it.
+_OPTIONAL = {"BridgeSFTTrainer"}
 
 
 def __getattr__(name):
@@ -106,7 +112,7 @@ if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
     sys.meta_path.append(_MovedModuleFinder())
 
 __all__ = [
-    *_LAZY,
+    *(name for name in _LAZY if name not in _OPTIONAL),
     "BRIDGES",
     "PRECISIONS",
     "DriftNetwork",

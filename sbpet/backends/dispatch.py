@@ -4,16 +4,19 @@ Every public route (``bridge_loss``, ``BridgeRegularizer``, ``BridgeCapture`` an
 ``BridgeTrainer`` and ``fit_mapping``) asks :func:`select` for a :class:`Backend`; none imports a
 backend module itself. A backend offers three functions with one contract:
 
-- ``capture_layer(states, attention_mask, batch_index, seq_index)``: one layer's states
-  [B, S, H] (any float dtype, any strides) -> (float32 context [B, H], regularised rows [N, H]),
-  differentiable (METHOD.md steps 1-2; the forward hooks of :class:`sbpet.hf.BridgeCapture` call it);
+- ``capture_layer(states, attention_mask, batch_index, seq_index, segments=None)``: one layer's
+  states [B, S, H] (any float dtype, any strides) -> (float32 contexts [G, H], regularised rows
+  [N, H]), differentiable (METHOD.md steps 1-2; the forward hooks of :class:`sbpet.hf.BridgeCapture`
+  call it); G = B, or one context per packed sequence of ``segments``
+  (:class:`sbpet.core.positions.Segments`);
 - ``loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
-  precision)``: R from the L+1 layers' parts (lists of [B, H] and [N, H]; METHOD.md steps 3-7);
+  precision)``: R from the L+1 layers' parts (lists of [G, H] and [N, H]; ``batch_index``: each
+  row's context, ``Positions.context_index``; METHOD.md steps 3-7);
 - ``loss(hidden_states, attention_mask, batch_index, seq_index, targets, mapping, tail, mean_coef,
-  variance, precision)``: R from the whole hidden states (``output_hidden_states=True``).
+  variance, precision, segments=None)``: R from the whole hidden states (``output_hidden_states=True``).
 
 and optionally a fourth, ``layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef_l,
-variance_l, mapping, precision, num_valid)``: one layer's unnormalised share of R as one autograd node
+variance_l, mapping, precision, num_valid, segments=None)``: one layer's unnormalised share of R as one autograd node
 that saves no activation of g (the torch backend's recompute, issue 35). When the capture's backend has
 one (:func:`layer_loss_of`), the hooks call it on each layer instead of ``capture_layer`` and sum the
 shares (each layer's backward then runs when the model's backward reaches the layer).

@@ -12,22 +12,33 @@ import torch
 from torch.nn import functional as F
 
 from ..core.mapping import BridgeMapping
+from ..core.positions import Segments
 from ..core.precision import linear
 
 __all__ = ["reference_bridge_loss", "reference_capture_layer", "reference_loss_from_parts"]
 
 
-def context(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """METHOD.md step 1: masked mean over the sequence. states [L+1, B, S, H] -> [L+1, B, H]. Padded
-    positions (mask 0) are left out, not multiplied by 0: a NaN or inf there never reaches R."""
+def context(states: torch.Tensor, attention_mask: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+    """METHOD.md step 1: masked mean over each sequence. states [L+1, B, S, H] -> [L+1, G, H], one
+    context per sequence of ``segments`` (None: per row, G = B). Padded positions (mask 0) are left
+    out, not multiplied by 0: a NaN or inf there never reaches R."""
+    num_states, batch, seq, hidden = states.shape
+    if segments is None:
+        segments = Segments.per_row(batch, seq, states.device)
     real = attention_mask != 0
     kept = torch.where(real[None, :, :, None], states, torch.zeros((), dtype=states.dtype, device=states.device))
-    return kept.sum(dim=2) / real.sum(dim=1).to(states.dtype)[None, :, None]
+    sums = states.new_zeros((num_states, segments.num_contexts, hidden))
+    sums.index_add_(1, segments.index.reshape(-1), kept.reshape(num_states, batch * seq, hidden))
+    counts = states.new_zeros(segments.num_contexts).index_add_(0, segments.index.reshape(-1),
+                                                                real.reshape(-1).to(states.dtype))
+    return sums / counts.clamp(min=1)[None, :, None]  # an empty slot (no sequence) stays 0
 
 
-def mapping_inputs(states, contexts, batch_index, seq_index) -> torch.Tensor:
-    """METHOD.md step 2: u[l, n] = concat(c[l, b], h[l][b, s]) -> [L+1, N, 2H], context first."""
-    return torch.cat([contexts[:, batch_index], states[:, batch_index, seq_index]], dim=-1)
+def mapping_inputs(states, contexts, batch_index, seq_index, context_index=None) -> torch.Tensor:
+    """METHOD.md step 2: u[l, n] = concat(c[l, g], h[l][b, s]) -> [L+1, N, 2H], context first;
+    ``context_index`` [N]: the sequence g of each position (None: its row b)."""
+    context_index = batch_index if context_index is None else context_index
+    return torch.cat([contexts[:, context_index], states[:, batch_index, seq_index]], dim=-1)
 
 
 def latent_points(mapping: BridgeMapping, inputs: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -82,6 +93,7 @@ def reference_bridge_loss(
     variance,
     precision="fp32",
     num_valid=None,
+    segments=None,
 ):
     """The bridge regulariser R on validated inputs (the contract every backend honours).
 
@@ -96,6 +108,8 @@ def reference_bridge_loss(
             (:mod:`sbpet.core.precision`).
         num_valid: None, or (fixed capacity) a 0-d int64 device tensor: only the first
             ``num_valid`` of the rows are regularised (:mod:`sbpet.core.positions`).
+        segments: None (one sequence per row), or the packed rows' sequences
+            (:class:`sbpet.core.positions.Segments`): one context per sequence.
 
     Returns:
         Scalar R (float32, or float64 for float64 inputs): the mean over the (L+1) * N pairs of
@@ -103,8 +117,9 @@ def reference_bridge_loss(
     """
     compute_dtype = torch.promote_types(hidden_states[0].dtype, torch.float32)
     states = torch.stack(list(hidden_states)).to(compute_dtype)
-    contexts = context(states, attention_mask)
-    inputs = mapping_inputs(states, contexts, batch_index, seq_index)
+    contexts = context(states, attention_mask, segments)
+    context_index = None if segments is None else segments.index[batch_index, seq_index]
+    inputs = mapping_inputs(states, contexts, batch_index, seq_index, context_index)
     if num_valid is not None:
         hidden = states.shape[-1]
         inputs = torch.cat([inputs[..., :hidden], zero_padding(inputs[..., hidden:], num_valid)], dim=-1)
@@ -113,18 +128,20 @@ def reference_bridge_loss(
     return bridge_loss_from_latents(latents, ends, mean_coef, variance, num_valid)
 
 
-def reference_capture_layer(states, attention_mask, batch_index, seq_index):
-    """The parts interface's per-layer capture, by the reference's steps 1-2: the context [B, H]
-    and the regularised rows [N, H] of one layer [B, S, H], both upcast to float32 (or float64)."""
+def reference_capture_layer(states, attention_mask, batch_index, seq_index, segments=None):
+    """The parts interface's per-layer capture, by the reference's steps 1-2: the contexts [G, H]
+    (G = B unless ``segments`` packs several sequences per row) and the regularised rows [N, H] of
+    one layer [B, S, H], both upcast to float32 (or float64)."""
     compute_dtype = torch.promote_types(states.dtype, torch.float32)
     layer = states.to(compute_dtype)[None]
-    return context(layer, attention_mask)[0], layer[0, batch_index, seq_index]
+    return context(layer, attention_mask, segments)[0], layer[0, batch_index, seq_index]
 
 
 def reference_loss_from_parts(contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance,
                               precision="fp32", num_valid=None):
-    """R from the parts (lists of L+1 contexts [B, H] and token rows [N, H]) by the reference's
-    steps 2-7: concatenate [context ; token] per row, run the whole mapping, score the bridge."""
+    """R from the parts (lists of L+1 contexts [G, H] and token rows [N, H]; ``batch_index``: each
+    row's context) by the reference's steps 2-7: concatenate [context ; token] per row, run the
+    whole mapping, score the bridge."""
     contexts, tokens = torch.stack(list(contexts)), torch.stack(list(tokens))
     inputs = torch.cat([contexts[:, batch_index], zero_padding(tokens.to(contexts.dtype), num_valid)], dim=-1)
     latents = latent_points(mapping, inputs, precision)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..core.positions import Segments
 from ..core.precision import check_precision, matmul
 from .reference import bridge_loss_from_latents, tail_points, zero_padding
 
 __all__ = [
     "torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "chain_backward", "chain_forward",
-    "context_and_tokens", "mapping_from_parts",
+    "context_and_tokens", "context_weights", "mapping_from_parts",
 ]
 
 # Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
@@ -37,7 +38,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Tensor:
-    """METHOD.md step 1 for one layer: [B, S, H] states, [B, S] weights mask/count -> [B, H] float32+.
+    """METHOD.md step 1 for one layer: [B, S, H] states, [B, K, S] weights (row b's k-th sequence:
+    mask/count on its columns, 0 elsewhere; K = 1 unless rows are packed) -> [B * K, H] float32+,
+    the contexts of :class:`sbpet.core.positions.Segments`.
 
     Padded positions (weight 0) never reach the context (0 * NaN would make it NaN): they are
     zeroed in the bounded float32+ copy that widens 16-bit states. States already in the
@@ -45,34 +48,38 @@ def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Ten
     not finite (a host check is free there); on a GPU they take the zeroing copy too (one more pass
     over the layer, but no host synchronisation)."""
     acc = mask_weights.dtype
+    batch, slots, seq = mask_weights.shape
     if states.dtype == acc and states.device.type == "cpu" and not torch.compiler.is_compiling():
-        total = torch.bmm(mask_weights[:, None, :], states).squeeze(1)
+        total = torch.bmm(mask_weights, states).reshape(batch * slots, -1)
         if bool(torch.isfinite(total).all()):
             return total
-    batch, seq, hidden = states.shape
+    hidden = states.shape[-1]
     # A bounded share of the layer: the hooks run this as the forward ends, beside every activation.
     chunk = max(1, min(_UPCAST_CHUNK_ELEMENTS, states.numel() // 8) // max(1, batch * hidden))
-    total = states.new_zeros((batch, 1, hidden), dtype=acc)
-    padded = mask_weights == 0
+    total = states.new_zeros((batch, slots, hidden), dtype=acc)
+    padded = (mask_weights == 0).all(dim=1)
     for start in range(0, seq, chunk):
         part = states[:, start : start + chunk].to(acc, copy=True)
         part.masked_fill_(padded[:, start : start + chunk, None], 0)
-        total.baddbmm_(mask_weights[:, None, start : start + chunk], part)
-    return total.squeeze(1)
+        total.baddbmm_(mask_weights[:, :, start : start + chunk], part)
+    return total.reshape(batch * slots, hidden)
 
 
 class _ContextAndTokens(torch.autograd.Function):
-    """METHOD.md steps 1-2 without materialising [rows, 2H]: contexts [L+1, B, H] and token rows
-    [L+1, N, H] of the regularised positions, with a one-pass-per-layer backward."""
+    """METHOD.md steps 1-2 without materialising [rows, 2H]: contexts [L+1, G, H] (one per
+    sequence) and token rows [L+1, N, H] of the regularised positions, with a one-pass-per-layer
+    backward. ``weights`` [B, S]: mask / count of the position's sequence; ``index`` [B, S]: its
+    context; ``slot_weights`` [B, K, S]: the same weights by sequence slot (the forward's bmm)."""
 
     @staticmethod
-    def forward(ctx, mask_weights, batch_index, seq_index, wide_rows, *hidden_states):
-        contexts = torch.stack([layer_context(h, mask_weights) for h in hidden_states])
+    def forward(ctx, weights, index, slot_weights, batch_index, seq_index, wide_rows, *hidden_states):
+        contexts = torch.stack([layer_context(h, slot_weights) for h in hidden_states])
         tokens = torch.stack([h[batch_index, seq_index] for h in hidden_states])
         if wide_rows:
-            tokens = tokens.to(mask_weights.dtype)
-        ctx.save_for_backward(mask_weights, batch_index, seq_index)
+            tokens = tokens.to(weights.dtype)
+        ctx.save_for_backward(weights, index, batch_index, seq_index)
         ctx.states_dtype = hidden_states[0].dtype
+        ctx.slots = slot_weights.shape[1]
         return contexts, tokens
 
     @staticmethod
@@ -82,21 +89,30 @@ class _ContextAndTokens(torch.autograd.Function):
         # four times. The multiply writes the 16-bit gradient directly (no float32 copy of a layer);
         # the regularised rows, distinct positions (``nonzero``), are summed in float32 and written
         # (their gradient arrives in float32 with ``wide_rows``, else already rounded once).
-        mask_weights, batch_index, seq_index = ctx.saved_tensors
-        dtype, acc = ctx.states_dtype, mask_weights.dtype
-        row_weights = mask_weights[batch_index, seq_index][:, None]
+        weights, index, batch_index, seq_index = ctx.saved_tensors
+        dtype, acc = ctx.states_dtype, weights.dtype
+        row_weights = weights[batch_index, seq_index][:, None]
+        row_contexts = index[batch_index, seq_index]
+        batch, seq = weights.shape
         grads = []
-        for layer, needed in enumerate(ctx.needs_input_grad[4:]):
+        for layer, needed in enumerate(ctx.needs_input_grad[6:]):
             if not needed:
                 grads.append(None)
                 continue
             share = grad_contexts[layer].to(acc)
-            grad = share.new_empty((*mask_weights.shape, share.shape[-1]), dtype=dtype)
-            torch.mul(mask_weights[:, :, None], share[:, None, :], out=grad)
-            rows = torch.addcmul(grad_tokens[layer].to(acc), row_weights, share[batch_index])
+            hidden = share.shape[-1]
+            grad = share.new_empty((batch, seq, hidden), dtype=dtype)
+            if ctx.slots == 1:  # one sequence per row: a broadcast, no gather
+                torch.mul(weights[:, :, None], share[:, None, :], out=grad)
+            else:  # each token's sequence's share, gathered a bounded chunk of columns at a time
+                chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, batch * hidden))
+                for start in range(0, seq, chunk):
+                    cols = slice(start, start + chunk)
+                    grad[:, cols] = weights[:, cols, None] * share[index[:, cols]]
+            rows = torch.addcmul(grad_tokens[layer].to(acc), row_weights, share[row_contexts])
             grad[batch_index, seq_index] = rows.to(dtype)
             grads.append(grad)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def _gelu_grad(x: torch.Tensor) -> torch.Tensor:
@@ -208,6 +224,7 @@ def torch_bridge_loss(
     variance,
     precision: str = "fp32",
     num_valid=None,
+    segments=None,
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
     :func:`sbpet.backends.reference.reference_bridge_loss`. Saves g's activations for the backward:
@@ -216,32 +233,51 @@ def torch_bridge_loss(
     # Float32 rows when the states need a gradient: each element of it is then rounded to the
     # states' dtype once (the rows would be widened for g's products anyway).
     wide_rows = any(h.requires_grad for h in hidden_states)
-    contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows)
+    contexts, tokens = context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows, segments)
+    context_index = batch_index if segments is None else segments.index[batch_index, seq_index]
     return bridge_loss_from_parts(
-        contexts, tokens, batch_index, targets, mapping, tail, mean_coef, variance, precision, num_valid
+        contexts, tokens, context_index, targets, mapping, tail, mean_coef, variance, precision, num_valid
     )
 
 
-def capture_layer(states, attention_mask, batch_index, seq_index):
+def capture_layer(states, attention_mask, batch_index, seq_index, segments=None):
     """The parts interface's per-layer capture (METHOD.md steps 1-2 for one layer [B, S, H]): the
-    context [B, H] (float32, float64 for float64 states) and the regularised rows [N, H] (the
-    states' dtype), differentiable."""
-    contexts, tokens = context_and_tokens([states], attention_mask, batch_index, seq_index)
+    contexts [G, H] (float32, float64 for float64 states; G = B unless ``segments`` packs several
+    sequences per row) and the regularised rows [N, H] (the states' dtype), differentiable."""
+    contexts, tokens = context_and_tokens([states], attention_mask, batch_index, seq_index, segments=segments)
     return contexts[0], tokens[0]
 
 
-def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows: bool = False):
-    """METHOD.md steps 1-2 for a list of layers: contexts [len, B, H] (float32 or float64) and the
-    token rows [len, N, H] (input dtype; float32 or float64 with ``wide_rows``) of the
-    regularised positions, differentiable.
+def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wide_rows: bool = False,
+                       segments=None):
+    """METHOD.md steps 1-2 for a list of layers: contexts [len, G, H] (float32 or float64; one per
+    sequence of ``segments``, None: per row, G = B) and the token rows [len, N, H] (input dtype;
+    float32 or float64 with ``wide_rows``) of the regularised positions, differentiable.
 
     Called on all L+1 layers at once by :func:`torch_bridge_loss`, or on one layer at a time by
     the forward hooks of :class:`sbpet.hf.BridgeCapture` (so only these small tensors are kept).
     """
-    acc = _accumulation_dtype(hidden_states[0].dtype)
-    mask = attention_mask.to(acc)
-    mask_weights = mask / mask.sum(dim=1, keepdim=True)
-    return _ContextAndTokens.apply(mask_weights, batch_index, seq_index, wide_rows, *hidden_states)
+    weights, index, slot_weights = context_weights(attention_mask, hidden_states[0].dtype, segments)
+    return _ContextAndTokens.apply(weights, index, slot_weights, batch_index, seq_index, wide_rows, *hidden_states)
+
+
+def context_weights(attention_mask, states_dtype, segments=None):
+    """The context step's weights (METHOD.md step 1) for states of ``states_dtype``: ``weights``
+    [B, S] (mask / count of the position's sequence, float32 or float64), ``index`` [B, S] (its
+    context, of :class:`sbpet.core.positions.Segments`; None: one per row) and ``slot_weights``
+    [B, K, S] (the same weights by sequence slot, for :func:`layer_context`)."""
+    acc = _accumulation_dtype(states_dtype)
+    batch, seq = attention_mask.shape
+    if segments is None:
+        segments = Segments.per_row(batch, seq, attention_mask.device)
+    weights = segments.context_weights(attention_mask != 0, acc)
+    slots = segments.slots
+    if slots == 1:
+        slot_weights = weights[:, None, :]
+    else:  # [B, K, S]: row b's k-th sequence's weights on its columns
+        slot = segments.index - torch.arange(batch, device=weights.device)[:, None] * slots
+        slot_weights = weights[:, None, :] * (slot[:, None, :] == torch.arange(slots, device=weights.device)[:, None])
+    return weights, segments.index, slot_weights
 
 
 def bridge_loss_from_parts(
@@ -252,11 +288,11 @@ def bridge_loss_from_parts(
     :func:`torch_bridge_loss` on the hidden states they came from.
 
     Args:
-        contexts: [L+1, B, H] masked-mean contexts (float32 or float64; METHOD.md step 1), or a list
-            of L+1 [B, H] tensors.
+        contexts: [L+1, G, H] masked-mean contexts (float32 or float64; METHOD.md step 1; one per
+            sequence, G = B unless rows are packed), or a list of L+1 [G, H] tensors.
         tokens: [L+1, N, H] hidden-state rows of the N regularised positions (any float dtype), or
             a list of L+1 [N, H] tensors.
-        batch_index: int64 [N], the sequence of each regularised position.
+        batch_index: int64 [N], the sequence (context) of each regularised position.
         targets: int64 [N] label ids in [0, V).
         mapping: :class:`~sbpet.BridgeMapping` g; tail: [V, D] tail points.
         mean_coef, variance: [L+1] bridge marginals (``bridge.marginals(L + 1)``).

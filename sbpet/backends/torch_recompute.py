@@ -20,7 +20,7 @@ import torch
 
 from ..core.precision import matmul
 from .reference import tail_points, valid_rows
-from .torch_backend import chain_backward, chain_forward, layer_context
+from .torch_backend import chain_backward, chain_forward, context_weights, layer_context
 
 __all__ = ["RECOMPUTE_ENV", "ROW_CHUNK_ELEMENTS", "layer_loss", "recompute_enabled", "normalise_layer_sums", "recompute_bridge_loss", "row_chunk"]
 
@@ -65,6 +65,20 @@ def _gather_rows(states, batch_index, seq_index, valid, acc):
     return rows
 
 
+def _add_context_share(grad, weights, index, share, slots: int) -> None:
+    """``grad`` [B, S, H] += each position's weight times its sequence's context share ``share``
+    [G, H] (computed in the accumulation dtype, one rounding into ``grad``'s); a bounded chunk of
+    columns at a time when rows are packed (one row's columns read different contexts)."""
+    batch, seq, hidden = grad.shape
+    if slots == 1:  # one sequence per row: a broadcast, no gather
+        grad.add_((weights[:, :, None] * share[:, None, :]).to(grad.dtype))
+        return
+    chunk = max(1, (grad.numel() // 8) // max(1, batch * hidden))
+    for start in range(0, seq, chunk):
+        cols = slice(start, start + chunk)
+        grad[:, cols] += (weights[:, cols, None] * share[index[:, cols]]).to(grad.dtype)
+
+
 class _LayerLoss(torch.autograd.Function):
     """One layer's share of R (METHOD.md steps 1-7 for layer l): ``sum_n w_n ||g(c_b, h_l[b, s]) -
     mean_coef_l e_n||^2 / (2 variance_l)`` over the rows n = (b, s), w_n 1 (0 for fixed-capacity
@@ -75,11 +89,11 @@ class _LayerLoss(torch.autograd.Function):
     backward recomputes the chunk's activations and gathers its rows again)."""
 
     @staticmethod
-    def forward(ctx, precision, chunk, mask_weights, batch_index, seq_index, valid, mean_coef, variance, states,
-                ends, *params):
+    def forward(ctx, precision, chunk, mask_weights, index, slot_weights, batch_index, seq_index, row_context, valid,
+                mean_coef, variance, states, ends, *params):
         weights, biases = params[0::2], params[1::2]
         acc, hidden = mask_weights.dtype, states.shape[-1]
-        context = layer_context(states, mask_weights)
+        context = layer_context(states, slot_weights)
         w1 = weights[0]
         half = matmul(context, w1[:, :hidden].T, precision) + biases[0]
         w1_token = w1[:, hidden:].T
@@ -88,26 +102,29 @@ class _LayerLoss(torch.autograd.Function):
             rows_b, rows_s = batch_index[part], seq_index[part]
             part_valid = None if valid is None else valid[part]
             rows = _gather_rows(states, rows_b, rows_s, part_valid, acc)
-            pre, _ = chain_forward(matmul(rows, w1_token, precision) + half[rows_b], weights, biases, precision)
+            pre, _ = chain_forward(matmul(rows, w1_token, precision) + half[row_context[part]], weights, biases,
+                                   precision)
             residual = pre[-1] - mean_coef.to(pre[-1]) * ends[part].to(pre[-1])
             per_row = residual.square().sum(-1)
             if part_valid is not None:
                 per_row = per_row * part_valid
             total = total + per_row.sum()
         ctx.precision, ctx.chunk, ctx.has_valid = precision, chunk, valid is not None
-        ctx.save_for_backward(mask_weights, batch_index, seq_index, valid if valid is not None else batch_index.new_empty(0),
-                              mean_coef, variance, states, ends, context, *params)
+        ctx.slots = slot_weights.shape[1]
+        ctx.save_for_backward(mask_weights, index, batch_index, seq_index, row_context,
+                              valid if valid is not None else batch_index.new_empty(0), mean_coef, variance, states,
+                              ends, context, *params)
         return total / (2 * variance.to(total))
 
     @staticmethod
     def backward(ctx, grad_total):
-        mask_weights, batch_index, seq_index, valid, mean_coef, variance, states, ends, context, *params = (
-            ctx.saved_tensors)
+        (mask_weights, index, batch_index, seq_index, row_context, valid, mean_coef, variance, states, ends, context,
+         *params) = ctx.saved_tensors
         valid = valid if ctx.has_valid else None
         precision, chunk = ctx.precision, ctx.chunk
         weights, biases = params[0::2], params[1::2]
         needs = ctx.needs_input_grad
-        need_states, need_ends, train = needs[8], needs[9], any(needs[10:])
+        need_states, need_ends, train = needs[11], needs[12], any(needs[13:])
         acc, hidden, dtype = mask_weights.dtype, states.shape[-1], states.dtype
         w1 = weights[0]
         half = matmul(context, w1[:, :hidden].T, precision) + biases[0]
@@ -133,7 +150,8 @@ class _LayerLoss(torch.autograd.Function):
             rows_b, rows_s = batch_index[part], seq_index[part]
             part_valid = None if valid is None else valid[part]
             rows = _gather_rows(states, rows_b, rows_s, part_valid, acc)
-            pre, acts = chain_forward(matmul(rows, w1_token.T, precision) + half[rows_b], weights, biases, precision)
+            rows_c = row_context[part]
+            pre, acts = chain_forward(matmul(rows, w1_token.T, precision) + half[rows_c], weights, biases, precision)
             latents = pre.pop()
             coef = mean_coef.to(latents)
             dz = (latents - coef * ends[part].to(latents)).mul_(dz_scale)
@@ -144,7 +162,7 @@ class _LayerLoss(torch.autograd.Function):
                 grad_ends[part] = (-coef * dz).to(ends.dtype)
             grad_pre1, layer_grads = chain_backward(dz, pre, acts, weights, precision, train)
             del pre, acts, dz
-            grad_half.index_add_(0, rows_b, grad_pre1)
+            grad_half.index_add_(0, rows_c, grad_pre1)
             if train:
                 grad_w1_token += matmul(grad_pre1.T, rows, precision)
                 for sums, (gw, gb) in zip(layer_sums, layer_grads):
@@ -160,12 +178,12 @@ class _LayerLoss(torch.autograd.Function):
         if need_states:
             share = matmul(grad_half, w1[:, :hidden], precision)
             if grad is not None:
-                grad.addcmul_(mask_weights[:, :, None].to(dtype), share[:, None, :].to(dtype))
+                _add_context_share(grad, mask_weights, index, share, ctx.slots)
             else:
-                grad = share.new_empty(states.shape, dtype=dtype)
-                torch.mul(mask_weights[:, :, None], share[:, None, :], out=grad)
+                grad = torch.zeros(states.shape, dtype=dtype, device=states.device)
+                _add_context_share(grad, mask_weights, index, share, ctx.slots)
                 row_weights = mask_weights[batch_index, seq_index][:, None]
-                grad[batch_index, seq_index] = rows_grad.addcmul_(row_weights, share[batch_index]).to(dtype)
+                grad[batch_index, seq_index] = rows_grad.addcmul_(row_weights, share[row_context]).to(dtype)
             grad_states = grad
         grad_params = [None] * len(params)
         if train:
@@ -174,12 +192,12 @@ class _LayerLoss(torch.autograd.Function):
             grad_params[1] = grad_half.sum(0).to(biases[0].dtype)
             for i, (gw, gb) in enumerate(layer_sums, start=1):
                 grad_params[2 * i], grad_params[2 * i + 1] = gw.to(weights[i].dtype), gb.to(biases[i].dtype)
-            grad_params = [g if needed else None for g, needed in zip(grad_params, needs[10:])]
-        return (None, None, None, None, None, None, None, None, grad_states, grad_ends, *grad_params)
+            grad_params = [g if needed else None for g, needed in zip(grad_params, needs[13:])]
+        return (None,) * 11 + (grad_states, grad_ends, *grad_params)
 
 
 def layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef, variance, mapping,
-               precision: str = "fp32", num_valid=None) -> torch.Tensor:
+               precision: str = "fp32", num_valid=None, segments=None) -> torch.Tensor:
     """One layer's unnormalised share of R, with the recompute (:class:`_LayerLoss`).
 
     Args:
@@ -191,6 +209,8 @@ def layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef, 
         mapping: :class:`~sbpet.BridgeMapping` g.
         precision: how g's products run (:mod:`sbpet.core.precision`).
         num_valid: None, or a fixed capacity's 0-d int64 device count.
+        segments: None (one sequence per row), or the packed rows' sequences
+            (:class:`sbpet.core.positions.Segments`): one context per sequence.
 
     Returns:
         0-d: ``sum_n ||z_n - mean_coef e_n||^2 / (2 variance)`` over the (valid) rows, float32
@@ -206,14 +226,10 @@ def layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef, 
         >>> layer_loss(states, torch.ones(2, 5), b, s, ends, torch.tensor(0.5), torch.tensor(0.25), g).shape
         torch.Size([])
     """
-    acc = torch.promote_types(states.dtype, torch.float32)
-    mask = attention_mask.to(acc)
-    mask_weights = mask / mask.sum(dim=1, keepdim=True)
-    params = [t for layer in mapping.layers for t in (layer.weight, layer.bias)]
-    valid = None if num_valid is None else valid_rows(batch_index.shape[0], num_valid)
-    chunk = row_chunk(states.shape[-1], [layer.weight for layer in mapping.layers], states.numel())
-    return _LayerLoss.apply(precision, chunk, mask_weights, batch_index, seq_index, valid, mean_coef, variance,
-                            states, ends, *params)
+    mask_weights, index, slot_weights = context_weights(attention_mask, states.dtype, segments)
+    row_context = batch_index if segments is None else index[batch_index, seq_index]
+    return _LayerLoss.apply(precision, chunk, mask_weights, index, slot_weights, batch_index, seq_index, row_context,
+                            valid, mean_coef, variance, states, ends, *params)
 
 
 def normalise_layer_sums(total: torch.Tensor, num_states: int, num_rows: int, num_valid=None) -> torch.Tensor:
@@ -226,14 +242,14 @@ def normalise_layer_sums(total: torch.Tensor, num_states: int, num_rows: int, nu
 
 
 def recompute_bridge_loss(hidden_states, attention_mask, batch_index, seq_index, targets, mapping, tail, mean_coef,
-                          variance, precision: str = "fp32", num_valid=None):
+                          variance, precision: str = "fp32", num_valid=None, segments=None):
     """R from the whole hidden states with one :func:`layer_loss` node per layer: same arguments
     and result as :func:`sbpet.backends.reference.reference_bridge_loss` (the torch backend's
     ``loss`` unless ``SBPET_TORCH_RECOMPUTE=0``)."""
     ends = tail_points(tail, targets)
     total = sum(
         layer_loss(h, attention_mask, batch_index, seq_index, ends, mean_coef[l], variance[l], mapping, precision,
-                   num_valid)
+                   num_valid, segments)
         for l, h in enumerate(hidden_states)
     )
     return normalise_layer_sums(total, len(hidden_states), batch_index.shape[0], num_valid)

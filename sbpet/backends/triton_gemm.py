@@ -95,8 +95,10 @@ def gemm_backward(grad_loss, inv_pairs, table, batch_index, seq_index, targets, 
     1 / ((L+1) N), or with ``num_valid`` 1 / (L+1), the count folded into ``grad_loss`` on the device).
 
     Writes every regularised row's gradient into ``out`` (see ``layer_gemm.token_grads``):
-    ``states_context`` = (mask, inv_count) for the whole-states route, where ``out`` is the states'
-    gradient [L+1, B, S, H] and kernel 1's backward first writes every token's context share;
+    ``states_context`` = (kernel 1's ``Sequences``, the rows' batch and sequence indices) for the
+    whole-states route, where ``out`` is the states' gradient [L+1, B, S, H], kernel 1's backward
+    first writes every token's context share and the rows come named (context, flat position b * S
+    + s) (``context.flat_table``);
     None for the parts route (``out`` [L+1, N, H], the context gradient returned apart).
     ``rows_of(layer, start, stop)`` gives rows start..stop of that layer's regularised rows [N, H]
     (for W1's gradient when g trains, gathered a chunk at a time within the budget; padding rows
@@ -134,10 +136,10 @@ def gemm_backward(grad_loss, inv_pairs, table, batch_index, seq_index, targets, 
         grad_contexts[first:end] = matmul(grad_half[first:end], weights[0][:, :hidden], precision)
         share = None
         if states_context is not None:
-            mask, inv_count = states_context
-            context_kernels.context_backward(grad_contexts[first:end], mask, inv_count, batch_index, seq_index,
+            sequences, rows, columns = states_context
+            context_kernels.context_backward(grad_contexts[first:end], sequences, rows, columns,
                                              None, out.dtype, out=out[first:end])
-            share = (grad_contexts[first:end], mask, inv_count)
+            share = (grad_contexts[first:end], sequences.mask, sequences.inv_count)
         _token_grads(da1, w1, grad_loss, inv_pairs, batch_index, seq_index, out[first:end], out_strides,
                      precision, share, table.base.dtype)
         if train_mapping:  # da1^T @ rows, in row chunks within the budget (the rows are gathered)

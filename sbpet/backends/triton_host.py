@@ -12,7 +12,8 @@ from ..core.precision import matmul
 
 __all__ = [
     "STRATEGIES", "STRATEGY_ENV", "check_triton_available", "context_half", "context_half_grads", "device_marginals",
-    "device_vector", "interpreting", "kernel2_backward", "kernel2_forward", "prepare_states", "row_scale",
+    "device_vector", "flat_states", "interpreting", "kernel2_backward", "kernel2_forward", "kernel_sequences",
+    "prepare_states", "row_scale", "segment_tensors",
     "triton_is_usable", "triton_strategy", "zero_parameter_grads",
 ]
 
@@ -88,15 +89,53 @@ def zero_parameter_grads(weights, biases, tail, train_mapping: bool, train_tail:
     return grad_ws, grad_bs, grad_tail
 
 
-def prepare_states(hidden_states, attention_mask, weights, mean_coef, variance):
+def kernel_sequences(attention_mask, segment_index, segment_start, segment_end, slots: int):
+    """Kernel 1's :class:`sbpet.kernels.context.Sequences` from a batch's segments
+    (:class:`sbpet.core.positions.Segments`' tensors), on the device: the float32 mask and 1 / count
+    of each sequence (an empty slot's count is taken as 1: no position refers to it)."""
+    from ..kernels import context
+
+    from ..core.positions import Segments
+
+    real = attention_mask != 0
+    counts = Segments(segment_index, segment_start, segment_end, slots).counts(real)
+    return context.Sequences(real.to(torch.float32).contiguous(), 1.0 / counts.clamp(min=1).to(torch.float32),
+                             segment_index.contiguous(), segment_start.contiguous(), segment_end.contiguous(), slots)
+
+
+def segment_tensors(segments, attention_mask):
+    """(index [B, S], start [G], end [G], slots) of ``segments`` (None: one sequence per row)."""
+    if segments is None:
+        from ..core.positions import Segments
+
+        batch, seq = attention_mask.shape
+        segments = Segments.per_row(batch, seq, attention_mask.device)
+    return segments.index, segments.start, segments.end, segments.slots
+
+
+def flat_states(hidden_states):
+    """The layers as kernel 2 reads them by flat position (``context.flat_table``): each as it is,
+    or a contiguous copy of one whose batch stride is not S times its sequence stride (rare)."""
+    from ..kernels import context
+
+    return [h if context.flat_rows_ok(h) else h.contiguous() for h in hidden_states]
+
+
+def prepare_states(hidden_states, attention_mask, weights, mean_coef, variance, segments):
+    """(kernel 1's layer table, kernel 2's flat table, kernel 1's sequences, float32 mean_coef and
+    1 / variance on the device, contiguous weights, the layers the tables point into: keep them
+    alive while the kernels run, a copy of :func:`flat_states` among them); ``segments`` =
+    :func:`segment_tensors`."""
     from ..kernels import context
 
     device = hidden_states[0].device
-    table = context.layer_table(hidden_states)
-    mask, inv_count = context.mask_weights(attention_mask)
+    table = context.layer_table(hidden_states)  # kernel 1 reads every layer in place, any strides
+    states = flat_states(hidden_states)
+    flat = context.flat_table(states)
+    sequences = kernel_sequences(attention_mask, *segments)
     mean_coef_d, inv_var = device_marginals(mean_coef, variance, device)
     weights = [w.contiguous() for w in weights]
-    return table, mask, inv_count, mean_coef_d, inv_var, weights
+    return table, flat, sequences, mean_coef_d, inv_var, weights, states
 
 
 def context_half(context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:

@@ -8,77 +8,87 @@ from typing import Optional
 
 import torch
 
-from .triton_host import device_marginals, kernel2_backward, kernel2_forward, triton_strategy, zero_parameter_grads
+from .triton_host import (
+    device_marginals, kernel2_backward, kernel2_forward, kernel_sequences, segment_tensors, triton_strategy,
+    zero_parameter_grads,
+)
 
 __all__ = ["triton_capture_layer", "triton_loss_from_parts"]
 
 
 @torch.library.custom_op("sbpet::triton_capture", mutates_args=())
 def _capture(
-    states: torch.Tensor, attention_mask: torch.Tensor, batch_index: torch.Tensor, seq_index: torch.Tensor
+    states: torch.Tensor, attention_mask: torch.Tensor, batch_index: torch.Tensor, seq_index: torch.Tensor,
+    segment_index: torch.Tensor, segment_start: torch.Tensor, segment_end: torch.Tensor, slots: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer [B, S, H] -> (float32 context [B, H], regularised rows [N, H] in the states' dtype),
-    both from kernel 1's one read of the layer."""
+    """One layer [B, S, H] -> (float32 contexts [G, H], one per sequence of the segments, and the
+    regularised rows [N, H] in the states' dtype), both from kernel 1's one read of the layer."""
     from ..kernels import context as context_kernels
 
     batch, seq, hidden = states.shape
     table = context_kernels.layer_table([states])
-    mask, inv_count = context_kernels.mask_weights(attention_mask)
+    sequences = kernel_sequences(attention_mask, segment_index, segment_start, segment_end, slots)
     row_of = context_kernels.row_lookup(batch, seq, batch_index, seq_index)
     tokens = states.new_empty((1, batch_index.shape[0], hidden))
-    context = context_kernels.context_forward(table, 1, mask, inv_count, row_of=row_of, tokens_out=tokens)
+    context = context_kernels.context_forward(table, 1, sequences, row_of=row_of, tokens_out=tokens)
     return context[0], tokens[0]
 
 
 @_capture.register_fake
-def _(states, attention_mask, batch_index, seq_index):
-    batch, _, hidden = states.shape
-    return states.new_empty((batch, hidden), dtype=torch.float32), states.new_empty((batch_index.shape[0], hidden))
+def _(states, attention_mask, batch_index, seq_index, segment_index, segment_start, segment_end, slots):
+    hidden = states.shape[2]
+    return (states.new_empty((segment_start.shape[0], hidden), dtype=torch.float32),
+            states.new_empty((batch_index.shape[0], hidden)))
 
 
 @torch.library.custom_op("sbpet::triton_capture_backward", mutates_args=())
 def _capture_backward(
     grad_context: torch.Tensor, grad_tokens: torch.Tensor, attention_mask: torch.Tensor, batch_index: torch.Tensor,
-    seq_index: torch.Tensor, dtype: torch.dtype,
+    seq_index: torch.Tensor, dtype: torch.dtype, segment_index: torch.Tensor, segment_start: torch.Tensor,
+    segment_end: torch.Tensor, slots: int,
 ) -> torch.Tensor:
     """The layer's gradient [B, S, H] in ``dtype``, written once by kernel 1's backward."""
     from ..kernels import context as context_kernels
 
-    mask, inv_count = context_kernels.mask_weights(attention_mask)
+    sequences = kernel_sequences(attention_mask, segment_index, segment_start, segment_end, slots)
     grad = context_kernels.context_backward(
-        grad_context.float()[None].contiguous(), mask, inv_count, batch_index, seq_index,
+        grad_context.float()[None].contiguous(), sequences, batch_index, seq_index,
         grad_tokens[None].contiguous(), dtype,
     )
     return grad[0]
 
 
 @_capture_backward.register_fake
-def _(grad_context, grad_tokens, attention_mask, batch_index, seq_index, dtype):
+def _(grad_context, grad_tokens, attention_mask, batch_index, seq_index, dtype, segment_index, segment_start,
+      segment_end, slots):
     batch, seq = attention_mask.shape
     return grad_context.new_empty((batch, seq, grad_context.shape[-1]), dtype=dtype)
 
 
 def _capture_setup(ctx, inputs, output):
-    states, attention_mask, batch_index, seq_index = inputs
-    ctx.dtype = states.dtype
-    ctx.save_for_backward(attention_mask, batch_index, seq_index)
+    states, attention_mask, batch_index, seq_index, segment_index, segment_start, segment_end, slots = inputs
+    ctx.dtype, ctx.slots = states.dtype, slots
+    ctx.save_for_backward(attention_mask, batch_index, seq_index, segment_index, segment_start, segment_end)
 
 
 def _capture_autograd(ctx, grad_context, grad_tokens):
-    attention_mask, batch_index, seq_index = ctx.saved_tensors
+    attention_mask, batch_index, seq_index, segment_index, segment_start, segment_end = ctx.saved_tensors
     grad = torch.ops.sbpet.triton_capture_backward(
-        grad_context, grad_tokens, attention_mask, batch_index, seq_index, ctx.dtype
+        grad_context, grad_tokens, attention_mask, batch_index, seq_index, ctx.dtype, segment_index, segment_start,
+        segment_end, ctx.slots,
     )
-    return grad, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 _capture.register_autograd(_capture_autograd, setup_context=_capture_setup)
 
 
-def triton_capture_layer(states, attention_mask, batch_index, seq_index):
-    """The parts interface's per-layer capture with kernel 1: (float32 context [B, H], rows [N, H])
-    of one layer [B, S, H] (any strides), differentiable."""
-    return torch.ops.sbpet.triton_capture(states, attention_mask, batch_index, seq_index)
+def triton_capture_layer(states, attention_mask, batch_index, seq_index, segments=None):
+    """The parts interface's per-layer capture with kernel 1: (float32 contexts [G, H], rows [N, H])
+    of one layer [B, S, H] (any strides), differentiable; G = B unless ``segments``
+    (:class:`sbpet.core.positions.Segments`) packs several sequences per row."""
+    return torch.ops.sbpet.triton_capture(states, attention_mask, batch_index, seq_index,
+                                          *segment_tensors(segments, attention_mask))
 
 
 @torch.library.custom_op("sbpet::triton_parts_forward", mutates_args=())

@@ -35,6 +35,22 @@ def fit_on_text_files(args) -> int:
 
 
 @contextlib.contextmanager
+def _out_lock(out: str, rank: int):
+    """One ``sbpet fit --out`` at a time into a folder (``<out>.lock``, held by rank 0): a second
+    one is refused with a ValueError naming ``--out``."""
+    from ..core.files import LockBusy, folder_lock
+
+    if rank != 0:
+        yield
+        return
+    try:
+        with folder_lock(os.path.abspath(out), wait=False):
+            yield
+    except LockBusy as exc:
+        raise ValueError(f"--out: {exc}: wait for that `sbpet fit` to end, or choose another --out") from None
+
+
+@contextlib.contextmanager
 def launched_process_group(args):
     """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join the launcher's process group
     for the fit and leave it after: gloo on the CPU, nccl on CUDA with each process on
@@ -56,17 +72,23 @@ def launched_process_group(args):
 
 
 def _fit(args, files, rank: int) -> int:
-    from ..hf.fitting import fit_mapping
-    from .experiment import Setup, deterministic_algorithms
+    from .experiment import Setup
 
     setup = Setup(args)
     encoder = setup.encoder()
     reg = setup.new_regularizer(args.bridge, args.regularizer, encoder)
     checkpoint = os.path.join(args.out, "fit")
-    if args.force and rank == 0:
-        import shutil
+    with _out_lock(args.out, rank):
+        return _fit_locked(args, files, rank, setup, encoder, reg, checkpoint)
 
-        shutil.rmtree(checkpoint, ignore_errors=True)
+
+def _fit_locked(args, files, rank, setup, encoder, reg, checkpoint) -> int:
+    from ..core.files import remove_owned
+    from ..hf.fitting import CHECKPOINT_DIR_FILES, fit_mapping
+    from .experiment import deterministic_algorithms
+
+    if args.force and rank == 0:  # only the checkpoint sbpet wrote; anything else is named and kept
+        remove_owned(checkpoint, CHECKPOINT_DIR_FILES, " (--force removes only the fitting checkpoint sbpet wrote)")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every process starts from the same checkpoint folder
     say = print if rank == 0 else (lambda *a, **k: None)

@@ -324,13 +324,15 @@ def apply_pet(encoder: nn.Module, method: str, seed: int = 0, *, virtual_tokens:
 
 def save_run(directory: str, classifier: PromptClassifier, meta: dict) -> None:
     """Save the trainable (PET + read-out) parameters and a JSON description of the run."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    os.makedirs(directory, exist_ok=True)
+    from ..core.files import atomic_write, write_json
+
     state = {n: p.detach().cpu().contiguous() for n, p in classifier.named_parameters() if p.requires_grad}
-    save_file(state, os.path.join(directory, "pet.safetensors"))
-    with open(os.path.join(directory, "run.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    # Each file replaced atomically (a run replaced with --overwrite is never left half old, half torn).
+    with atomic_write(os.path.join(directory, "pet.safetensors"), "wb") as f:
+        f.write(save(state))
+    write_json(os.path.join(directory, "run.json"), meta, indent=2)
 
 
 def load_run(directory: str, classifier: PromptClassifier) -> dict:

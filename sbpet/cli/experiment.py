@@ -22,7 +22,8 @@ from dataclasses import replace
 
 import torch
 
-from . import datasets, demo
+from . import cache, datasets, demo
+from .cache import FIT_CURVE, read_fit_curve  # noqa: F401 - part of this module's interface
 from .protocol import OURS, Protocol
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
 REGULARIZER_KINDS = ("pdf", "sde")
 POSITIONS = ("mask", "all")  # which tokens R regularises in sbpet train (see train_few_shot)
 TEST_SPLIT_SEED = 0  # the one test split of a corpus: never the run's seed
-FIT_CURVE = "fit_curve.json"  # in a cached g's folder: R per fitting step
 
 
 def seed_everything(seed: int) -> None:
@@ -60,14 +60,19 @@ def deterministic_algorithms():
     asked for its deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, effective when set before
     CUDA starts), ``auto`` leaves out the Triton strategy that trains g with float32 atomics
     (``fused``; see :mod:`sbpet.backends.dispatch`), and an op without a
-    deterministic implementation warns instead of stopping the run (``warn_only``)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    deterministic implementation warns instead of stopping the run (``warn_only``). The variable
+    is set for the block only (a value the user set is kept)."""
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def config_digest(config: dict, length: int = 12) -> str:
@@ -132,6 +137,29 @@ class Setup:
                              f"least {overhead + 1})")
         self.check_positions(())
         self._tests: dict[int, tuple] = {}
+        self._keys: dict[str, str] = {}
+
+    # -- content keys (sbpet.cli.cache) ----------------------------------------------------------
+    @property
+    def model_key(self) -> str:
+        """A digest of what the model folder holds, not of its path (:func:`~sbpet.cli.cache.model_key`)."""
+        if "model" not in self._keys:
+            self._keys["model"] = cache.model_key(self.model_dir, self.tokenizer)
+        return self._keys["model"]
+
+    @property
+    def data_key(self) -> str:
+        """A digest of the corpus itself (every example and the class names), not of its folder."""
+        if "data" not in self._keys:
+            self._keys["data"] = cache.content_key({"classes": list(self.classes),
+                                                    "examples": [list(e) for e in self.examples]})
+        return self._keys["data"]
+
+    def fitting_key(self) -> str:
+        """A digest of the texts g is fitted on (the corpus minus the test split), in order."""
+        if "fitting" not in self._keys:
+            self._keys["fitting"] = cache.content_key([t for t, _ in self.split()[0]])
+        return self._keys["fitting"]
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -222,12 +250,14 @@ class Setup:
         return classifier.to(self.device), encoder, words
 
     def g_config(self, bridge: str, kind: str = "pdf", fit_steps: int | None = None) -> dict:
-        """Everything the fitted g depends on (its cache key); ``fit_steps`` None: ``--fit-steps``."""
+        """Everything the fitted g depends on (its cache key); ``fit_steps`` None: ``--fit-steps``.
+        The model and the fitting texts enter by content (:attr:`model_key`, :meth:`fitting_key`),
+        not by path: a moved copy hits the cache, a changed folder refits."""
         if kind not in REGULARIZER_KINDS:
             raise ValueError(f"--regularizer must be one of {REGULARIZER_KINDS}, got {kind!r}")
         a = self.args
         steps = a.fit_steps if fit_steps is None else int(fit_steps)
-        return {"model_dir": self.model_dir, "data_dir": self.data_dir, "kind": kind, "bridge": bridge,
+        return {"model": self.model_key, "fitting_texts": self.fitting_key(), "kind": kind, "bridge": bridge,
                 "dims": list(self.dims), "fit_steps": steps, "fit_batch_size": a.fit_batch_size,
                 "fit_lr": a.fit_lr, "fit_seed": a.fit_seed, "max_length": a.max_length,
                 "test_per_class": a.test_per_class, "test_split_seed": TEST_SPLIT_SEED,
@@ -245,35 +275,38 @@ class Setup:
         """The fitted g of ``kind`` and ``bridge`` on the device: from the cache, or fitted now
         (``fit_steps`` steps, None: ``--fit-steps``; on the corpus minus the test split, PLM
         frozen, seeded with ``args.fit_seed``), saved with its fitting curve (``fit_curve.json``:
-        R per step) and loaded back, so a fresh fit and a cached one are the same module."""
-        from ..hf.fitting import fit_mapping
+        R per step) and loaded back, so a fresh fit and a cached one are the same module.
+
+        The g folder is locked while it is fitted and read: a second process waits, then uses it.
+        ``force`` refits, removing ``<folder>/fit`` only if it holds just its own files."""
+        from ..core.files import folder_lock, remove_owned, write_json
+        from ..hf.fitting import CHECKPOINT_DIR_FILES, fit_mapping
 
         path = self.g_dir(bridge, kind, fit_steps)
         steps = self.g_config(bridge, kind, fit_steps)["fit_steps"]
         encoder = self.encoder() if encoder is None else encoder
-        if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
-            a = self.args
-            reg = self.new_regularizer(bridge, kind, encoder)
-            texts = [t for t, _ in self.split()[0]]
-            print(f"fitting the {kind} g ({bridge} bridge; {steps} steps, {len(texts)} texts) -> {path}")
-            if force:
-                import shutil
-
-                shutil.rmtree(os.path.join(path, "fit"), ignore_errors=True)
-            history = fit_mapping(
-                encoder, self.tokenizer, texts, reg, steps=steps, batch_size=a.fit_batch_size,
-                max_length=a.max_length, learning_rate=a.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
-                save_every=50, seed=a.fit_seed, progress=self.progress,
-                backend=a.backend if kind == "pdf" else None,
-            )
-            reg.save_pretrained(path)
-            losses = history["loss"]
-            with open(os.path.join(path, FIT_CURVE), "w", encoding="utf-8") as f:
-                json.dump({"steps": steps, "loss": losses}, f)
-            print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps)")
-        else:
-            print(f"using the cached g in {path}")
-        return self._load(path, encoder, kind)
+        with folder_lock(path, on_wait=lambda: print(f"waiting for another process fitting the g in {path}")):
+            if force or not os.path.isfile(os.path.join(path, "sbpet_config.json")):
+                a = self.args
+                reg = self.new_regularizer(bridge, kind, encoder)
+                texts = [t for t, _ in self.split()[0]]
+                print(f"fitting the {kind} g ({bridge} bridge; {steps} steps, {len(texts)} texts) -> {path}")
+                if force:
+                    remove_owned(os.path.join(path, "fit"), CHECKPOINT_DIR_FILES,
+                                 " (--force removes only the fitting checkpoint sbpet wrote)")
+                history = fit_mapping(
+                    encoder, self.tokenizer, texts, reg, steps=steps, batch_size=a.fit_batch_size,
+                    max_length=a.max_length, learning_rate=a.fit_lr, checkpoint_dir=os.path.join(path, "fit"),
+                    save_every=50, seed=a.fit_seed, progress=self.progress,
+                    backend=a.backend if kind == "pdf" else None,
+                )
+                reg.save_pretrained(path)
+                losses = history["loss"]
+                write_json(os.path.join(path, FIT_CURVE), {"steps": steps, "loss": losses})
+                print(f"g fitted: R {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (last 10 steps)")
+            else:
+                print(f"using the cached g in {path}")
+            return self._load(path, encoder, kind)
 
     def new_regularizer(self, bridge: str, kind: str, encoder):
         """An unfitted g of ``kind`` ("pdf" or "sde") and ``bridge`` for ``encoder``, with this
@@ -294,22 +327,6 @@ class Setup:
 
         options = {"backend": self.args.backend, "precision": self.args.precision} if kind == "pdf" else {}
         return BridgeRegularizer.from_pretrained(path, model=encoder, **options).to(self.device)
-
-
-def read_fit_curve(g_dir: str) -> list | None:
-    """R per fitting step of the cached g in ``g_dir``: from its ``fit_curve.json``, else from its
-    fitting checkpoint's history (a g fitted before the curve was saved); None when neither is there."""
-    try:
-        with open(os.path.join(g_dir, FIT_CURVE), encoding="utf-8") as f:
-            return list(json.load(f)["loss"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    from ..hf.fitting import CHECKPOINT_NAME, FIT_STATE_NAME
-
-    state = os.path.join(g_dir, "fit", CHECKPOINT_NAME, FIT_STATE_NAME)
-    if not os.path.isfile(state):
-        return None
-    return list(torch.load(state, map_location="cpu", weights_only=False)["history"])
 
 
 def trim_padding(batch: dict) -> dict:

@@ -13,8 +13,11 @@ bit-identical losses and accuracy on the CPU. A different thread count
 :mod:`sbpet.cli.experiment`).
 
 Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
-configuration (:mod:`sbpet.cli.runs`) and refuses a folder that already holds a run without
-``--overwrite``, as ``sbpet fit --out`` does for a saved g. Bad input stops a command with exit
+configuration (:mod:`sbpet.cli.runs`); the same configuration again prints the stored run and
+exits 0 (runs are deterministic), ``--overwrite`` trains it again, and a folder holding another run
+is refused without ``--overwrite``, as ``sbpet fit --out``, ``sbpet plot --out`` and ``sbpet study
+--out`` refuse to replace what they hold (docs/safety.md). Commands run with the hub off
+(``HF_HUB_OFFLINE``, for the command only). Bad input stops a command with exit
 status 2 and a message naming the option, before a model is loaded or g fitted.
 """
 
@@ -25,10 +28,10 @@ import os
 import sys
 import time
 
+from .environment import offline_hub
 from .protocol import add_protocol_arguments
 from .study.grid import add_study_arguments
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub: everything is local
 
 __all__ = ["main", "build_parser", "DEFAULTS"]
 
@@ -294,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "column when no run is saved")
     plot.add_argument("--examples", type=_positive_int, default=40, help="test examples to draw per run")
     plot.add_argument("--out", help="PNG path (default: <cache>/trajectories.png)")
+    plot.add_argument("--overwrite", action="store_true", help="replace the file --out names if it exists")
 
     study = sub.add_parser(
         "study", help="a seeded grid of protocols x PETs x regularisers x g budgets x positions x shots x alphas",
@@ -309,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_study_arguments(study, PETS)
     _add_training(study, unset=quickable)
     study.add_argument("--out", help="output folder (default: <cache>/study)")
+    study.add_argument("--overwrite", action="store_true",
+                       help="replace runs.csv, table.md, ... in --out even when they were not written by a study "
+                       "(a study's own folder is refreshed as it resumes)")
     study.add_argument("--quick", action="store_true",
                        help="a tiny grid for CI: both protocols (the paper's 4 steps, validated every 2); lora; "
                        "none,pdf-brownian; 4 shots; alpha 0.1; 2 seeds; 1 epoch; g fitted 20 steps; 20 test and 4 "
@@ -359,27 +366,6 @@ def cmd_fit(args) -> int:
     return 0
 
 
-def _run_folder(setup, args, config: dict) -> str:
-    """The folder the run will be saved to; ValueError (before anything slow) when it already
-    holds a run and --overwrite is not given."""
-    from .runs import existing_run, run_name
-
-    out = args.out or os.path.join(setup.cache, "runs", run_name(config))
-    try:
-        existing = existing_run(out)
-    except ValueError as exc:
-        raise ValueError(f"--out: {exc}") from None
-    if existing is None or args.overwrite:
-        return out
-    accuracy = (existing.get("metrics") or {}).get("accuracy")
-    about = f"test accuracy {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
-    if args.out:
-        raise ValueError(f"--out: {out} already holds a run{f' ({about})' if about else ''}; pass --overwrite to "
-                         "replace it, or choose another --out")
-    raise ValueError(f"{out} already holds this run (the same configuration{f', {about}' if about else ''}); pass "
-                     "--overwrite to train it again and replace it")
-
-
 def cmd_train(args) -> int:
     import torch
 
@@ -388,7 +374,7 @@ def cmd_train(args) -> int:
     from .demo import save_run
     from .experiment import Setup, deterministic_algorithms, evaluate, train_few_shot
     from .protocol import protocol_from_args
-    from .runs import run_config
+    from .runs import run_config, run_folder, stored_run_line
 
     start = time.time()
     _resolve_bridge(args)
@@ -397,7 +383,10 @@ def cmd_train(args) -> int:
     setup.check_sizes([args.shots], [args.pet], protocol.virtual_tokens)
     bridge_name, measure_bridge, kind = args.bridge, args.measure_bridge, args.regularizer
     config = run_config(setup, args, protocol)
-    out = _run_folder(setup, args, config)
+    out, stored = run_folder(setup.cache, args, config)
+    if stored is not None:
+        print(stored_run_line(out, stored))
+        return 0
     with deterministic_algorithms():
         reg = setup.regularizer(measure_bridge, kind=kind)
         train_rows, val_rows = setup.sample(args.shots, args.seed)
@@ -442,6 +431,8 @@ def cmd_plot(args) -> int:
     _resolve_bridge(args)
     cache = args.cache_dir or default_cache()
     # Every refusal comes before the model is loaded or a g fitted.
+    if args.out and os.path.lexists(args.out) and (os.path.isdir(args.out) or not args.overwrite):
+        raise ValueError(f"--out: {args.out} already exists; pass --overwrite to replace it, or choose another --out")
     runs = args.runs or saved_runs(cache)
     metas = [read_run(run) for run in runs]
     if not runs and not args.untuned:
@@ -481,7 +472,8 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     commands = {"fit": cmd_fit, "train": cmd_train, "plot": cmd_plot, "study": cmd_study}
     try:
-        return commands[args.command](args)
+        with offline_hub():
+            return commands[args.command](args)
     except (OSError, ValueError) as exc:  # bad input found after parsing: a message, not a traceback
         print(f"sbpet {args.command}: error: {exc}", file=sys.stderr)
         return 2

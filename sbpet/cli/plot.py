@@ -126,7 +126,9 @@ def plot_runs(setup, runs, out: str, examples: int = 40, untuned: bool = False) 
             ax.set_xlim(0, 1)
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
+    from ..core.files import atomic_write
+
+    with atomic_write(out, "wb") as f:  # a reader never sees half a PNG
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return out

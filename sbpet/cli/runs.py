@@ -5,9 +5,10 @@ A run's default folder is ``<cache>/runs/<name>``, the name being
 ``<pet>-<regularizer>-<bridge>-a<alpha>-<shots>shot-seed<seed>-<hash>`` (the vanilla PET:
 ``<pet>-none-<shots>shot-seed<seed>-<hash>``). The readable part holds what people vary between
 runs they compare; the hash covers everything else the result depends on (budgets, model, corpus,
-g's configuration, device, backend, precision). So runs that differ in any setting never share a
-folder, and a folder that already holds a run holds one of exactly this configuration: training it
-again (which would give the same numbers on this machine) replaces it only with ``--overwrite``.
+g's configuration, device, backend, precision; the model and corpus by content, not by path). So
+runs that differ in any setting never share a folder, and a folder that already holds a run holds
+one of exactly this configuration: ``sbpet train`` then prints the stored run (training it again
+would give the same numbers on this machine) and replaces it only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 
 from .experiment import TEST_SPLIT_SEED, config_digest
 
-__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run"]
+__all__ = ["run_config", "run_name", "existing_run", "saved_runs", "read_run", "same_run", "stored_run_line", "run_folder"]
 
 RUN_FILES = ("run.json", "pet.safetensors")
 
@@ -38,7 +39,8 @@ def run_config(setup, args, protocol=None) -> dict:
         "epochs": float(a.epochs), "batch_size": int(a.batch_size), "lr": float(a.lr),
         "max_length": int(a.max_length), "val_per_class": int(a.val_per_class),
         "test_per_class": int(a.test_per_class), "test_split_seed": TEST_SPLIT_SEED,
-        "model_dir": setup.model_dir, "data_dir": setup.data_dir,
+        # The model and corpus by content, not by path (a moved copy is the same run).
+        "model": setup.model_key, "data": setup.data_key,
         "g": setup.g_config(a.measure_bridge, a.regularizer),
         "device": setup.device.type, "backend": a.backend, "precision": a.precision,
         # Only where it is not the default, so the runs made before the option keep their names.
@@ -97,3 +99,45 @@ def saved_runs(cache: str) -> list[str]:
         return []
     folders = (os.path.join(root, name) for name in sorted(os.listdir(root)))
     return [f for f in folders if all(os.path.isfile(os.path.join(f, name)) for name in RUN_FILES)]
+
+
+def same_run(meta: dict, config: dict) -> bool:
+    """Whether a stored ``run.json`` is a run of exactly ``config`` (compared as JSON stores it),
+    with its metrics."""
+    return meta.get("config") == json.loads(json.dumps(config)) and isinstance(meta.get("metrics"), dict)
+
+
+def stored_run_line(out: str, meta: dict) -> str:
+    """``sbpet train``'s result line for a run already stored in ``out``, said to be the stored one."""
+    metrics, validation = meta["metrics"], meta.get("validation") or {}
+
+    def number(value) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    return (f"validation accuracy {number(validation.get('accuracy'))}  test accuracy "
+            f"{number(metrics.get('accuracy'))}  task loss {number(metrics.get('task_loss'))}  bridge loss "
+            f"{number(metrics.get('bridge_loss'))}  (stored run, not retrained: the same configuration is in {out}; "
+            "runs are deterministic, so this is its result; pass --overwrite to train it again)")
+
+
+def run_folder(cache: str, args, config: dict) -> tuple[str, dict | None]:
+    """``sbpet train``'s run folder (``args.out``, else one under ``<cache>/runs``), and the run it
+    holds when that is this very run (runs are deterministic: the stored run is the answer) and
+    --overwrite is not given. ValueError (before anything slow) when it holds another run, or an
+    unreadable one, and --overwrite is not given."""
+    out = args.out or os.path.join(cache, "runs", run_name(config))
+    try:
+        existing = existing_run(out)
+    except ValueError as exc:
+        raise ValueError(f"--out: {exc}") from None
+    if existing is None or args.overwrite:
+        return out, None
+    if same_run(existing, config):
+        return out, existing
+    accuracy = (existing.get("metrics") or {}).get("accuracy")
+    about = f" (test accuracy {accuracy:.4f})" if isinstance(accuracy, (int, float)) else ""
+    if args.out:
+        raise ValueError(f"--out: {out} already holds another run{about}; pass --overwrite to replace it, or "
+                         "choose another --out")
+    raise ValueError(f"{out} already holds a run of another or unreadable configuration{about}; pass --overwrite "
+                     "to train this one and replace it")

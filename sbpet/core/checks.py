@@ -1,4 +1,4 @@
-"""When the checks that read values run: the sync policy of both routes (README "Host syncs").
+"""When the checks that read values run: the sync policy of both routes (docs/host-syncs.md).
 
 Shape, dtype and device checks read no data and always run. The checks that read values (a
 sequence with no real token, labels outside ``[0, V)``, a NaN or inf at a real token) would each

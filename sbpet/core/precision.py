@@ -11,7 +11,7 @@
 - ``"bf16"``: bfloat16 operands (8-bit mantissa), float32 accumulation.
 
 The contexts, the bridge residual and the reduction stay float32 in every mode: only the dots
-change. Measured errors against float64 are in README.md ("Precision").
+change. Measured errors against float64 are in docs/precision.md.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks
-from .positions import find_positions, to_device
+from .positions import Segments, find_positions, find_segments, to_device
 
 __all__ = [
     "BridgeInputs", "check_finite_contexts", "check_finite_states", "check_int", "shift_labels_left",
@@ -40,7 +40,9 @@ class BridgeInputs:
     device; batch_index, seq_index, targets: int64 [C] (the regularised positions and their label
     ids); num_valid: None when C = N, else the device count of valid rows (fixed capacity:
     :mod:`sbpet.core.positions`); check_mode: this call's value-check mode for the states
-    (:func:`sbpet.core.checks.check_mode`).
+    (:func:`sbpet.core.checks.check_mode`); segments: the batch's sequences, one context each
+    (:class:`sbpet.core.positions.Segments`; one per row unless packed); context_index: int64 [C],
+    the context of each regularised row.
     """
 
     hidden_states: list[torch.Tensor]
@@ -50,6 +52,8 @@ class BridgeInputs:
     targets: torch.Tensor
     num_valid: torch.Tensor | None = None
     check_mode: str = "eager"
+    segments: Segments | None = None
+    context_index: torch.Tensor | None = None
 
     @property
     def num_states(self) -> int:
@@ -71,10 +75,15 @@ def check_int(value, name: str, minimum: int | None = None) -> int:
     return number
 
 
-def shift_labels_left(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Causal-LM pairing: position s gets label s+1; the last position is ignored."""
+def shift_labels_left(labels: torch.Tensor, ignore_index: int, segments: Segments | None = None) -> torch.Tensor:
+    """Causal-LM pairing: position s gets label s+1; the last position is ignored, and with
+    ``segments`` (packed rows) the last position of every sequence too: a state never predicts the
+    next sequence's first token."""
     shifted = torch.full_like(labels, ignore_index)
     shifted[:, :-1] = labels[:, 1:]
+    if segments is not None and segments.slots > 1:
+        index = segments.to(labels.device).index
+        shifted[:, :-1].masked_fill_(index[:, 1:] != index[:, :-1], ignore_index)
     return shifted
 
 
@@ -114,6 +123,9 @@ def validate_inputs(
     check_finite: bool = True,
     max_positions: int | None = None,
     route: str = "loss",
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> BridgeInputs:
     """Check the public inputs and find the regularised positions.
 
@@ -126,7 +138,9 @@ def validate_inputs(
     caller, see the module docstring). ``attention_mask=None`` means every token is real. The
     value checks follow :mod:`sbpet.core.checks` for ``route``. ``labels`` and ``attention_mask``
     may lie on the CPU while the states are on an accelerator (positions found on the host, no
-    sync); ``max_positions``: fixed capacity (:mod:`sbpet.core.positions`).
+    sync); ``max_positions``: fixed capacity (:mod:`sbpet.core.positions`). ``position_ids``,
+    ``cu_seq_lens``, ``seq_idx``: packed rows' boundaries, one context per sequence
+    (:func:`sbpet.core.positions.find_segments`; the causal shift stops at every sequence's end).
     """
     ignore_index = check_int(ignore_index, "ignore_index")
     if num_layers is not None:
@@ -170,6 +184,7 @@ def validate_inputs(
     if labels.device not in (device, torch.device("cpu")):
         raise ValueError(f"labels is on {labels.device} but hidden_states are on {device} (the CPU also works)")
 
+    given_mask = attention_mask is not None
     if attention_mask is None:
         attention_mask = torch.ones(batch, seq, dtype=torch.long, device=labels.device)
     elif not isinstance(attention_mask, torch.Tensor):
@@ -184,19 +199,24 @@ def validate_inputs(
         )
 
     labels = labels.long()
-    if shift_labels:
-        labels = shift_labels_left(labels, ignore_index)
     real = attention_mask != 0  # boolean from here on: every real token weighs the same
+    packed = any(t is not None for t in (position_ids, cu_seq_lens, seq_idx))
+    # no mask (padding-free batches): nothing to read back for the sequences
+    segments = find_segments(real if given_mask else None, real.device, position_ids=position_ids,
+                             cu_seq_lens=cu_seq_lens, seq_idx=seq_idx, shape=(batch, seq)) if packed else None
+    if shift_labels:
+        labels = shift_labels_left(labels, ignore_index, segments)
     state_mode = checks.check_mode(route, device)
     positions = find_positions(labels, real, device, vocab_size=vocab_size, ignore_index=ignore_index, route=route,
-                               max_positions=max_positions, state_mode=state_mode)
+                               max_positions=max_positions, state_mode=state_mode, segments=segments)
     real = to_device(real, device)
+    segments = segments.to(device) if segments is not None else None
     if check_finite and state_mode == "eager":
         check_finite_states(states, real)
     elif check_finite and state_mode == "deferred":
         checks.defer("nonfinite", _nonfinite_positions(states, real).any().long())
     return BridgeInputs(states, real, positions.batch_index, positions.seq_index, positions.targets,
-                        positions.num_valid, state_mode)
+                        positions.num_valid, state_mode, segments, positions.context_index)
 
 
 def _nonfinite_positions(states: list[torch.Tensor], real: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Layer 5, the Hugging Face integration: hooks that capture hidden states and build bridge labels
-(:mod:`.capture`), :class:`BridgeTrainer` (:mod:`.trainer`), fitting g on a corpus
+(:mod:`.capture`), :class:`BridgeTrainer` (:mod:`.trainer`; TRL's: :mod:`.sft`), the supported models
+(:mod:`.models`), fitting g on a corpus
 (:mod:`.fitting`; lists, streams, datasets and text files: :mod:`.corpus`), PET helpers
 (:mod:`.peft_utils`) and peft's prefix tuning on current transformers (:mod:`.prefix`);
 :mod:`.loading` loads a model with no hub kernels.
@@ -18,11 +19,15 @@ from .capture import (
     find_backbone_and_layers,
     masked_lm_bridge_labels,
     num_virtual_tokens,
+    packing_arguments,
 )
 
 # name -> submodule, imported on first attribute access.
 _LAZY = {
     "BridgeTrainer": "trainer",
+    "BridgeTrainerMixin": "trainer",
+    "BridgeSFTTrainer": "sft",
+    "SUPPORTED_MODELS": "models",
     "fit_mapping": "fitting",
     "TextFiles": "corpus",
     "apply_bitfit": "peft_utils",
@@ -52,5 +57,6 @@ __all__ = [
     "find_backbone_and_layers",
     "masked_lm_bridge_labels",
     "num_virtual_tokens",
-    *_LAZY,
+    "packing_arguments",
+    *(name for name in _LAZY if name != "BridgeSFTTrainer"),  # needs trl: not in a star import
 ]

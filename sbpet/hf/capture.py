@@ -22,6 +22,7 @@ and values: the layers' states keep S positions and nothing shifts.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from ..backends import dispatch
 from ..backends.api import add_normalising_terms
 from ..core import checks
 from ..core.bridges import marginals_on
-from ..core.positions import find_positions, to_device
+from ..core.positions import find_positions, find_segments, to_device
 from ..core.precision import autocast_off, check_precision
 from ..core.validation import check_int, shift_labels_left
 from .labels import causal_lm_bridge_labels, classification_bridge_labels, masked_lm_bridge_labels  # noqa: F401
@@ -38,6 +39,8 @@ from .prefix import enable_prefix_tuning, is_prefix_tuned
 
 __all__ = [
     "BridgeCapture",
+    "PACKING_KEYS",
+    "packing_arguments",
     "find_backbone_and_layers",
     "num_virtual_tokens",
     "align_to_states",
@@ -163,6 +166,28 @@ def align_to_states(
 
 
 # ----------------------------------------------------------------------------------------------
+# Packed rows
+
+# A model-input key that marks packed rows' sequence boundaries -> the keyword of
+# :meth:`BridgeCapture.armed`, :func:`sbpet.bridge_loss` and :class:`sbpet.BridgeRegularizer`.
+PACKING_KEYS = {"position_ids": "position_ids", "seq_idx": "seq_idx", "cu_seq_lens_q": "cu_seq_lens"}
+
+
+def packing_arguments(batch: Mapping) -> dict:
+    """The packed-sequence keywords for :meth:`BridgeCapture.armed` (and :func:`sbpet.bridge_loss`)
+    that a model-input dict carries: its ``position_ids`` [B, S], TRL's ``seq_idx`` [B, S] and
+    flash-attention's ``cu_seq_lens_q`` [G + 1] (as ``cu_seq_lens``), whichever are tensors.
+    Hand over the collator's host copies where there are some (no device read).
+
+    Example:
+        >>> with capture.armed(labels, batch.get("attention_mask"), **packing_arguments(batch)):
+        ...     out = model(**batch)
+    """
+    return {argument: batch[key] for key, argument in PACKING_KEYS.items()
+            if isinstance(batch.get(key), torch.Tensor)}
+
+
+# ----------------------------------------------------------------------------------------------
 # The capture
 
 
@@ -214,7 +239,7 @@ class BridgeCapture:
 
     def __init__(self, model: nn.Module, regularizer, backend: str | None = None, precision: str | None = None,
                  max_positions: int | None = None):
-        from ..modules.regularizer import BridgeRegularizer
+        from ..modules.regularizer import BridgeRegularizer, check_fits_model
 
         if not isinstance(regularizer, BridgeRegularizer) or regularizer.config.get("kind", "pdf") != "pdf":
             raise TypeError(
@@ -227,6 +252,8 @@ class BridgeCapture:
         self.max_positions = None if max_positions is None else check_int(max_positions, "max_positions", minimum=1)
         if is_prefix_tuned(model):  # peft's prefix tuning on transformers >= 5.24 (see .prefix)
             enable_prefix_tuning(model)
+        from .models import check_model
+        check_model(model, regularizer, find_backbone_and_layers)  # layers found, shift_labels suits the model
         self.backbone, self.layers = find_backbone_and_layers(model)
         self.num_virtual = num_virtual_tokens(model)
         if len(self.layers) != regularizer.num_layers:
@@ -234,6 +261,7 @@ class BridgeCapture:
                 f"the model has {len(self.layers)} layers but the regulariser was built for "
                 f"num_layers={regularizer.num_layers}"
             )
+        check_fits_model(regularizer, self.backbone)  # hidden size and word embeddings (issue 34)
         self._armed = False
         self._handles = [
             self.layers[0].register_forward_pre_hook(self._first_layer_hook, with_kwargs=True)
@@ -254,18 +282,28 @@ class BridgeCapture:
         self._ends = None
 
     @contextlib.contextmanager
-    def armed(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def armed(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, *, seq_idx: torch.Tensor | None = None,
+              cu_seq_lens: torch.Tensor | None = None):
         """Record the next forward's parts for ``labels`` [B, S] (``ignore_index`` where not
         regularised; not yet shifted for causal LMs) and ``attention_mask`` [B, S] (None: all
-        real). Call :meth:`loss` after the block."""
-        self._set_positions(labels, attention_mask)
+        real). Call :meth:`loss` after the block.
+
+        Packed rows (several sequences in one row, TRL's ``padding_free`` / ``packing``): give the
+        batch's ``position_ids`` [B, S] (a 0 or a decrease starts a sequence), TRL's ``seq_idx``
+        [B, S] or flash-attention's ``cu_seq_lens_q`` [G + 1] as ``cu_seq_lens``
+        (:func:`packing_arguments` picks them from a batch): each sequence gets its own context
+        and the causal shift stops at each sequence's end (:func:`sbpet.bridge_loss`). Hand over
+        the collator's CPU tensors: found on the host, no device read."""
+        self._set_positions(labels, attention_mask,
+                            dict(position_ids=position_ids, seq_idx=seq_idx, cu_seq_lens=cu_seq_lens))
         self._armed = True
         try:
             yield self
         finally:
             self._armed = False
 
-    def _set_positions(self, labels, attention_mask):
+    def _set_positions(self, labels, attention_mask, packing=None):
         reg = self.regularizer
         if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
             raise ValueError(
@@ -273,6 +311,7 @@ class BridgeCapture:
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        given_mask = attention_mask is not None
         if attention_mask is None:
             attention_mask = torch.ones_like(labels)
         if attention_mask.shape != labels.shape:
@@ -284,18 +323,27 @@ class BridgeCapture:
         # Positions in the layers' coordinates: P virtual tokens first (ignored, real for the
         # context), then the causal shift, as peft's own task loss pairs them (the last virtual
         # token's state predicts the first real token).
+        packing = {k: v for k, v in (packing or {}).items() if v is not None}
+        if packing and self.num_virtual:
+            raise ValueError(f"{', '.join(packing)}: packed rows with {self.num_virtual} virtual tokens (prompt "
+                             "learning) are not supported: the virtual tokens lead a row, not each sequence")
         labels, attention_mask = align_to_states(
             labels.long(), attention_mask, self.num_virtual, reg.ignore_index
         )
-        if reg.shift_labels:
-            labels = shift_labels_left(labels, reg.ignore_index)
         real = attention_mask != 0  # boolean: any nonzero value is a real token, all weigh the same
+        # no mask (padding-free batches): nothing to read back for the sequences
+        segments = find_segments(real if given_mask else None, real.device, shape=tuple(real.shape),
+                                 **packing) if packing else None
+        if reg.shift_labels:
+            labels = shift_labels_left(labels, reg.ignore_index, segments)
         device = self._states_device(labels.device)
         mode = checks.check_mode("capture", device)
         positions = find_positions(labels, real, device, vocab_size=reg.vocab_size, ignore_index=reg.ignore_index,
-                                   route="capture", max_positions=self.max_positions, state_mode=mode)
+                                   route="capture", max_positions=self.max_positions, state_mode=mode,
+                                   segments=segments)
         self._reset()
-        self._positions = (labels.shape, to_device(real, device), positions, mode)
+        segments = None if segments is None else segments.to(device)
+        self._positions = (labels.shape, to_device(real, device), positions, mode, segments)
 
     def _states_device(self, fallback: torch.device) -> torch.device:
         """Where the layers' states will lie: the regulariser's device (g runs on them)."""
@@ -307,7 +355,7 @@ class BridgeCapture:
     def _record(self, index: int, states: torch.Tensor):
         if not self._armed or index in self._parts:
             return  # not armed, or a recompute (gradient checkpointing) of a recorded layer
-        shape, mask, positions, _ = self._positions
+        shape, mask, positions, _, segments = self._positions
         batch_index, seq_index = positions.batch_index, positions.seq_index
         if states.dim() != 3 or states.shape[:2] != shape:
             raise ValueError(
@@ -317,10 +365,13 @@ class BridgeCapture:
             )
         device = states.device
         mask, batch_index, seq_index = (to_device(t, device) for t in (mask, batch_index, seq_index))
+        extra = {} if segments is None else {"segments": segments.to(device)}
         batch, seq, hidden = states.shape
-        key = (states.dtype, hidden, *dispatch.shape_key(batch, seq, batch_index.numel()), states.requires_grad)
+        key = (states.dtype, hidden, *dispatch.shape_key(batch, seq, batch_index.numel()), states.requires_grad,
+               segments is not None)
 
-        runners = dispatch.runners_for(lambda b, xs: b.capture_layer(xs[0], mask, batch_index, seq_index), [states])
+        runners = dispatch.runners_for(lambda b, xs: b.capture_layer(xs[0], mask, batch_index, seq_index, **extra),
+                                       [states])
         # The model may run under autocast; the context is accumulated in float32 regardless.
         with autocast_off(device):
             if not self._layer_loss:
@@ -332,11 +383,12 @@ class BridgeCapture:
                     grad = torch.is_grad_enabled()
                     self._layer_loss = (dispatch.layer_loss_of(backend) if grad else None) or False
             if self._layer_loss:
-                self._parts[index] = self._layer_share(index, states, mask, batch_index, seq_index, positions)
+                self._parts[index] = self._layer_share(index, states, mask, batch_index, seq_index, positions,
+                                                       extra.get("segments"))
             else:
-                self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index)
+                self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index, **extra)
 
-    def _layer_share(self, index, states, mask, batch_index, seq_index, positions) -> torch.Tensor:
+    def _layer_share(self, index, states, mask, batch_index, seq_index, positions, segments) -> torch.Tensor:
         """Layer ``index``'s unnormalised share of R as one autograd node that keeps a reference to
         the states (the model's own storage) and recomputes g in its backward (the backend's
         ``layer_loss``): nothing of g's activations and no copy of the rows is kept per layer."""
@@ -347,7 +399,7 @@ class BridgeCapture:
         ends, mean_coef, variance = self._ends
         num_valid = None if positions.num_valid is None else to_device(positions.num_valid, device)
         return self._layer_loss(states, mask, batch_index, seq_index, ends, mean_coef[index], variance[index],
-                                reg.mapping, self.precision, num_valid)
+                                reg.mapping, self.precision, num_valid, segments)
 
     def _first_layer_hook(self, module, args, kwargs):
         states = args[0] if args else kwargs.get("hidden_states")
@@ -374,7 +426,7 @@ class BridgeCapture:
                 "`with capture.armed(...)`?"
             )
         reg = self.regularizer
-        _, _, positions, mode = self._positions
+        _, _, positions, mode, _ = self._positions
         if self._layer_loss:
             loss = self._sum_of_shares(num_states, positions)
         else:
@@ -407,7 +459,8 @@ class BridgeCapture:
         tokens = [self._parts[i][1] for i in range(num_states)]
         self._reset()
         device = contexts[0].device
-        batch_index, targets = to_device(positions.batch_index, device), to_device(positions.targets, device)
+        # Each row's context: its sequence's (packed rows), else its row's.
+        batch_index, targets = to_device(positions.context_index, device), to_device(positions.targets, device)
         mean_coef, variance = marginals_on(reg.bridge, num_states, device)  # cached there: no copy per call
         num_valid = positions.num_valid
         extra = {} if num_valid is None else {"num_valid": to_device(num_valid, device)}

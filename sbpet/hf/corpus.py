@@ -216,3 +216,14 @@ def make_fitting_batch(rows, indices, pad_id, mask_id, vocab, probability, corru
             input_ids[b, masked] = mask_id
             input_ids[b, randomised] = torch.randint(vocab, (randomised.numel(),), generator=gen)
     return input_ids, attention_mask, labels
+
+
+def pack_fitting_batch(input_ids, attention_mask, labels):
+    """A padded fitting batch [B, S] packed into one row [1, T] (T real tokens, no padding), as
+    transformers' ``DataCollatorWithFlattening`` packs: the rows' real tokens one after another,
+    ``position_ids`` restarting at 0 for each. Returns input_ids, labels, position_ids [1, T]; the
+    model keeps the sequences apart from the positions (flash-attention), the regulariser takes one
+    context per sequence from them (:func:`sbpet.core.positions.find_segments`)."""
+    real = attention_mask != 0
+    position_ids = (real.long().cumsum(dim=1) - 1)[real]
+    return input_ids[real][None], labels[real][None], position_ids[None]

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -18,14 +17,19 @@ import torch
 from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
 from .capture import BridgeCapture, find_backbone_and_layers
+from ..modules.regularizer import check_model_matches
 from ..core.precision import check_precision
-from .corpus import batch_indices, fitting_texts, make_fitting_batch, text_batches, tokenise_texts
+from ..core.fingerprint import embedding_fingerprint
+from .checkpoint import (  # noqa: F401 - the checkpoint's names, reachable from here as before
+    CHECKPOINT_DIR_FILES, CHECKPOINT_NAME, ENGINE_DIR, FIT_STATE_NAME, LEGACY_FIT_STATE_NAME, checkpoint_folders,
+    checkpoint_lock, fit_signature, has_checkpoint, load_checkpoint, read_fit_state, recover_checkpoint,
+    remove_checkpoint_folder)
+from .checkpoint import save_checkpoint as _save_checkpoint  # a module global: tests stop a fit after a save
+from .corpus import batch_indices, fitting_texts, make_fitting_batch, pack_fitting_batch, text_batches, tokenise_texts
 
-__all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "CHECKPOINT_NAME", "FIT_STATE_NAME"]
+__all__ = ["fit_mapping", "tokenise_texts", "make_fitting_batch", "read_fit_state", "CHECKPOINT_NAME",
+           "FIT_STATE_NAME", "LEGACY_FIT_STATE_NAME", "CHECKPOINT_DIR_FILES"]
 
-CHECKPOINT_NAME = "checkpoint"
-FIT_STATE_NAME = "fit_state.pt"
-ENGINE_DIR = "engine"
 logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _batch_indices = batch_indices  # the list path's order (kept under its old name)
@@ -41,12 +45,13 @@ def _schedule(warmup: int, total: int):
 
 
 class _HostCopies:
-    """The batch's labels and mask on the host, where its positions are found for free. A plain
-    object, so that DistributedDataParallel (which moves tensors, and tuples of them, to its
-    device) passes it to the forward as it is."""
+    """The batch's labels, mask and (packed rows) position ids on the host, where its positions and
+    sequences are found for free. A plain object, so that DistributedDataParallel (which moves
+    tensors, and tuples of them, to its device) passes it to the forward as it is."""
 
-    def __init__(self, labels: torch.Tensor, attention_mask: torch.Tensor):
-        self.labels, self.attention_mask = labels, attention_mask
+    def __init__(self, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None = None):
+        self.labels, self.attention_mask, self.position_ids = labels, attention_mask, position_ids
 
 
 class _FitStep(torch.nn.Module):
@@ -61,22 +66,38 @@ class _FitStep(torch.nn.Module):
         self._backbone = (backbone,)  # a tuple: not a registered submodule
         self._capture, self._autocast_dtype = capture, autocast_dtype
 
-    def forward(self, input_ids, attention_mask, labels, host: _HostCopies):
+    def forward(self, input_ids, attention_mask, labels, host: _HostCopies, position_ids=None):
         backbone, device = self._backbone[0], input_ids.device
+        # Packed rows: the model and the regulariser get the positions (the latter the host copy).
+        model_packing = {} if position_ids is None else {"position_ids": position_ids}
+        packing = {} if host.position_ids is None else {"position_ids": host.position_ids}
         # no_grad, not inference_mode: the states the backbone yields feed g, which autograd records.
         # g runs at its own precision, whatever mixed precision the engine was configured with.
         with torch.autocast(device.type, enabled=False):
             if self._capture is not None:
                 with torch.no_grad(), _autocast(device, self._autocast_dtype), \
-                        self._capture.armed(host.labels, host.attention_mask):
-                    backbone(input_ids=input_ids, attention_mask=attention_mask)
+                        self._capture.armed(host.labels, host.attention_mask, **packing):
+                    backbone(input_ids=input_ids, attention_mask=attention_mask, **model_packing)
                 return self._capture.loss()
             with torch.no_grad(), _autocast(device, self._autocast_dtype):
                 hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                  output_hidden_states=True).hidden_states
+                                  output_hidden_states=True, **model_packing).hidden_states
             if self._autocast_dtype is not None:
                 hidden = tuple(h.float() for h in hidden)
-            return self.regularizer(hidden, labels, attention_mask)  # the SDE one
+            return self.regularizer(hidden, labels, attention_mask, **packing)  # the SDE one
+
+
+_PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def _check_packing(backbone) -> None:
+    """``packing`` needs attention that keeps packed sequences apart from ``position_ids`` alone."""
+    implementation = str(getattr(backbone.config, "_attn_implementation", None))
+    if implementation not in _PACKING_ATTENTION and "flash" not in implementation:
+        raise ValueError(
+            f"packing=True: {type(backbone).__name__} runs attn_implementation={implementation!r}, which does not "
+            "keep packed sequences apart from position_ids alone (its states would mix the texts); load the model "
+            "with attn_implementation='flash_attention_2' (or 'flash_attention_3'), or fit without packing")
 
 
 def _engine(device: torch.device):
@@ -128,60 +149,6 @@ def _close_group_at_exit() -> None:
 def _destroy_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _save_checkpoint(directory, accelerator, regularizer, step, history, signature):
-    """``checkpoint/``: the regulariser's ``save_pretrained`` files, ``fit_state.pt`` (step, loss
-    history, signature) and ``engine/`` (accelerate's optimizer, scheduler and g state). Called
-    on every process (the engine may write a shard on each); rank 0 writes the rest."""
-    final = os.path.join(directory, CHECKPOINT_NAME)
-    partial = final + ".partial"
-    engine = os.path.join(partial, ENGINE_DIR)
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(engine)
-    accelerator.wait_for_everyone()  # every process writes into engine/ (its random state at least)
-    accelerator.save_state(engine)
-    accelerator.wait_for_everyone()  # ... before rank 0 moves the directory
-    if accelerator.is_main_process:
-        regularizer.save_pretrained(partial)
-        torch.save({"step": step, "history": history, "signature": signature},
-                   os.path.join(partial, FIT_STATE_NAME))
-        # Swap in the finished checkpoint only once it is complete: an interrupted save never
-        # replaces a good one.
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-    accelerator.wait_for_everyone()
-
-
-def _load_checkpoint(directory, model, regularizer, accelerator, optimizer, scheduler, signature):
-    from ..modules.regularizer import BridgeRegularizer
-
-    path = os.path.join(directory, CHECKPOINT_NAME)
-    state_path = os.path.join(path, FIT_STATE_NAME)
-    if not os.path.isfile(state_path):
-        raise ValueError(f"{state_path} does not exist: not a fit_mapping checkpoint")
-    saved = BridgeRegularizer.from_pretrained(path, model=model)
-    try:
-        regularizer.load_state_dict(saved.state_dict())
-    except RuntimeError as exc:
-        raise ValueError(f"the checkpoint in {path} does not match this regulariser: {exc}") from exc
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several kinds for a damaged file
-        raise ValueError(f"{state_path} is damaged: {exc}") from exc
-    if state.get("signature") != signature:
-        raise ValueError(
-            f"the checkpoint in {path} was made with {state.get('signature')} but this run uses "
-            f"{signature}: remove it or use another checkpoint_dir"
-        )
-    if "optimizer" in state:  # written before accelerate held the engine state
-        optimizer.optimizer.load_state_dict(state["optimizer"])
-        scheduler.scheduler.load_state_dict(state["scheduler"])
-    else:
-        accelerator.load_state(os.path.join(path, ENGINE_DIR))
-    return int(state["step"]), list(state["history"])
-
 
 def _process_group() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
@@ -266,6 +233,7 @@ def fit_mapping(
     text_column: str = "text",
     backbone_dtype: str | None = "auto",
     log_every: int = 10,
+    packing: bool = False,
 ) -> dict:
     """Fit the regulariser's mapping g (and a trainable tail) on ``texts`` with the PLM frozen.
 
@@ -304,14 +272,20 @@ def fit_mapping(
         tokenizer: its tokenizer. texts: the corpus, as above.
         regularizer: the :class:`~sbpet.BridgeRegularizer` to fit, trained in place on the
             model's device; frozen again when done.
-        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files, ``fit_state.pt``: step,
+        checkpoint_dir: where ``checkpoint/`` (``save_pretrained`` files, ``fit_state.json``: step,
             loss ``history`` and settings, and ``engine/``: accelerate's ``save_state`` of the
-            optimizer, scheduler and g) is written every ``save_every`` steps and at the end. With ``resume`` an existing checkpoint there is loaded and the
-            run continues from its step with the same data; one from different settings is an error.
+            optimizer, scheduler and g) is written every ``save_every`` steps and at the end,
+            swapped in so that a complete copy exists at every instant (docs/safety.md). With
+            ``resume`` an existing checkpoint there is loaded and the run continues from its step
+            with the same data; one from other settings (any fitting hyperparameter, the
+            regulariser's configuration, another model) is an error naming what differs. Nothing
+            there is unpickled. ``resume=False`` removes an earlier checkpoint only when it holds
+            nothing but a checkpoint's files (else a ValueError naming the foreign file). One fit at
+            a time: a second fit into the same ``checkpoint_dir`` is refused (``checkpoint.lock``).
         backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (None: the
             regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
         precision: g's products while fitting; ``"fp32"`` by default whatever the regulariser's
-            own setting, because R of a fitted g is a cancelling difference (README "Precision").
+            own setting, because R of a fitted g is a cancelling difference (docs/precision.md).
         text_column: the column of a ``datasets`` dataset (or the key of mapping rows) holding the text.
         backbone_dtype: the frozen backbone's autocast dtype: ``"auto"`` (bf16 on a CUDA device
             that has it, none elsewhere), ``"bf16"``, ``"fp16"``, or ``"fp32"``/None (no
@@ -320,6 +294,13 @@ def fit_mapping(
         log_every: R is read back from the device every ``log_every`` steps (and at each
             checkpoint), not every step; the progress bar and the ``sbpet.hf.fitting`` logger then
             show R and tokens per second. A non-finite R is reported (FloatingPointError) then.
+        packing: each process's rows of a step are packed into one row of real tokens (no
+            padding is computed; ``position_ids`` restart at 0 for each text), as transformers'
+            ``DataCollatorWithFlattening`` packs: the way a large corpus is read fast. The same
+            texts, targets and R as unpacked (one context per text). The backbone must keep packed
+            sequences apart from ``position_ids`` alone: a flash-attention implementation
+            (``attn_implementation="flash_attention_2"``, ``"flash_attention_3"`` or a hub flash
+            kernel); any other raises ValueError.
 
     Returns:
         ``{"loss": [R per step], "steps": steps, "resumed_from": step or 0}``.
@@ -345,14 +326,56 @@ def fit_mapping(
     rank, world = accelerator.process_index, accelerator.num_processes
     if batch_size < world:
         raise ValueError(f"batch_size ({batch_size}) is the global batch: it must be >= the {world} processes")
+    if packing:
+        _check_packing(backbone)
     autocast_dtype = _autocast_dtype(backbone_dtype, device)
-    signature = {"steps": steps, "batch_size": batch_size, "max_length": max_length,
-                 "seed": seed, "mask_probability": mask_probability,
-                 "texts": len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream"}
-    if autocast_dtype is not None:  # absent otherwise, so fp32 checkpoints of earlier versions resume
-        signature["backbone_dtype"] = str(autocast_dtype).removeprefix("torch.")
+    # g is for this model: its sizes and word embeddings (a g built for another model is an error)
+    check_model_matches(regularizer.config, model, "the regulariser")
+    fingerprint = embedding_fingerprint(model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    if fingerprint is not None:
+        regularizer.config["model_fingerprint"] = fingerprint  # saved with g: which PLM it was fitted for
+    signature = fit_signature(
+        regularizer, model, steps=steps, batch_size=batch_size, max_length=max_length, seed=seed,
+        learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, mask_probability=mask_probability, corrupt_inputs=bool(corrupt_inputs),
+        precision=precision, backbone_dtype=None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."),
+        texts=len(texts) if hasattr(texts, "__getitem__") and hasattr(texts, "__len__") else "stream",
+        packing=bool(packing))
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    with checkpoint_lock(checkpoint_dir, accelerator):
+        problem = None
+        if checkpoint_dir is not None and accelerator.is_main_process and has_checkpoint(checkpoint_dir):
+            try:
+                if resume:
+                    recover_checkpoint(checkpoint_dir)  # an interrupted save's complete copy takes the final name
+                else:  # start again: only a checkpoint's own files are removed (else a ValueError naming one)
+                    for path in checkpoint_folders(checkpoint_dir):
+                        remove_checkpoint_folder(path)
+            except ValueError as exc:
+                problem = str(exc)
+        if world > 1:  # every process stops alike (none waits for rank 0 at the first save)
+            from accelerate.utils import broadcast_object_list
+
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise ValueError(problem)
+        return _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, autocast_dtype, signature,
+                    was_training, grad_flags, steps=steps, batch_size=batch_size, max_length=max_length,
+                    learning_rate=learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                    max_grad_norm=max_grad_norm, mask_probability=mask_probability, corrupt_inputs=corrupt_inputs,
+                    checkpoint_dir=checkpoint_dir, save_every=save_every, resume=resume, seed=seed,
+                    progress=progress, backend=backend, precision=precision, log_every=log_every,
+                    text_column=text_column, packing=packing)
+
+
+def _fit(model, tokenizer, texts, regularizer, accelerator, backbone, device, autocast_dtype, signature, was_training,
+         grad_flags, *, steps, batch_size, max_length, learning_rate, weight_decay, warmup_ratio, max_grad_norm,
+         mask_probability, corrupt_inputs, checkpoint_dir, save_every, resume, seed, progress, backend, precision,
+         log_every, text_column, packing):
+    from tqdm.auto import tqdm
+
+    rank, world = accelerator.process_index, accelerator.num_processes
     capture, bar = None, None
     try:
         model.eval()
@@ -377,7 +400,7 @@ def fit_mapping(
 
         start, history = 0, []
         if checkpoint_dir is not None and resume and os.path.isdir(os.path.join(checkpoint_dir, CHECKPOINT_NAME)):
-            start, history = _load_checkpoint(checkpoint_dir, model, regularizer, accelerator, optimizer,
+            start, history = load_checkpoint(checkpoint_dir, model, regularizer, accelerator, optimizer,
                                               scheduler, signature)
         resumed_from = start
         batches = text_batches(texts, batch_size, seed, start, text_column)
@@ -400,8 +423,13 @@ def fit_mapping(
                 weight = _regularised_count(labels[mine], causal, ignore) / max(
                     1, _regularised_count(labels, causal, ignore))
                 input_ids, attention_mask, labels = input_ids[mine], attention_mask[mine], labels[mine]
-            host = _HostCopies(labels, attention_mask)  # positions found on the host: no device read
-            loss = step_module(input_ids.to(device), attention_mask.to(device), labels.to(device), host)
+            if packing:  # one row of real tokens per process: no mask, positions restart per text
+                input_ids, labels, position_ids = pack_fitting_batch(input_ids, attention_mask, labels)
+                host = _HostCopies(labels, None, position_ids)  # positions and sequences found on the host
+                loss = step_module(input_ids.to(device), None, labels.to(device), host, position_ids.to(device))
+            else:
+                host = _HostCopies(labels, attention_mask)  # positions found on the host: no device read
+                loss = step_module(input_ids.to(device), attention_mask.to(device), labels.to(device), host)
             # The engine averages g's gradients over the processes: scaled by the process count,
             # each share counts by its positions, and the sum is the global batch's R.
             accelerator.backward(loss * (weight * world))

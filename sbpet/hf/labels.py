@@ -2,7 +2,7 @@
 causal LM), and labels that regularise every real token, not only the prediction position.
 
 Build them in the data collator, on the CPU: their checks read values, free on the host, and the
-regulariser then finds its positions there too (README "Host syncs").
+regulariser then finds its positions there too (docs/host-syncs.md).
 
 The released BERT runs of the paper (by an accident of its ignore index) put every position into R;
 the sound version of "every position" is what fitting g does for ordinary text: each real,

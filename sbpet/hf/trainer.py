@@ -1,81 +1,72 @@
-"""BridgeTrainer: ``transformers.Trainer`` with the bridge regulariser as a running cost."""
+"""BridgeTrainer: ``transformers.Trainer`` with the bridge regulariser as a running cost.
+
+The regulariser's part of a trainer is written once, in :class:`BridgeTrainerMixin` (the loss, the
+gradient-accumulation scaling, the logs, evaluation's R, the regulariser in checkpoints); a trainer
+class is the mixin in front of a ``transformers.Trainer`` subclass: :class:`BridgeTrainer` here, TRL's
+in :mod:`sbpet.hf.sft` (:class:`~sbpet.hf.sft.BridgeSFTTrainer`), a user's own the same way.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
 
 from ..core.checks import check_deferred
 from ..backends.dispatch import check_backend_name
-from .capture import BridgeCapture, align_to_states, num_virtual_tokens
+from .batches import (
+    BRIDGE_LABELS_KEY,
+    HOST_KEY,
+    POSITIONS_KEY,
+    CountingCollator,
+    HostCopies,
+    backbone_states,
+    regularised_positions,
+)
+from .capture import PACKING_KEYS, BridgeCapture, align_to_states, num_virtual_tokens, packing_arguments
+from .models import check_shift_labels
 from ..core.precision import check_precision
-from ..core.validation import shift_labels_left
+from ..modules.regularizer import check_fits_model
 
-__all__ = ["BridgeTrainer", "BRIDGE_LABELS_KEY", "REGULARIZER_DIR"]
+__all__ = ["BridgeTrainer", "BridgeTrainerMixin", "BRIDGE_LABELS_KEY", "POSITIONS_KEY", "REGULARIZER_DIR",
+           "regularised_positions"]
 
-BRIDGE_LABELS_KEY = "bridge_labels"
 REGULARIZER_DIR = "sbpet_regularizer"
 
 logger = logging.getLogger(__name__)
 
 
-class BridgeTrainer(Trainer):
-    """A drop-in ``transformers.Trainer`` that trains on ``task_loss + bridge_weight * R``.
+class BridgeTrainerMixin:
+    """The bridge regulariser for a ``transformers.Trainer`` subclass: put it first in the bases.
 
-    Args:
-        bridge: a fitted :class:`~sbpet.BridgeRegularizer` (None: a plain Trainer, with the
-            gradient-accumulation check of the task loss below). It is moved
-            to the training device, frozen (``requires_grad_(False)``, eval mode) and never
-            handed to the optimizer: only the PET parameters train.
-        bridge_weight: alpha.
-        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for R (None: the
-            regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
-        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
-            regulariser's ``precision``, "fp32" unless set; README "Precision").
-        capture: ``"hooks"`` (:class:`~sbpet.hf.BridgeCapture`, only the contexts and the
-            regularised rows are kept) or ``"hidden_states"`` (``output_hidden_states=True``;
-            needed for regularisers other than the PDF one). Default: hooks for the PDF
-            regulariser, hidden_states for the SDE one.
-        *args, **kwargs: as ``transformers.Trainer``.
-
-    Regularised positions: each batch may carry ``bridge_labels`` [B, S] (built with
-    :func:`~sbpet.hf.masked_lm_bridge_labels`, :func:`~sbpet.hf.classification_bridge_labels`
-    or :func:`~sbpet.hf.causal_lm_bridge_labels`); it is removed before the model's forward.
-    Without it, a [B, S] ``labels`` (masked or causal LM) is used. Virtual tokens of prompt
-    tuning are aligned automatically.
-
-    Logs ``task_loss`` and ``bridge_loss`` (R, unweighted; both per optimizer step's batch)
-    next to the Trainer's ``loss`` (= task_loss + alpha * bridge_loss). Gradient accumulation: an
-    optimizer step over GA micro-batches accumulates the same gradient of task + alpha * R as one
-    batch of the same samples. R is a per-micro-batch mean (over regularised positions) scaled as
-    the Trainer scales the task loss; the task loss is divided by GA unless the model's loss really
-    divides by the Trainer's ``num_items_in_batch``, which is checked on the first training batch
-    (see :meth:`check_loss_uses_num_items`; transformers assumes it for any forward with
-    ``**kwargs``, but BERT's heads and the sequence-classification heads ignore it). Exact when the
-    micro-batches have equal numbers of regularised positions (one per sequence with
-    ``masked_lm_bridge_labels`` / ``classification_bridge_labels``). Mixed precision: R is
-    computed in float32 with autocast off.
-
-    Evaluation (``evaluate`` / ``predict``): ``eval_loss`` stays the task loss, as the Trainer
-    computes it; with a regulariser, batches that carry ``bridge_labels`` (or [B, S] ``labels``)
-    also give ``eval_bridge_loss``, R of the whole eval set with the same regulariser (the mean
-    over all its regularised positions), and ``eval_task_loss`` (= ``eval_loss``).
-
-    Checkpoints: :meth:`save_model` (so every checkpoint the Trainer writes, and
-    ``trainer.save_model()``) also writes the regulariser with ``save_pretrained`` into
-    ``<output_dir>/sbpet_regularizer`` (:data:`REGULARIZER_DIR`); ``train(resume_from_checkpoint=...)``
-    loads it back into ``bridge`` (see :meth:`load_regularizer`).
+    ``class MyTrainer(BridgeTrainerMixin, SomeTrainer)`` trains on ``task_loss + bridge_weight * R``
+    with everything :class:`BridgeTrainer` documents (its keyword arguments ``bridge``,
+    ``bridge_weight``, ``capture``, ``backend``, ``precision``, the logs, gradient accumulation,
+    evaluation's R, the regulariser in checkpoints), whatever ``SomeTrainer`` does with its task
+    loss, as long as its ``compute_loss`` runs the model's forward once: the capture is armed around
+    it, and R is taken from that forward (hooks, or the backbone's ``hidden_states``). The parent's
+    ``compute_loss`` is asked for the model's outputs only when its caller asks for them.
+    :class:`BridgeTrainer` is ``BridgeTrainerMixin`` + ``transformers.Trainer``;
+    :class:`~sbpet.hf.sft.BridgeSFTTrainer` is ``BridgeTrainerMixin`` + ``trl.SFTTrainer``.
 
     Example:
-        >>> trainer = BridgeTrainer(model=peft_model, args=TrainingArguments("out"),
-        ...                         train_dataset=train, data_collator=collate,
-        ...                         bridge=BridgeRegularizer.from_pretrained(g_dir, model=peft_model),
-        ...                         bridge_weight=0.1)
-        >>> trainer.train()
+        >>> class WeightedLossTrainer(Trainer):          # a user's Trainer with its own task loss
+        ...     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ...         ...
+        >>> class BridgeWeightedLossTrainer(BridgeTrainerMixin, WeightedLossTrainer):
+        ...     pass
+        >>> trainer = BridgeWeightedLossTrainer(model=model, args=args, train_dataset=train,
+        ...                                     bridge=regularizer, bridge_weight=0.1)
     """
+
+    #: Probe on the first training batch whether the model's loss divides by the Trainer's
+    #: ``num_items_in_batch`` (:meth:`check_loss_uses_num_items`). A subclass whose
+    #: ``compute_loss`` normalises the task loss itself (TRL's SFTTrainer) sets it to False.
+    probe_loss_num_items = True
 
     def __init__(self, *args, bridge=None, bridge_weight: float = 0.1, capture: str | None = None,
                  backend: str | None = None, precision: str | None = None, **kwargs):
@@ -85,11 +76,11 @@ class BridgeTrainer(Trainer):
             capture = "hooks" if getattr(bridge, "config", {}).get("kind", "pdf") == "pdf" else "hidden_states"
         if capture not in ("hooks", "hidden_states"):
             raise ValueError(f"capture must be 'hooks' or 'hidden_states', got {capture!r}")
-        if float(bridge_weight) < 0:
-            raise ValueError(f"bridge_weight must be >= 0, got {bridge_weight}")
+        if not float(bridge_weight) >= 0 or not math.isfinite(float(bridge_weight)):  # NaN fails the first test
+            raise ValueError(f"bridge_weight must be a finite number >= 0, got {bridge_weight}")
         if self.args.n_gpu > 1:
             raise ValueError(
-                "BridgeTrainer does not support torch.nn.DataParallel (n_gpu > 1): launch with "
+                f"{type(self).__name__} does not support torch.nn.DataParallel (n_gpu > 1): launch with "
                 "torchrun for DistributedDataParallel"
             )
         is_pdf = getattr(bridge, "config", {}).get("kind", "pdf") == "pdf"
@@ -108,23 +99,45 @@ class BridgeTrainer(Trainer):
             bridge.to(self.args.device)
             bridge.requires_grad_(False)
             bridge.eval()
-            if capture == "hooks":
+            if capture == "hooks":  # (the capture checks the model: sbpet.hf.models.check_model)
                 self._bridge_capture = BridgeCapture(self.model, bridge, backend, precision)
+            else:
+                check_fits_model(bridge, self.model)
+                check_shift_labels(self.model, bridge)
         self._bridge_sums = None
         self._bridge_last_logged = 0
         self._loss_kwargs_checked = False
         self._eval_bridge_sums = None
         self._host_inputs: dict = {}
+        # The optimizer step's regularised positions: id(micro-batch) -> (its count, the step's).
+        self._step_counts: dict = {}
+        self._step_share = None
 
     def _prepare_inputs(self, inputs):
-        """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels and the
-        attention mask: the regulariser finds its positions there (no device read) and hands them
-        over in one non-blocking copy (:mod:`sbpet.core.positions`)."""
-        host = {key: inputs[key] for key in (BRIDGE_LABELS_KEY, "labels", "attention_mask")
-                if isinstance(inputs.get(key), torch.Tensor) and inputs[key].device.type == "cpu"}
+        """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels, the
+        attention mask and the packed-sequence boundaries: the regulariser finds its positions
+        there (no device read) and hands them over in one non-blocking copy
+        (:mod:`sbpet.core.positions`). The copies come from the collator (:class:`HostCopies`, which
+        the dataloader's move to the device leaves on the host), else from the batch as given."""
+        copies = inputs.pop(HOST_KEY, None) if isinstance(inputs, Mapping) else None
+        host = copies.tensors if isinstance(copies, HostCopies) else HostCopies.of(inputs).tensors
         prepared = super()._prepare_inputs(inputs)
         self._host_inputs = host
         return prepared
+
+    def _get_dataloader(self, *args, **kwargs):
+        """``Trainer._get_dataloader`` with the data collator wrapped to count each batch's
+        regularised positions where it runs, on the host (:data:`POSITIONS_KEY`); ``data_collator``
+        itself stays the one given (TRL checks its type)."""
+        collator = self.data_collator
+        if self.bridge is not None and collator is not None:
+            self.data_collator = CountingCollator(collator, self.bridge.ignore_index,
+                                                   bool(getattr(self.bridge, "shift_labels", False)),
+                                                   num_virtual_tokens(self.model))
+        try:
+            return super()._get_dataloader(*args, **kwargs)
+        finally:
+            self.data_collator = collator
 
     def _on_host(self, tensor, key: str):
         """The host copy of the batch's ``key`` when ``tensor`` is its device copy, else ``tensor``."""
@@ -156,7 +169,7 @@ class BridgeTrainer(Trainer):
         if not required:
             return None
         raise ValueError(
-            f"BridgeTrainer needs '{BRIDGE_LABELS_KEY}' [B, S] in each batch (see "
+            f"{type(self).__name__} needs '{BRIDGE_LABELS_KEY}' [B, S] in each batch (see "
             "sbpet.hf.classification_bridge_labels / masked_lm_bridge_labels) or [B, S] 'labels'"
         )
 
@@ -213,61 +226,114 @@ class BridgeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         bridge_labels = inputs.pop(BRIDGE_LABELS_KEY, None)
-        if model.training:
+        inputs.pop(POSITIONS_KEY, None)
+        if model.training and self.probe_loss_num_items:
             self.check_loss_uses_num_items(model, inputs, num_items_in_batch)
         if self.bridge is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         from_key = BRIDGE_LABELS_KEY if bridge_labels is not None else "labels"
         bridge_labels = self._on_host(self._bridge_labels(inputs, bridge_labels), from_key)
         attention_mask = self._on_host(inputs.get("attention_mask"), "attention_mask")
+        packing = packing_arguments({key: self._on_host(inputs.get(key), key) for key in PACKING_KEYS})
         self._host_inputs = {}
+        # The parent runs the forward once; its outputs are asked for only when our caller wants
+        # them (TRL's SFTTrainer runs a second, full-logits forward to return them).
         if self._bridge_capture is not None:
-            with self._bridge_capture.armed(bridge_labels, attention_mask):
-                task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            with self._bridge_capture.armed(bridge_labels, attention_mask, **packing):
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             bridge_loss = self._bridge_capture.loss()
         else:
             inputs["output_hidden_states"] = True
-            task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            with backbone_states(model) as states:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels, mask = align_to_states(
                 bridge_labels, attention_mask, num_virtual_tokens(model), self.bridge.ignore_index
             )
-            with torch.autocast(task_loss.device.type, enabled=False):
-                bridge_loss = self.bridge(outputs.hidden_states, labels, mask, **self._bridge_options)
-        # The Trainer divides a per-batch-mean loss by the accumulation steps itself; when the task
-        # loss is already normalised over the accumulated batch, R (a per-batch mean) is scaled here.
+            with torch.autocast(states[0][0].device.type, enabled=False):
+                bridge_loss = self.bridge(states[0], labels, mask, **packing, **self._bridge_options)
+        task_loss, outputs = result if return_outputs else (result, None)
+        # R's share of the optimizer step: its sum over this micro-batch's regularised positions
+        # divided by the count of the whole accumulated batch (the Trainer's num_items_in_batch
+        # for R), so the step's gradient is that of one batch of all its samples however the
+        # positions fall into micro-batches. Without the step's counts (compute_loss called outside
+        # the training loop): R's per-micro-batch mean / GA.
         steps = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
         scaled = self._loss_is_scaled_for_ga(num_items_in_batch)
-        bridge_term = self.bridge_weight * bridge_loss.to(task_loss.dtype)
-        if scaled:
-            bridge_term = bridge_term / steps
+        share = self._step_share if self._step_share is not None else 1.0 / steps
+        # The Trainer divides a loss it takes as a per-batch mean by the accumulation steps itself.
+        bridge_term = self.bridge_weight * bridge_loss.to(task_loss.dtype) * (share if scaled else share * steps)
         loss = task_loss + bridge_term
         # Contributions to the per-optimizer-step logs, scaled the way the Trainer's tr_loss is.
-        share = 1.0 if scaled else 1.0 / steps
-        task_share = task_loss.detach().float() * share
-        bridge_share = bridge_loss.detach().float() / steps
+        task_share = task_loss.detach().float() * (1.0 if scaled else 1.0 / steps)
+        bridge_share = bridge_loss.detach().float() * share
         sums = torch.stack([task_share, bridge_share])
         self._bridge_sums = sums if self._bridge_sums is None else self._bridge_sums + sums
         return (loss, outputs) if return_outputs else loss
 
-    def _regularised_count(self, labels: torch.Tensor) -> torch.Tensor:
-        """How many positions of ``labels`` [B, S] R averages over (virtual tokens and the causal
-        shift applied as in the capture)."""
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """``Trainer.get_batch_samples`` (the micro-batches of one optimizer step) and each one's
+        regularised positions, as the trainer's collator counted them on the host
+        (:data:`POSITIONS_KEY`; no device read), so that :meth:`compute_loss` takes R's mean over
+        the whole accumulated batch. Batches from another collator are counted here, from their
+        tensors as they lie (no read when there are no packing boundaries on a device). The count
+        is per process (under DDP each process's R is its own positions' mean, and DDP averages the
+        processes' gradients)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_counts = {}
+        if self.bridge is not None:
+            counts = [self._batch_count(batch) for batch in batch_samples]
+            if counts and all(count is not None for count in counts):
+                total = sum(counts)
+                self._step_counts = {id(batch): (count, total) for batch, count in zip(batch_samples, counts)}
+        return batch_samples, num_items_in_batch
+
+    def _batch_count(self, batch):
+        """The regularised positions of one collated micro-batch: an int when counted on the host,
+        a 0-dim tensor on the labels' device otherwise (never read), None without labels."""
+        if not isinstance(batch, Mapping):
+            return None
+        if isinstance(batch.get(POSITIONS_KEY), int):
+            return batch[POSITIONS_KEY]
+        labels = self._bridge_labels(batch, batch.get(BRIDGE_LABELS_KEY), required=False)
+        if labels is None:
+            return None
+        count = self._regularised_count(labels, batch.get("attention_mask"), packing_arguments(batch))
+        return int(count) if count.device.type == "cpu" else count
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """``Trainer.training_step``, with this micro-batch's share of the optimizer step's
+        regularised positions (see :meth:`get_batch_samples`) for :meth:`compute_loss`."""
+        count, total = self._step_counts.pop(id(inputs), (None, None))
+        if count is not None:
+            if isinstance(total, int):
+                self._step_share = count / max(total, 1)
+            else:
+                self._step_share = count / torch.as_tensor(total).clamp(min=1)
+        try:
+            return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            self._step_share = None
+
+    def _regularised_count(self, labels: torch.Tensor, attention_mask=None, packing=None) -> torch.Tensor:
+        """How many positions of ``labels`` [B, S] R averages over (:func:`regularised_positions`
+        with this run's regulariser and model)."""
         reg = self.bridge
-        labels, _ = align_to_states(labels, None, num_virtual_tokens(self.model), reg.ignore_index)
-        if reg.shift_labels:
-            labels = shift_labels_left(labels, reg.ignore_index)
-        return (labels != reg.ignore_index).sum()
+        return regularised_positions(labels, attention_mask, ignore_index=reg.ignore_index,
+                                     shift_labels=bool(getattr(reg, "shift_labels", False)),
+                                     num_virtual=num_virtual_tokens(self.model), **(packing or {}))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """``Trainer.prediction_step`` without ``bridge_labels`` in the model's inputs; with a
         regulariser and regularised positions, R of the batch is added to the evaluation's sums."""
         inputs = dict(inputs)
         bridge_labels = self._bridge_labels(inputs, inputs.pop(BRIDGE_LABELS_KEY, None), required=False)
+        counted = inputs.pop(POSITIONS_KEY, None)
         if self.bridge is None or bridge_labels is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         mask = inputs.get("attention_mask")
+        packing = packing_arguments(inputs)
         if self._bridge_capture is not None:
-            with self._bridge_capture.armed(bridge_labels, mask):
+            with self._bridge_capture.armed(bridge_labels, mask, **packing):
                 result = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             with torch.no_grad():
                 bridge_loss = self._bridge_capture.loss()
@@ -278,19 +344,17 @@ class BridgeTrainer(Trainer):
                 config = getattr(self.model, "config", None)
                 ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"]))
             ignore_keys = [*ignore_keys, "hidden_states"]
-            states = []
-            handle = model.register_forward_hook(lambda m, args, out: states.append(out["hidden_states"]))
-            try:
+            with backbone_states(model) as states:
                 result = super().prediction_step(model, {**inputs, "output_hidden_states": True},
                                                  prediction_loss_only, ignore_keys)
-            finally:
-                handle.remove()
-            device = states[-1][0].device
+            device = states[0][0].device
             # labels and mask as the batch holds them (the host, in the Trainer's loop): no device read
             labels, mask = align_to_states(bridge_labels, mask, num_virtual_tokens(model), self.bridge.ignore_index)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                bridge_loss = self.bridge(states[-1], labels, mask, **self._bridge_options)
-        count = self._regularised_count(bridge_labels).to(bridge_loss.device).float()
+                bridge_loss = self.bridge(states[0], labels, mask, **packing, **self._bridge_options)
+        if not isinstance(counted, int):
+            counted = self._regularised_count(bridge_labels, inputs.get("attention_mask"), packing)
+        count = torch.as_tensor(counted).to(bridge_loss.device).float()
         sums = torch.stack([bridge_loss.detach().float() * count, count])
         self._eval_bridge_sums = sums if self._eval_bridge_sums is None else self._eval_bridge_sums + sums
         return result
@@ -376,3 +440,62 @@ class BridgeTrainer(Trainer):
             self._bridge_sums = None
             self._bridge_last_logged = self.state.global_step
         return super().log(logs, start_time)
+
+
+class BridgeTrainer(BridgeTrainerMixin, Trainer):
+    """A drop-in ``transformers.Trainer`` that trains on ``task_loss + bridge_weight * R``.
+
+    Args:
+        bridge: a fitted :class:`~sbpet.BridgeRegularizer` (None: a plain Trainer, with the
+            gradient-accumulation check of the task loss below). It is moved
+            to the training device, frozen (``requires_grad_(False)``, eval mode) and never
+            handed to the optimizer: only the PET parameters train.
+        bridge_weight: alpha.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` for R (None: the
+            regulariser's ``backend``; see :mod:`sbpet.backends.dispatch`).
+        precision: ``"fp32"``, ``"tf32"`` or ``"bf16"`` for g's products (None: the
+            regulariser's ``precision``, "fp32" unless set; docs/precision.md).
+        capture: ``"hooks"`` (:class:`~sbpet.hf.BridgeCapture`, only the contexts and the
+            regularised rows are kept) or ``"hidden_states"`` (``output_hidden_states=True``;
+            needed for regularisers other than the PDF one). Default: hooks for the PDF
+            regulariser, hidden_states for the SDE one.
+        *args, **kwargs: as ``transformers.Trainer``.
+
+    Regularised positions: each batch may carry ``bridge_labels`` [B, S] (built with
+    :func:`~sbpet.hf.masked_lm_bridge_labels`, :func:`~sbpet.hf.classification_bridge_labels`
+    or :func:`~sbpet.hf.causal_lm_bridge_labels`); it is removed before the model's forward.
+    Without it, a [B, S] ``labels`` (masked or causal LM) is used. Virtual tokens of prompt
+    tuning are aligned automatically.
+
+    Logs ``task_loss`` and ``bridge_loss`` (R, unweighted; both per optimizer step's batch)
+    next to the Trainer's ``loss`` (= task_loss + alpha * bridge_loss). Gradient accumulation: an
+    optimizer step over GA micro-batches accumulates the same gradient of task + alpha * R as one
+    batch of the same samples, whatever number of regularised positions each micro-batch holds. R
+    is the mean over all the regularised positions of the accumulated batch, as transformers takes
+    the task loss over its ``num_items_in_batch``: the positions of every micro-batch of the step
+    are counted from the collated labels on the host before the step (:meth:`get_batch_samples`),
+    and each micro-batch's R enters as its sum over its positions divided by the step's count. The
+    task loss is the Trainer's: divided by GA unless the model's loss really divides by the
+    Trainer's ``num_items_in_batch``, which is checked on the first training batch (see
+    :meth:`check_loss_uses_num_items`; transformers assumes it for any forward with ``**kwargs``,
+    but BERT's heads and the sequence-classification heads ignore it). Under DDP the count is per
+    process: R is each process's mean, averaged over the processes with the gradients. Mixed
+    precision: R is computed in float32 with autocast off.
+
+    Evaluation (``evaluate`` / ``predict``): ``eval_loss`` stays the task loss, as the Trainer
+    computes it; with a regulariser, batches that carry ``bridge_labels`` (or [B, S] ``labels``)
+    also give ``eval_bridge_loss``, R of the whole eval set with the same regulariser (the mean
+    over all its regularised positions), and ``eval_task_loss`` (= ``eval_loss``).
+
+    Checkpoints: :meth:`save_model` (so every checkpoint the Trainer writes, and
+    ``trainer.save_model()``) also writes the regulariser with ``save_pretrained`` into
+    ``<output_dir>/sbpet_regularizer`` (:data:`REGULARIZER_DIR`); ``train(resume_from_checkpoint=...)``
+    loads it back into ``bridge`` (see :meth:`load_regularizer`).
+
+    Example:
+        >>> trainer = BridgeTrainer(model=peft_model, args=TrainingArguments("out"),
+        ...                         train_dataset=train, data_collator=collate,
+        ...                         bridge=BridgeRegularizer.from_pretrained(g_dir, model=peft_model),
+        ...                         bridge_weight=0.1)
+        >>> trainer.train()
+    """

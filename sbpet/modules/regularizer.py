@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import struct
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +20,10 @@ from ..core.mapping import BridgeMapping, resolve_tail
 from ..core.seeding import check_seed, seeded_init
 from ..core.precision import check_precision
 from ..core.validation import check_int
+from ..core.files import atomic_write, write_json
+from ..core.fingerprint import compare_fingerprints, embedding_fingerprint
 
-__all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["BridgeRegularizer", "CONFIG_NAME", "WEIGHTS_NAME", "check_model_matches", "model_name"]
 
 CONFIG_NAME = "sbpet_config.json"
 WEIGHTS_NAME = "sbpet_model.safetensors"
@@ -42,7 +48,7 @@ class BridgeRegularizer(nn.Module):
             :mod:`sbpet.backends.dispatch`); used by ``forward`` and by the hooks of BridgeCapture /
             BridgeTrainer / fit_mapping unless they are given their own.
         precision: how g's matrix products run: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``
-            (see :mod:`sbpet.core.precision` and README "Precision").
+            (see :mod:`sbpet.core.precision` and docs/precision.md).
         name_or_path: the PLM's name or path, recorded in the saved config.
         seed: None draws g's initial weights from the global RNG (``torch.manual_seed`` before
             building decides them); an int draws them from the CPU generator seeded with it
@@ -115,16 +121,26 @@ class BridgeRegularizer(nn.Module):
             "name_or_path": name_or_path,
             "seed": seed,
         }
+        fingerprint = embedding_fingerprint(word_embeddings) if word_embeddings is not None else None
+        if fingerprint is not None:  # which PLM this g is for (sbpet.core.fingerprint)
+            self.config["model_fingerprint"] = fingerprint
 
     @property
     def vocab_size(self) -> int:
         return self.tail.shape[0]
 
-    def forward(self, hidden_states, labels, attention_mask=None, *, backend: str | None = None,
-                precision: str | None = None, max_positions: int | None = None) -> torch.Tensor:
+    def forward(self, hidden_states, labels, attention_mask=None, position_ids=None, *, backend: str | None = None,
+                precision: str | None = None, max_positions: int | None = None, seq_idx=None,
+                cu_seq_lens=None) -> torch.Tensor:
         """R of ``hidden_states`` (L+1 tensors [B, S, H] or [L+1, B, S, H]) for ``labels`` [B, S];
         ``backend`` / ``precision`` override the module's own for this call; ``max_positions``: see
-        :func:`sbpet.bridge_loss`."""
+        :func:`sbpet.bridge_loss`. Packed rows: ``position_ids`` [B, S] (or TRL's ``seq_idx``,
+        flash-attention's ``cu_seq_lens_q`` as ``cu_seq_lens``; :func:`sbpet.hf.packing_arguments`
+        picks them from a batch): one context per sequence, as :func:`sbpet.bridge_loss` says.
+
+        Example:
+            >>> out = model(**batch, output_hidden_states=True)   # a padding-free batch
+            >>> r = regularizer(out.hidden_states, labels, None, batch["position_ids"])"""
         return bridge_loss(
             hidden_states,
             labels,
@@ -139,6 +155,9 @@ class BridgeRegularizer(nn.Module):
             precision=self.precision if precision is None else precision,
             num_layers=self.num_layers,
             max_positions=max_positions,
+            position_ids=position_ids,
+            cu_seq_lens=cu_seq_lens,
+            seq_idx=seq_idx,
         )
 
     def extra_repr(self) -> str:
@@ -151,23 +170,47 @@ class BridgeRegularizer(nn.Module):
     # Save / load: safetensors weights + a JSON config.
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``sbpet_config.json`` and ``sbpet_model.safetensors`` into ``directory``."""
-        from safetensors.torch import save_file
+        """Write ``sbpet_config.json`` and ``sbpet_model.safetensors`` into ``directory``.
 
-        os.makedirs(directory, exist_ok=True)
+        A reader never sees half a g: a new folder is written under a temporary name beside it and
+        renamed into place; in an existing folder each file is replaced atomically (weights, then
+        config) and the config records the weights' SHA-256, which :meth:`from_pretrained` checks,
+        so a pair from two different saves is an error, never a silent mix. Only these two files
+        are written; whatever else the folder holds stays."""
+        from safetensors.torch import save
+
+        directory = os.fspath(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(self.config, f, indent=2)
+        blob = save(state, metadata={"format": "pt"})
+        config = {**self.config, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+        if not os.path.exists(directory):
+            parent = os.path.dirname(os.path.abspath(directory))
+            os.makedirs(parent, exist_ok=True)
+            temp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.", suffix=".tmp",
+                                    dir=parent)
+            try:
+                _write_pair(temp, blob, config)
+                os.rename(temp, directory)  # atomic; fails when another process made the folder meanwhile
+                return
+            except OSError:
+                if not os.path.isdir(directory):
+                    raise
+            finally:
+                shutil.rmtree(temp, ignore_errors=True)
+        _write_pair(directory, blob, config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model=None, *, trainable: bool = False, **overrides):
         """Load a regulariser saved with :meth:`save_pretrained`.
 
         ``model`` (a Hugging Face model or its config), if given, is checked against the saved
-        hidden size, number of layers and vocabulary size. ``overrides`` replace config entries
-        that do not change the weights' shapes (e.g. ``backend``). A missing, damaged or
-        mismatching file raises ValueError naming what is wrong.
+        hidden size, number of layers and vocabulary size, and (a model, not a config) against the
+        saved fingerprint of its word embeddings (:mod:`sbpet.core.fingerprint`: another model or
+        vocabulary order is an error naming both; a model fine-tuned from the same base, a
+        warning). ``overrides`` replace config entries that do not change the weights' shapes
+        (e.g. ``backend``). A missing, damaged or mismatching file raises ValueError naming what
+        is wrong; the config is checked against the weights file's header (shapes, read without
+        loading) on the meta device before anything is allocated.
 
         The module comes back in eval mode, as a transformers model does from ``from_pretrained``,
         and frozen (``requires_grad`` False on g and on a trainable tail): a fitted g is a fixed
@@ -175,9 +218,13 @@ class BridgeRegularizer(nn.Module):
         instead (train mode, g and a ``train_tail`` tail trainable) to train it further by hand;
         :func:`~sbpet.fit_mapping` unfreezes what it fits either way, and
         :class:`~sbpet.BridgeTrainer` freezes it either way.
+
+        Example:
+            >>> reg.save_pretrained("g")
+            >>> reg = BridgeRegularizer.from_pretrained("g", model=model)
         """
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         config_path = os.path.join(directory, CONFIG_NAME)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
@@ -185,7 +232,7 @@ class BridgeRegularizer(nn.Module):
             if not os.path.isfile(path):
                 raise ValueError(f"{path} does not exist: not a saved sbpet regulariser")
         try:
-            with open(config_path) as f:
+            with open(config_path, encoding="utf-8") as f:
                 config = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{config_path} is damaged (not valid JSON): {exc}") from exc
@@ -194,17 +241,55 @@ class BridgeRegularizer(nn.Module):
         kind = config.get("kind", "pdf")
         target = cls._class_for_kind(kind)
         if model is not None:
-            _check_model_matches(config, model, directory)
+            check_model_matches(config, model, f"the regulariser in {directory}")
+        header = _safetensors_shapes(weights_path)
+        expected_sha = config.pop("weights_sha256", None)
+        fingerprint = config.pop("model_fingerprint", None)
+        config.update(overrides)
+        target._check_config_against(config, header, config_path, weights_path)
+        with open(weights_path, "rb") as f:
+            blob = f.read()
+        if expected_sha is not None and hashlib.sha256(blob).hexdigest() != expected_sha:
+            raise ValueError(f"{weights_path} is not the file {config_path} was saved with (its SHA-256 differs): "
+                             "the folder was written by two saves at once or torn by a crash; save or fit the g "
+                             "again")
         try:
-            state = load_file(weights_path)
+            state = load(blob)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{weights_path} is damaged: {exc}") from exc
-        config.update(overrides)
         module = target._from_config_and_state(config, state, weights_path)
+        if fingerprint is not None:
+            module.config["model_fingerprint"] = fingerprint
         if not trainable:
             module.requires_grad_(False)
             module.eval()
         return module
+
+    @classmethod
+    def _check_config_against(cls, config: dict, header: dict, config_path: str, weights_path: str) -> None:
+        """Build the module of ``config`` on the meta device (no memory) and compare its tensors'
+        shapes with the weights file's ``header`` (name -> shape): ValueError naming the entry."""
+        args = {k: v for k, v in config.items() if k not in ("kind", "vocab_size")}
+        tail = header.get("tail")
+        if tail is None or len(tail) != 2:
+            raise ValueError(f"{weights_path} is damaged: it holds no [V, D] 'tail'")
+        try:
+            with torch.device("meta"):
+                module = cls(tail=torch.empty(tail, device="meta"), **args)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ValueError(f"{config_path} is not a valid configuration: {exc}") from exc
+        built = {k: list(v.shape) for k, v in module.state_dict().items()}
+        for name in sorted(set(built) | set(header)):
+            if name not in header:
+                raise ValueError(f"{config_path} describes a tensor {name!r} of shape {built[name]} that "
+                                 f"{weights_path} does not hold: the config does not match the weights")
+            if name not in built:
+                raise ValueError(f"{weights_path} holds {name!r}, which the module of {config_path} has not: the "
+                                 "config does not match the weights")
+            if built[name] != header[name]:
+                raise ValueError(f"{config_path} gives {name!r} the shape {built[name]} but {weights_path} holds "
+                                 f"{header[name]}: the config does not match the weights (check its "
+                                 f"{_config_entry(name)})")
 
     # kind (the saved config's "kind") -> class; every subclass that sets ``kind`` registers
     # itself, so loading needs no import of the subclass's module from here.
@@ -239,6 +324,39 @@ class BridgeRegularizer(nn.Module):
         return module
 
 
+def _write_pair(directory: str, blob: bytes, config: dict) -> None:
+    with atomic_write(os.path.join(directory, WEIGHTS_NAME), "wb") as f:
+        f.write(blob)
+    write_json(os.path.join(directory, CONFIG_NAME), config, indent=2)
+
+
+def _safetensors_shapes(path: str) -> dict:
+    """name -> shape of the tensors in a safetensors file, from its header alone (nothing else is
+    read); ValueError for a damaged header."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(os.path.getsize(path) - 8, 100 * 2**20):
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(f.read(length))
+        return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged (its safetensors header cannot be read: {exc})") from None
+
+
+def _config_entry(tensor_name: str) -> str:
+    if tensor_name == "tail":
+        return "dims / latent_size and vocab_size"
+    return "hidden_size and dims (or latent_size, width, depth)"
+
+
+def model_name(model) -> str:
+    """How a model is named in messages: its config's ``name_or_path``, else its class."""
+    config = getattr(model, "config", model)
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return f"the model {name!r}" if name else f"the {type(model).__name__}"
+
+
 def _model_sizes(model) -> tuple[int, int, int]:
     config = getattr(model, "config", model)
     try:
@@ -250,11 +368,50 @@ def _model_sizes(model) -> tuple[int, int, int]:
         ) from exc
 
 
-def _check_model_matches(config: dict, model, directory) -> None:
+def _input_embeddings(model):
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def check_model_matches(config: dict, model, where: str = "the regulariser") -> None:
+    """Check a regulariser's ``config`` (its ``.config`` or a saved one) against ``model`` (a
+    Hugging Face model, or its config for the sizes alone): hidden size, layer count and
+    vocabulary size, then the fingerprint of the model's word embeddings when both have one
+    (:func:`sbpet.core.fingerprint.compare_fingerprints`). ValueError naming both otherwise."""
     hidden, layers, vocab = _model_sizes(model)
+    saved_for = config.get("name_or_path")
+    fitted = f"{where}{f' (fitted for {saved_for!r})' if saved_for else ''}"
     for key, value in (("hidden_size", hidden), ("num_layers", layers), ("vocab_size", vocab)):
         if config.get(key) != value:
             raise ValueError(
-                f"the regulariser in {directory} was fitted for {key}={config.get(key)} but the "
-                f"model has {key}={value}"
+                f"{fitted} was fitted for {key}={config.get(key)} but {model_name(model)} has {key}={value}"
             )
+    if config.get("model_fingerprint") is not None:
+        embeddings = _input_embeddings(model)
+        if embeddings is not None:
+            compare_fingerprints(config["model_fingerprint"], embedding_fingerprint(embeddings), fitted,
+                                 model_name(model))
+
+
+def check_fits_model(regularizer, model) -> None:
+    """What hooks and trainers check before the first step: the regulariser's hidden size against
+    ``model``'s (its config's ``hidden_size``, when it has one) and the fingerprint of the word
+    embeddings it was fitted for against ``model``'s (another model or vocabulary order: a
+    ValueError naming both; a model fine-tuned from the same base: a warning). The layer count is
+    the caller's (it knows the layers). Nothing is checked where the model has no config."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) if config is not None else None
+    saved_for = regularizer.config.get("name_or_path")
+    fitted = f"the regulariser{f' (fitted for {saved_for!r})' if saved_for else ''}"
+    if isinstance(hidden, int) and hidden != regularizer.hidden_size:
+        raise ValueError(f"{fitted} was built for hidden_size={regularizer.hidden_size} but {model_name(model)} has "
+                         f"hidden_size={hidden}: use the g fitted for this model")
+    saved = regularizer.config.get("model_fingerprint")
+    embeddings = _input_embeddings(model) if saved is not None else None
+    if embeddings is not None:
+        compare_fingerprints(saved, embedding_fingerprint(embeddings), fitted, model_name(model))

@@ -175,7 +175,7 @@ def sde_bridge_loss(
     """The SDE regulariser on validated inputs (docs/METHOD.md, "The SDE regulariser").
 
     For every regularised position n = (b, s): x(t) is the natural cubic spline through (0, 0)
-    and (t_l, h[l][b, s]), l = 0..L; the posterior ``dz = f(t, z, x(t)) dt + dW``, z(0) = 0, is
+    and (t_l, ``h[l][b, s]``), l = 0..L; the posterior ``dz = f(t, z, x(t)) dt + dW``, z(0) = 0, is
     simulated on :func:`~sbpet.core.spline.solver_times` (``steps_per_layer`` sub-steps between layer times, up to
     t_L < 1) with the prior bridge drift to e = tail[targets[n]]; the loss is the mean over n of
     ``sum_k 1/2 ||f - prior drift||^2 dt_k``.
@@ -366,7 +366,12 @@ class SDEBridgeRegularizer(BridgeRegularizer):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
-    def forward(self, hidden_states, labels, attention_mask=None) -> torch.Tensor:
+    def forward(self, hidden_states, labels, attention_mask=None, position_ids=None, *, seq_idx=None,
+                cu_seq_lens=None) -> torch.Tensor:
+        """R of ``hidden_states`` (L+1 tensors [B, S, H]) for ``labels`` [B, S]. Packed rows
+        (``position_ids``, ``seq_idx`` or ``cu_seq_lens``, as :func:`sbpet.bridge_loss` takes them):
+        the SDE regulariser reads each token's own path only (no context), so the boundaries only
+        stop the causal shift at each sequence's end."""
         inputs = validate_inputs(
             hidden_states,
             labels,
@@ -376,6 +381,9 @@ class SDEBridgeRegularizer(BridgeRegularizer):
             hidden_size=self.hidden_size,
             ignore_index=self.ignore_index,
             shift_labels=self.shift_labels,
+            position_ids=position_ids,
+            cu_seq_lens=cu_seq_lens,
+            seq_idx=seq_idx,
         )
         device = inputs.hidden_states[0].device
         for name, tensor in (("tail", self.tail), ("drift_net", self.drift_net.input.weight)):

@@ -12,6 +12,7 @@ import torch
 
 from hf_helpers import tiny_model_and_corpus
 from sbpet.cli.main import build_parser, main
+from sbpet.hf.fitting import read_fit_state
 
 
 @pytest.mark.parametrize("command", ["fit", "train", "plot", "study"])
@@ -121,7 +122,7 @@ def test_fit_force_twice_gives_the_same_g(tmp_path, capsys):
         torch.manual_seed(len(fits))  # whatever the global RNG holds
         assert main(["fit", *common, "--force", "--out", str(tmp_path / "g"), "--overwrite"]) == 0
         g_dir = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("g: ")
-        state = torch.load(os.path.join(g_dir, "fit", "checkpoint", "fit_state.pt"), weights_only=False)
+        state = read_fit_state(os.path.join(g_dir, "fit", "checkpoint"))
         fits.append((state["history"], (tmp_path / "g" / "sbpet_model.safetensors").read_bytes()))
     assert len(fits[0][0]) == 4 and fits[0][0] == fits[1][0]
     assert fits[0][1] == fits[1][1]
@@ -143,7 +144,7 @@ def test_fit_on_text_files(tmp_path, capsys):
     assert main(["fit", *common, "--text-files", str(corpus / "a.txt"), "--text-files", str(corpus / "b*"),
                  "--out", str(out)]) == 0
     assert "on the lines of 2 file(s)" in capsys.readouterr().out
-    state = torch.load(out / "fit" / "checkpoint" / "fit_state.pt", weights_only=False)
+    state = read_fit_state(str(out / "fit" / "checkpoint"))
     assert len(state["history"]) == 4 and state["signature"]["texts"] == "stream"
     assert (out / "sbpet_config.json").is_file() and not (tmp_path / "cache" / "g").exists()
 
@@ -246,7 +247,7 @@ def test_fit_on_text_files_under_torchrun_shares_the_global_batch(tmp_path):
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("2 processes share each batch" in done.stdout) == (procs == 2), done.stdout
-        state = torch.load(out / "fit" / "checkpoint" / "fit_state.pt", weights_only=False)
+        state = read_fit_state(str(out / "fit" / "checkpoint"))
         fits[procs] = (state["history"], load_file(str(out / "sbpet_model.safetensors")))
     (one_history, one), (two_history, two) = fits[1], fits[2]
     assert len(one_history) == 4

@@ -1,6 +1,6 @@
 """Run folders of `sbpet train` and what `sbpet plot` draws: a run's default folder is named by its
-whole configuration, nothing already saved is replaced without --overwrite (checked before any
-slow work), and plot draws every saved run or refuses, never an untuned PLM unasked."""
+whole configuration, the same configuration again prints the stored run, nothing already saved is
+replaced without --overwrite (checked before any slow work), and plot draws every saved run or refuses, never an untuned PLM unasked."""
 
 import json
 import os
@@ -32,7 +32,8 @@ def _no_slow_work(monkeypatch):
 
 def test_run_names_hold_the_configuration(tiny, tmp_path, capsys, monkeypatch):
     """Runs with another alpha, seed, shots, budget or bridge used to overwrite <cache>/runs/<pet>-<bridge>;
-    the same configuration again is refused before g, and replaced only with --overwrite."""
+    the same configuration again prints the stored run before any slow work (exit 0), and is
+    replaced only with --overwrite."""
     variants = [[], ["--alpha", "0.5"], ["--seed", "1"], ["--epochs", "2"], ["--bridge", "none"], ["--bridge", "ou"]]
     for options in variants:
         assert main(["train", *tiny, *TRAIN, *options]) == 0
@@ -49,12 +50,34 @@ def test_run_names_hold_the_configuration(tiny, tmp_path, capsys, monkeypatch):
     assert os.path.basename(first) == run_name(meta["config"]) and meta["config"]["epochs"] == 1.0
     weights = open(os.path.join(first, "pet.safetensors"), "rb").read()
 
-    # The same configuration again: refused before any slow work, nothing touched.
+    # The same configuration again: runs are deterministic, so the stored run is the answer. It is
+    # printed (metrics and folder, said to be stored) and the command succeeds, before any slow work
+    # and touching nothing; the same through an explicit --out naming that run's folder.
+    stored = (f"validation accuracy {meta['validation']['accuracy']:.4f}  test accuracy "
+              f"{meta['metrics']['accuracy']:.4f}  task loss {meta['metrics']['task_loss']:.4f}  bridge loss "
+              f"{meta['metrics']['bridge_loss']:.4f}  (stored run, not retrained: the same configuration is in {first}")
+    before = open(os.path.join(first, "run.json"), "rb").read()
+    for options in ([], ["--out", first]):
+        with monkeypatch.context() as patch:
+            _no_slow_work(patch)
+            assert main(["train", *tiny, *TRAIN, "--alpha", "0.5", *options]) == 0
+        out, err = capsys.readouterr()
+        assert out.strip().splitlines()[-1].startswith(stored), out
+        assert "--overwrite" in out and err == ""
+    assert open(os.path.join(first, "pet.safetensors"), "rb").read() == weights
+    assert open(os.path.join(first, "run.json"), "rb").read() == before
+
+    # A stored run whose configuration does not match (an older or edited run.json) is not taken
+    # for this one: refused, nothing touched.
+    edited = json.loads(before)
+    edited["config"]["lr"] = 0.123
+    with open(os.path.join(first, "run.json"), "w") as f:
+        json.dump(edited, f)
     with monkeypatch.context() as patch:
         _no_slow_work(patch)
         assert main(["train", *tiny, *TRAIN, "--alpha", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert f"sbpet train: error: {first} already holds this run (the same configuration, test accuracy" in err
+    assert f"sbpet train: error: {first} already holds a run of another or unreadable configuration (test" in err
     assert "--overwrite" in err and "Traceback" not in err
     assert open(os.path.join(first, "pet.safetensors"), "rb").read() == weights
 
@@ -68,7 +91,7 @@ def test_run_names_hold_the_configuration(tiny, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         _no_slow_work(patch)
         assert main(["train", *tiny, *TRAIN, "--out", first]) == 2
-        assert f"--out: {first} already holds a run (test accuracy" in capsys.readouterr().err
+        assert f"--out: {first} already holds another run (test accuracy" in capsys.readouterr().err
         a_file = tmp_path / "a-file"
         a_file.write_text("x")
         assert main(["train", *tiny, *TRAIN, "--out", str(a_file)]) == 2

@@ -120,3 +120,89 @@ def test_every_backend_takes_padded_positions(monkeypatch):
     dispatch.select("loss", "auto", torch.device("cpu"), (), lambda names: {}, padded=True)
     dispatch.select("loss", "auto", torch.device("cpu"), (), lambda names: {}, padded=False)
     assert chosen[0] != chosen[1] and chosen[0][-1] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rows: the sequences of a row (sbpet.core.positions.find_segments)
+
+from sbpet.core.positions import find_segments, sequence_starts  # noqa: E402
+from sbpet.core.validation import shift_labels_left  # noqa: E402
+
+
+def _ranges(segments):
+    """[(row, start, end)] of the non-empty contexts, in context order."""
+    return [(g // segments.slots, int(a), int(b)) for g, (a, b) in enumerate(zip(segments.start, segments.end))
+            if a < b]
+
+
+def test_segments_from_position_ids_restarts():
+    """A 0 or a decrease starts a sequence; the index of every position is its context."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    real = torch.ones(2, 9, dtype=torch.bool)
+    seg = find_segments(real, position_ids=position_ids)
+    assert seg.slots == 4 and seg.num_contexts == 8
+    assert _ranges(seg) == [(0, 0, 3), (0, 3, 5), (0, 5, 6), (0, 6, 9), (1, 0, 9)]
+    assert seg.index.tolist() == [[0, 0, 0, 1, 1, 2, 3, 3, 3], [4] * 9]
+    decrease = find_segments(torch.ones(1, 5, dtype=torch.bool), position_ids=torch.tensor([[3, 4, 5, 1, 2]]))
+    assert _ranges(decrease) == [(0, 0, 3), (0, 3, 5)]
+
+
+def test_every_boundary_form_gives_the_same_segments():
+    lengths = [3, 1, 4]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    cu = torch.tensor([0, 3, 4, 8])
+    real = torch.ones(1, 8, dtype=torch.bool)
+    forms = [find_segments(real, **kw) for kw in (dict(position_ids=position_ids), dict(seq_idx=seq_idx),
+                                                  dict(cu_seq_lens=cu))]
+    for seg in forms:
+        assert _ranges(seg) == [(0, 0, 3), (0, 3, 4), (0, 4, 8)]
+        assert torch.equal(seg.index, forms[0].index)
+
+
+def test_cu_seq_lens_over_rows_and_errors():
+    """cu_seq_lens runs over the flattened batch; a sequence may not cross rows."""
+    real = torch.ones(2, 4, dtype=torch.bool)
+    seg = find_segments(real, cu_seq_lens=torch.tensor([0, 2, 4, 5, 8]))
+    assert _ranges(seg) == [(0, 0, 2), (0, 2, 4), (1, 0, 1), (1, 1, 4)]
+    with pytest.raises(ValueError, match="cu_seq_lens: a sequence crosses from row 0 into row 1"):
+        find_segments(real, cu_seq_lens=torch.tensor([0, 3, 8]))
+    with pytest.raises(ValueError, match="cu_seq_lens must be the cumulative"):
+        find_segments(real, cu_seq_lens=torch.tensor([1, 3, 8]))
+    with pytest.raises(ValueError, match=r"position_ids must be \[B, S\]"):
+        find_segments(real, position_ids=torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="seq_idx must be an integer tensor"):
+        find_segments(real, seq_idx=torch.zeros(2, 4))
+
+
+def test_padding_never_makes_a_sequence():
+    """Left padding with transformers' positions (1 at the padding) keeps one sequence per row; a
+    padding-only run of seq_idx joins its neighbour."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    left = (mask.long().cumsum(1) - 1).masked_fill(~mask, 1)
+    assert find_segments(mask, position_ids=left).slots == 1
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    seg = find_segments(mask, seq_idx=seq_idx)
+    assert seg.slots == 1 and _ranges(seg) == [(0, 0, 5), (1, 0, 5)]
+
+
+def test_causal_shift_stops_at_each_sequence_end():
+    labels = torch.tensor([[10, 11, 12, 20, 21, 30]])
+    seg = find_segments(torch.ones(1, 6, dtype=torch.bool), position_ids=torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    assert shift_labels_left(labels, -100, seg).tolist() == [[11, 12, -100, 21, -100, -100]]
+    assert shift_labels_left(labels, -100).tolist() == [[11, 12, 20, 21, 30, -100]]
+
+
+def test_positions_carry_their_context_index_exact_and_fixed_capacity():
+    labels = torch.tensor([[-100, 5, 6, -100, 7, 8], [1, -100, -100, -100, -100, 2]])
+    real = torch.ones(2, 6, dtype=torch.bool)
+    seg = find_segments(real, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 0, 1]]))
+    exact = find_positions(labels, real, "cpu", vocab_size=10, ignore_index=-100, route="test", segments=seg)
+    assert seg.slots == 3
+    assert exact.context_index.tolist() == [0, 0, 1, 1, 3, 5]
+    fixed = find_positions(labels, real, "cpu", vocab_size=10, ignore_index=-100, route="test", segments=seg,
+                           max_positions=8)
+    assert fixed.context_index[:6].tolist() == [0, 0, 1, 1, 3, 5]
+    assert torch.equal(fixed.context_index, seg.index[fixed.batch_index, fixed.seq_index])
+    plain = find_positions(labels, real, "cpu", vocab_size=10, ignore_index=-100, route="test")
+    assert plain.context_index is plain.batch_index

@@ -1,6 +1,8 @@
 """BridgeTrainer: a few steps with LoRA, prompt tuning, IA3 and BitFit (tiny BERT) and LoRA on a
 tiny GPT-2; logs; frozen g; gradient accumulation (masked LM, sequence classifier, causal LM);
-bfloat16 autocast; evaluation's bridge loss; the regulariser in checkpoints and on resuming."""
+bfloat16 autocast; evaluation's bridge loss; the regulariser in checkpoints and on resuming;
+gradient accumulation with unequal numbers of regularised positions (tiny Llama), counted on the
+host by the collator; the mixin on another Trainer subclass."""
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from hf_helpers import (
     tiny_regularizer,
     trainer_args,
     trainer_one_step,
+    unequal_examples,
 )
 
 pytest.importorskip("peft")
@@ -223,3 +226,181 @@ def test_the_regulariser_gets_the_host_labels_and_mask(capture, tmp_path, monkey
                             data_collator=collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
     trainer.train()
     assert seen == ["host", "host"]
+
+
+@pytest.mark.parametrize("capture", ["hooks", "hidden_states"])
+def test_host_copies_pass_the_dataloaders_move_to_the_device(capture, tmp_path, monkeypatch):
+    """On a GPU the Trainer's dataloader (accelerate's DataLoaderShard) moves the whole batch to the
+    device before ``_prepare_inputs`` sees it: the regulariser still finds its positions on the
+    collator's host copies (HostCopies, which the move passes as it is). The move is simulated by
+    a clone, each tensor tagged as in the test above."""
+    import accelerate.data_loader
+    import sbpet.core.validation
+    import sbpet.hf.capture
+    from sbpet.hf.batches import HOST_KEY, HostCopies
+
+    seen = []
+
+    def collate_and_tag(rows):
+        batch = collate(rows)
+        batch["bridge_labels"].sbpet_test_copy = "host"
+        return batch
+
+    def move(data, *args, **kwargs):
+        if isinstance(data, torch.Tensor):
+            moved = data.clone()
+            moved.sbpet_test_copy = "moved"
+            return moved
+        if isinstance(data, dict):
+            return {key: move(value) for key, value in data.items()}
+        return data
+
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", move)
+    for module in (sbpet.hf.capture, sbpet.core.validation):
+        found = module.find_positions
+
+        def spy(labels, real, *args, _found=found, **kwargs):
+            seen.append(getattr(labels, "sbpet_test_copy", None))
+            return _found(labels, real, *args, **kwargs)
+
+        monkeypatch.setattr(module, "find_positions", spy)
+    model, base = pet_model("lora")
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, max_steps=2), train_dataset=classification_data(),
+                            data_collator=collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert getattr(batch["bridge_labels"], "sbpet_test_copy", None) == "moved"  # the simulated move ran
+    assert isinstance(batch[HOST_KEY], HostCopies)
+    trainer.train()  # HOST_KEY never reaches the model's forward
+    assert seen == ["host", "host"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation with unequal numbers of regularised positions (tiny Llama, LoRA)
+
+
+def _unequal_step(tmp_path, batch_size, accumulation, capture="hooks", route="collator"):
+    """One plain-SGD step on unequal_examples() (3 then 32 regularised positions), right-padded to
+    40. ``route``: "collator" (the Trainer's dataloader: counted by the counting collator on the
+    host) or "fallback" (a plain DataLoader: counted in get_batch_samples)."""
+    from hf_helpers import grad_recorder, in_order, llama_lora_config, llama_regularizer, spread_lora_b, tiny_llama
+    from transformers import TrainingArguments
+
+    recorder = grad_recorder()
+    model = get_peft_model(tiny_llama(), llama_lora_config())
+    spread_lora_b(model)
+    reg = llama_regularizer(model.get_base_model())
+    data = []
+    for ids, completion in unequal_examples():
+        pad = [0] * (40 - len(ids))
+        ids, completion = torch.tensor(ids + pad), torch.tensor(completion + pad)
+        data.append({"input_ids": ids, "attention_mask": (torch.arange(40) < 40 - len(pad)).long(),
+                     "labels": torch.where(completion.bool(), ids, -100)})
+    args = TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = BridgeTrainer(model=model, args=args, train_dataset=data, data_collator=collate, bridge=reg,
+                            bridge_weight=4.0, capture=capture, callbacks=[recorder])
+    if route == "fallback":
+        trainer.get_train_dataloader = lambda: torch.utils.data.DataLoader(data, batch_size=batch_size,
+                                                                           collate_fn=collate)
+    in_order(trainer).train()
+    return recorder.grads, next(e for e in trainer.state.log_history if "bridge_loss" in e)
+
+
+@pytest.mark.parametrize("capture, route", [("hooks", "collator"), ("hidden_states", "collator"),
+                                            ("hooks", "fallback")])
+def test_gradient_accumulation_with_unequal_counts(capture, route, tmp_path):
+    """Micro-batches of 3 and 32 regularised positions at GA 2 accumulate the gradient of one batch
+    of both (R's mean over all 35 positions, as the task loss over num_items_in_batch), and log that
+    batch's R and task loss."""
+    whole, whole_log = _unequal_step(tmp_path / "a", 2, 1, capture, route)
+    accumulated, acc_log = _unequal_step(tmp_path / "b", 1, 2, capture, route)
+    assert whole.keys() == accumulated.keys() and len(whole) == 8  # q and v, A and B, 2 layers
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{name}: {m}")
+    assert acc_log["bridge_loss"] == pytest.approx(whole_log["bridge_loss"], rel=1e-5)
+    assert acc_log["task_loss"] == pytest.approx(whole_log["task_loss"], rel=1e-5)
+
+
+def test_the_unequal_counts_tell_the_means_apart():
+    """The data above can fail the test: R's mean over the 35 positions differs clearly from the
+    mean of the two micro-batches' means."""
+    from hf_helpers import llama_regularizer, tiny_llama
+
+    model = tiny_llama()
+    reg = llama_regularizer(model)
+    per_example = []
+    for ids, completion in unequal_examples():
+        ids = torch.tensor([ids])
+        labels = torch.where(torch.tensor([completion]).bool(), ids, -100)
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states
+        per_example.append(reg(states, labels).item())
+    pooled = (3 * per_example[0] + 32 * per_example[1]) / 35
+    assert abs(pooled - sum(per_example) / 2) > 0.02 * pooled
+
+
+def test_regularised_positions_are_counted_as_the_capture_finds_them():
+    """Counted by hand: virtual tokens, the causal shift, and the shift stopping at the end of
+    every packed sequence, whichever boundary form marks it."""
+    from sbpet.hf.trainer import regularised_positions
+
+    labels = torch.tensor([[-100, 5, 6, 7, 8, -100], [9, 9, -100, 9, 9, 9]])
+    assert int(regularised_positions(labels)) == 9
+    assert int(regularised_positions(labels, shift_labels=True)) == 8  # labels at s >= 1 only
+    assert int(regularised_positions(labels, shift_labels=True, num_virtual=2)) == 9  # the first real token too
+    # row 0: sequences [0, 3) and [3, 6); row 1: [0, 2), [2, 6): label 7 starts a sequence, so no state predicts it
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]])
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 3, 3, 3, 3]])
+    cu_seq_lens = torch.tensor([0, 3, 6, 8, 12])
+    for packing in (dict(position_ids=position_ids), dict(seq_idx=seq_idx), dict(cu_seq_lens=cu_seq_lens)):
+        assert int(regularised_positions(labels, shift_labels=True, **packing)) == 7, packing
+        assert int(regularised_positions(labels, **packing)) == 9, packing  # no shift: boundaries change nothing
+
+
+def test_counts_come_from_the_collator_on_the_host(tmp_path):
+    """The Trainer's dataloader hands each batch's count over as a Python int, made where the
+    collator ran; data_collator stays the one given; a batch that carries it is never read
+    again (labels on the meta device here)."""
+    from sbpet.hf.trainer import POSITIONS_KEY
+
+    model, base = pet_model("lora")
+    trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path), train_dataset=classification_data(),
+                            data_collator=collate, bridge=tiny_regularizer(base))
+    assert trainer.data_collator is collate
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch[POSITIONS_KEY] == int((batch["bridge_labels"] != -100).sum()) == 4
+    meta = {"bridge_labels": torch.empty(4, 11, dtype=torch.long, device="meta"), POSITIONS_KEY: 4}
+    assert trainer._batch_count(meta) == 4
+    trainer.train()  # the key never reaches the model's forward
+
+
+def test_the_mixin_gives_another_trainer_subclass_the_regulariser(tmp_path):
+    """BridgeTrainerMixin in front of a user's Trainer subclass (its own compute_loss): the loss is
+    that subclass's task loss + alpha * R, R as BridgeTrainer computes it."""
+    from transformers import Trainer
+
+    from sbpet.hf import BridgeTrainerMixin
+
+    class DoubledLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            loss = 2.0 * outputs.loss
+            return (loss, outputs) if return_outputs else loss
+
+    class BridgeDoubled(BridgeTrainerMixin, DoubledLoss):
+        pass
+
+    logs = {}
+    for name, cls in (("mixin", BridgeDoubled), ("bridge", BridgeTrainer)):
+        model, base = pet_model("lora")
+        trainer = cls(model=model, args=trainer_args(tmp_path / name, max_steps=1), train_dataset=classification_data(),
+                      data_collator=collate, bridge=tiny_regularizer(base), bridge_weight=0.5)
+        trainer.train()
+        logs[name] = next(e for e in trainer.state.log_history if "bridge_loss" in e)
+    mixin, plain = logs["mixin"], logs["bridge"]
+    assert mixin["bridge_loss"] == pytest.approx(plain["bridge_loss"], rel=1e-6)
+    assert mixin["task_loss"] == pytest.approx(2 * plain["task_loss"], rel=1e-5)
+    assert mixin["loss"] == pytest.approx(mixin["task_loss"] + 0.5 * mixin["bridge_loss"], rel=1e-4)

@@ -306,9 +306,9 @@ def test_context_kernels_poisoned_outputs(device):
                                            device=device)
     num_states, (batch, seq, hidden) = len(states), states[0].shape
     table = context_kernels.layer_table(states)
-    mask_f, inv_count = context_kernels.mask_weights(mask)
+    sequences = context_kernels.Sequences.per_row(mask)
     poisoned = torch.full((num_states, batch, hidden), float("nan"), device=device)
-    contexts = context_kernels.context_forward(table, num_states, mask_f, inv_count, out=poisoned)
+    contexts = context_kernels.context_forward(table, num_states, sequences, out=poisoned)
     m = mask.double()
     expected = torch.stack([(h.double() * m[..., None]).sum(1) / m.sum(1, keepdim=True) for h in states])
     assert_close(contexts, expected, torch.float32, "contexts")
@@ -317,11 +317,57 @@ def test_context_kernels_poisoned_outputs(device):
     grad_contexts = torch.randn(num_states, batch, hidden, device=device)
     grad_tokens = torch.randn(num_states, batch_index.numel(), hidden, device=device)
     out = torch.full((num_states, batch, seq, hidden), float("nan"), device=device)
-    grads = context_kernels.context_backward(grad_contexts, mask_f, inv_count, batch_index, seq_index,
+    grads = context_kernels.context_backward(grad_contexts, sequences, batch_index, seq_index,
                                              grad_tokens, torch.float32, out=out)
     expected = (m / m.sum(1, keepdim=True))[None, :, :, None] * grad_contexts.double()[:, :, None, :]
     expected[:, batch_index, seq_index] += grad_tokens.double()
     assert_close(grads, expected, torch.float32, "grad_states")
+
+
+def test_context_kernels_packed_sequences_poisoned_outputs(device):
+    """Kernel 1 with packed rows: one context per sequence (a sequence a column range of its row,
+    empty slots included), forward and backward into NaN-filled outputs, against float64 formulas;
+    with GATHER_ROWS the regularised rows of every sequence are copied out once."""
+    from sbpet.backends.triton_host import kernel_sequences
+    from sbpet.core.positions import find_segments
+
+    states, labels, mask, _, _ = make_case(num_states=2, batch=2, seq=19, hidden=20, dims=(8,), seed=7,
+                                           device=device)
+    mask = torch.ones_like(mask)
+    mask[1, 15:] = 0  # row 1 padded at its end
+    position_ids = torch.tensor([list(range(7)) + list(range(1)) + list(range(11)),
+                                 list(range(4)) + list(range(15))])
+    segments = find_segments(mask.cpu() != 0, device, position_ids=position_ids)
+    assert segments.slots == 3  # row 1 has two sequences: one empty slot
+    sequences = kernel_sequences(mask, segments.index, segments.start, segments.end, segments.slots)
+    num_states, (batch, seq, hidden) = len(states), states[0].shape
+    poisoned = torch.full((num_states, segments.num_contexts, hidden), float("nan"), device=device)
+    batch_index, seq_index = (labels != -100).nonzero(as_tuple=True)
+    row_of = context_kernels.row_lookup(batch, seq, batch_index, seq_index)
+    tokens = torch.full((num_states, batch_index.numel(), hidden), float("nan"), device=device)
+    contexts = context_kernels.context_forward(context_kernels.layer_table(states), num_states, sequences,
+                                               out=poisoned, row_of=row_of, tokens_out=tokens)
+    expected = torch.zeros(num_states, segments.num_contexts, hidden, dtype=torch.float64)
+    weights = torch.zeros(batch, seq, dtype=torch.float64)
+    for g, (a, b) in enumerate(zip(segments.start.tolist(), segments.end.tolist())):
+        if a < b:
+            row = g // segments.slots
+            real = mask[row, a:b].cpu().double()
+            weights[row, a:b] = real / real.sum()
+            for layer, h in enumerate(states):
+                expected[layer, g] = (h[row, a:b].cpu().double() * real[:, None]).sum(0) / real.sum()
+    assert_close(contexts, expected, torch.float32, "packed contexts")
+    assert_close(tokens, torch.stack([h[batch_index, seq_index] for h in states]), torch.float32, "gathered rows")
+
+    grad_contexts = torch.randn(num_states, segments.num_contexts, hidden, device=device)
+    grad_tokens = torch.randn(num_states, batch_index.numel(), hidden, device=device)
+    out = torch.full((num_states, batch, seq, hidden), float("nan"), device=device)
+    grads = context_kernels.context_backward(grad_contexts, sequences, batch_index, seq_index, grad_tokens,
+                                             torch.float32, out=out)
+    index = segments.index.cpu()
+    want = weights[None, :, :, None] * grad_contexts.cpu().double()[:, index]
+    want[:, batch_index.cpu(), seq_index.cpu()] += grad_tokens.cpu().double()
+    assert_close(grads, want, torch.float32, "packed grad_states")
 
 
 def test_torch_compile_matches_eager(device):
@@ -363,13 +409,22 @@ def test_custom_op_schema(strategy):
         args = tuple([a.cuda() for a in x] if isinstance(x, list) else x.cuda() for x in args)
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     num_valid = torch.tensor(batch_index.shape[0] - 1, device=tail.device)  # a fixed capacity's count
+    # One sequence per row, and the row packed as two sequences (position ids restarting at 2).
+    from sbpet.core.positions import Segments, find_segments
+
+    per_row = Segments.per_row(1, 5, tail.device)
+    packed = find_segments(torch.ones(1, 5, dtype=torch.bool), tail.device,
+                           position_ids=torch.tensor([[0, 1, 0, 1, 2]]))
+    layouts = [(s.index, s.start, s.end, s.slots) for s in (per_row, packed)]
     for count in (None, num_valid):
-        torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default, (*args, "fp32", strategy, count),
-                              test_utils=checks)
+        for layout in layouts:
+            torch.library.opcheck(torch.ops.sbpet.triton_bridge_forward.default,
+                                  (*args, "fp32", strategy, count, *layout), test_utils=checks)
     # The parts interface's two ops: per-layer capture (kernel 1) and the loss from parts (kernel 2).
     states, mask, batch_index, seq_index, targets, weights, biases, tail, mean_coef, variance = args
-    torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index),
-                          test_utils=checks)
+    for layout in layouts:
+        torch.library.opcheck(torch.ops.sbpet.triton_capture.default, (states[0], mask, batch_index, seq_index,
+                                                                        *layout), test_utils=checks)
     contexts = torch.randn(len(states), *states[0].shape[::2], device=tail.device, requires_grad=True)
     tokens = [h.detach()[batch_index, seq_index].requires_grad_(True) for h in states]
     torch.library.opcheck(torch.ops.sbpet.triton_parts_forward.default,

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -131,3 +132,81 @@ def test_seeded_init_matches_the_default_init():
         got = sbpet.BridgeMapping(8, dims=(6, 3))
     for p, q in zip(want.parameters(), got.parameters()):
         assert torch.equal(p, q)
+
+
+# -- files (issue 34) ----------------------------------------------------------------------------
+
+
+def _saved(tmp_path):
+    reg = sbpet.BridgeRegularizer(8, num_layers=2, dims=(6, 3), word_embeddings=torch.randn(11, 8), seed=0)
+    reg.save_pretrained(tmp_path / "g")
+    return reg, tmp_path / "g"
+
+
+def test_a_huge_config_fails_before_any_allocation(tmp_path, monkeypatch):
+    """dims of 2e9 in sbpet_config.json: a ValueError naming the entry, checked against the
+    safetensors header on the meta device, before a byte is allocated (finding 2)."""
+    import json
+
+    _, path = _saved(tmp_path)
+    config = json.loads((path / "sbpet_config.json").read_text())
+    config["dims"] = [2_000_000_000, 3]
+    (path / "sbpet_config.json").write_text(json.dumps(config))
+    real_empty = torch.empty
+
+    def guarded_empty(*size, **kw):  # what nn.Linear allocates its weight with
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        device = kw.get("device") or torch.get_default_device()
+        if torch.device(device).type != "meta" and torch.Size(shape).numel() > 10**8:
+            raise MemoryError(f"tried to allocate {tuple(shape)}")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    with pytest.raises(ValueError, match=r"mapping\.layers\.0\.bias. the shape \[2000000000\].*holds \[6\].*dims"):
+        sbpet.BridgeRegularizer.from_pretrained(path)
+    config["dims"], config["hidden_size"] = [6, 3], 9
+    (path / "sbpet_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_size"):
+        sbpet.BridgeRegularizer.from_pretrained(path)
+
+
+def test_a_reader_never_gets_half_a_g(tmp_path, monkeypatch):
+    """save_pretrained: a new folder appears whole or not at all; in an existing one the config
+    records the weights' SHA-256, so a pair from two saves is an error, never a silent mix
+    (finding 4)."""
+    reg, path = _saved(tmp_path)
+    other = sbpet.BridgeRegularizer(8, num_layers=2, dims=(6, 3), word_embeddings=torch.randn(11, 8), seed=1)
+    real_replace, calls = os.replace, []
+
+    def crash_at_the_config(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("sbpet_config.json"):
+            raise OSError("crash between the weights and the config")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_the_config)
+    with pytest.raises(OSError, match="crash"):
+        other.save_pretrained(path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert calls, "save_pretrained wrote in place"
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        sbpet.BridgeRegularizer.from_pretrained(path)
+    other.save_pretrained(path)  # saved again: whole
+    loaded = sbpet.BridgeRegularizer.from_pretrained(path)
+    assert torch.equal(loaded.mapping.layers[0].weight, other.mapping.layers[0].weight)
+    assert sorted(p.name for p in path.iterdir()) == ["sbpet_config.json", "sbpet_model.safetensors"]
+
+    def crash(src, dst):
+        raise OSError("crash before the folder is renamed into place")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError):
+        reg.save_pretrained(tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no half folder, no temporary one
+
+
+def test_the_saved_g_records_its_model(tmp_path):
+    reg, path = _saved(tmp_path)
+    loaded = sbpet.BridgeRegularizer.from_pretrained(path)
+    assert loaded.config["model_fingerprint"] == reg.config["model_fingerprint"]
+    assert loaded.config["model_fingerprint"]["vocab_size"] == 11

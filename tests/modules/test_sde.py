@@ -494,3 +494,31 @@ def test_fit_mapping_fits_the_sde_drift_network(tmp_path):
                           learning_rate=1e-2, progress=False)
     assert len(history["loss"]) == 6 and all(math.isfinite(v) for v in history["loss"])
     assert any(not torch.equal(v, before[k]) for k, v in reg.drift_net.state_dict().items())
+
+
+def test_packed_rows_stop_the_causal_shift():
+    """The SDE regulariser reads each token's own path (no context): packed rows (position_ids)
+    give the padded batch's R when the causal shift stops at each sequence's end, and a
+    different R when the boundaries are left out (the last state of one sequence paired with the
+    next sequence's first token)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, hidden = (4, 2, 5), 8
+    torch.manual_seed(0)
+    reg = SDEBridgeRegularizer(hidden, 2, latent_size=3, tail=torch.randn(20, 3, generator=gen), shift_labels=True,
+                               seed=3)
+    seqs = [(torch.randn(3, n, hidden, generator=gen), torch.randint(0, 20, (n,), generator=gen)) for n in lengths]
+    padded = torch.zeros(3, len(lengths), max(lengths), hidden)
+    labels = torch.full((len(lengths), max(lengths)), -100)
+    mask = torch.zeros_like(labels)
+    for b, (x, y) in enumerate(seqs):
+        padded[:, b, : len(y)], labels[b, : len(y)], mask[b, : len(y)] = x, y, 1
+    packed = torch.cat([x for x, _ in seqs], dim=1)[:, None]
+    packed_labels = torch.cat([y for _, y in seqs])[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    reg.reseed(3)
+    want = reg(list(padded.unbind(0)), labels, mask)
+    reg.reseed(3)
+    got = reg(list(packed.unbind(0)), packed_labels, None, position_ids)
+    assert_close(got, want, torch.float32, "packed SDE R")
+    reg.reseed(3)
+    assert not torch.allclose(reg(list(packed.unbind(0)), packed_labels, None), want)

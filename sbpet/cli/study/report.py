@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from ...core.files import atomic_write, write_text
 from .stats import mean_std, paired_summary
 
 __all__ = ["summarize", "format_table", "write_outputs", "cells"]
@@ -211,7 +212,8 @@ def plot_study(rows: list, path: str) -> str:
     for ax in axes[:, 0]:
         ax.set_ylabel("Δ test accuracy vs vanilla\n(mean, 95% interval over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:  # a reader never sees half a PNG
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -239,7 +241,8 @@ def plot_fit_curves(gs: list, path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:  # a reader never sees half a PNG
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -250,7 +253,8 @@ def write_outputs(records: list, grid: dict, gs: list, out: str, info: dict) -> 
     os.makedirs(out, exist_ok=True)
     rows, analysis = summarize(records, grid)
     paths = [os.path.join(out, name) for name in ("runs.json", "runs.csv", "table.md", "study.png")]
-    with open(paths[0], "w", encoding="utf-8") as f:
+    # Each output is written to a temporary file beside it and renamed into place (sbpet.core.files).
+    with atomic_write(paths[0]) as f:
         json.dump({"study": info, "grid": grid, "g": gs, "runs": records, "table": rows, "analysis": analysis}, f,
                   indent=1)
     bridges = sorted({b for r in records for b in (r.get("analysis") or {})})
@@ -258,7 +262,7 @@ def write_outputs(records: list, grid: dict, gs: list, out: str, info: dict) -> 
                "test_accuracy", "task_loss", "bridge_loss", "train_loss", "chosen_step", "seconds", "threads", "cached",
                "config_hash"]
     columns += [f"R_{which}_{b}" for b in bridges for which in ("true", "shuffled")]
-    with open(paths[1], "w", newline="", encoding="utf-8") as f:
+    with atomic_write(paths[1], newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in records:
@@ -266,8 +270,7 @@ def write_outputs(records: list, grid: dict, gs: list, out: str, info: dict) -> 
             for b, values in (r.get("analysis") or {}).items():
                 flat[f"R_true_{b}"], flat[f"R_shuffled_{b}"] = values["true"], values["shuffled"]
             writer.writerow(flat)
-    with open(paths[2], "w", encoding="utf-8") as f:
-        f.write(format_table(rows, analysis, info, gs))
+    write_text(paths[2], format_table(rows, analysis, info, gs))
     plot_study(rows, paths[3])
     curves = plot_fit_curves(gs, os.path.join(out, "fit_curves.png"))
     return paths + ([curves] if curves else [])

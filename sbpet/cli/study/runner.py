@@ -9,15 +9,41 @@ import sys
 import time
 from dataclasses import asdict
 
+from ...core.files import write_json
 from .grid import Run, parse_grid, plan_runs, resolve_options, run_protocol
 
-__all__ = ["run_study", "run_config", "config_hash", "load_cached", "save_cached", "analysis_gs", "CACHE_FORMAT"]
+__all__ = ["run_study", "run_config", "config_hash", "load_cached", "save_cached", "analysis_gs", "check_out",
+           "CACHE_FORMAT", "OUTPUTS"]
 
 # Bump when a run's protocol changes: every cached run is then rerun. 2: protocols, g budgets,
 # positions; prompts trimmed of trailing padding.
 CACHE_FORMAT = 2
 RESULT_KEYS = ("val_accuracy", "test_accuracy", "task_loss", "train_loss", "seconds")
+OUTPUTS = ("runs.json", "runs.csv", "table.md", "study.png", "fit_curves.png")  # what a study writes into --out
 UNTUNED = "untuned.json"  # in a g's folder: R of the untuned PLM's test paths, true and shuffled endpoints
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """ValueError naming ``--out`` when it is a file, or when it holds one of the study's output
+    files (runs.csv, table.md, the PNGs, ...) but is not a study's folder (its runs.json written by
+    ``sbpet study``, whose outputs a rerun refreshes as it resumes) and ``--overwrite`` is not
+    given: nothing is replaced unasked."""
+    if os.path.exists(out) and not os.path.isdir(out):  # else it fails when the first run is saved
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    if overwrite:
+        return
+    present = [name for name in OUTPUTS if os.path.lexists(os.path.join(out, name))]
+    if not present:
+        return
+    try:
+        with open(os.path.join(out, "runs.json"), encoding="utf-8") as f:
+            written = json.load(f)
+        if isinstance(written, dict) and {"study", "grid", "runs"} <= set(written):
+            return  # a study's own folder: its outputs are refreshed as the study resumes
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise ValueError(f"--out: {os.path.join(out, present[0])} exists and was not written by sbpet study; pass "
+                     "--overwrite to replace it, or choose another --out")
 
 
 def analysis_gs(grid: dict) -> list[tuple[str, str, int]]:
@@ -47,7 +73,8 @@ def run_config(setup, run: Run, grid: dict) -> dict:
     g = {f"{kind}-{bridge}": setup.g_config(bridge, kind, steps) for kind, bridge, steps in keys}
     return {
         "format": CACHE_FORMAT, **asdict(run), "protocol": asdict(run_protocol(a, run.protocol)),
-        "model_dir": setup.model_dir, "data_dir": setup.data_dir, "max_length": int(a.max_length),
+        # The model and corpus by content, not by path: a moved copy hits the cache, a changed one reruns.
+        "model": setup.model_key, "data": setup.data_key, "max_length": int(a.max_length),
         "val_per_class": int(a.val_per_class), "test_per_class": int(a.test_per_class),
         "test_split_seed": TEST_SPLIT_SEED, "device": setup.device.type, "backend": a.backend,
         "precision": a.precision, "g": g,
@@ -110,11 +137,8 @@ def load_cached(path: str, config: dict, warn) -> dict | None:
 
 def save_cached(path: str, config: dict, result: dict) -> None:
     """Write a run's entry atomically (an interrupted write never leaves half a file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump({"config": config, "result": result}, f, indent=1)
-    os.replace(partial, path)
+    # A temporary file with a unique name: two studies sharing --out never write into the same one.
+    write_json(path, {"config": config, "result": result}, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,8 +169,7 @@ def g_diagnostics(setup, key, reg, test_data) -> dict:
         classifier, _, words = setup.build_classifier("lora", 0)
         scores = evaluate(classifier, *test_data, words, setup.tokenizer.mask_token_id, {"g": reg}, shuffled=True)
         untuned = {"true": scores["bridge_loss"]["g"], "shuffled": scores["shuffled_bridge_loss"]["g"]}
-        with open(os.path.join(path, UNTUNED), "w", encoding="utf-8") as f:
-            json.dump({"stamp": stamp, **untuned}, f)
+        write_json(os.path.join(path, UNTUNED), {"stamp": stamp, **untuned})
     info = {"kind": kind, "bridge": bridge, "fit_steps": steps, "folder": os.path.basename(path),
             "curve": read_fit_curve(path)}
     if untuned is not None:
@@ -284,8 +307,7 @@ def run_study(args, defaults: dict) -> int:
     setup.check_sizes(grid["shots"], grid["pets"])
     jobs = check_jobs(args, setup)
     out = args.out or os.path.join(setup.cache, "study")
-    if os.path.exists(out) and not os.path.isdir(out):  # else it fails when the first run is saved
-        raise ValueError(f"--out: {out} exists and is not a folder")
+    check_out(out, getattr(args, "overwrite", False))
     runs = plan_runs(grid)
     configs = [run_config(setup, run, grid) for run in runs]
     paths = [os.path.join(out, "runs", f"{config_hash(c)}.json") for c in configs]
