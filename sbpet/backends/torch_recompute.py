@@ -228,6 +228,9 @@ def layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef, 
     """
     mask_weights, index, slot_weights = context_weights(attention_mask, states.dtype, segments)
     row_context = batch_index if segments is None else index[batch_index, seq_index]
+    params = [t for layer in mapping.layers for t in (layer.weight, layer.bias)]
+    valid = None if num_valid is None else valid_rows(batch_index.shape[0], num_valid)
+    chunk = row_chunk(states.shape[-1], [layer.weight for layer in mapping.layers], states.numel())
     return _LayerLoss.apply(precision, chunk, mask_weights, index, slot_weights, batch_index, seq_index, row_context,
                             valid, mean_coef, variance, states, ends, *params)
 
