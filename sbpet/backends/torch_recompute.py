@@ -93,6 +93,7 @@ class _LayerLoss(torch.autograd.Function):
                 mean_coef, variance, states, ends, *params):
         weights, biases = params[0::2], params[1::2]
         acc, hidden = mask_weights.dtype, states.shape[-1]
+        row_context = batch_index if row_context is None else row_context
         context = layer_context(states, slot_weights)
         w1 = weights[0]
         half = matmul(context, w1[:, :hidden].T, precision) + biases[0]
@@ -227,7 +228,7 @@ def layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef, 
         torch.Size([])
     """
     mask_weights, index, slot_weights = context_weights(attention_mask, states.dtype, segments)
-    row_context = batch_index if segments is None else index[batch_index, seq_index]
+    row_context = None if segments is None else index[batch_index, seq_index]  # None: each row's own
     params = [t for layer in mapping.layers for t in (layer.weight, layer.bias)]
     valid = None if num_valid is None else valid_rows(batch_index.shape[0], num_valid)
     chunk = row_chunk(states.shape[-1], [layer.weight for layer in mapping.layers], states.numel())
