@@ -169,3 +169,21 @@ def test_hooks_route_recompute_equals_save_path(monkeypatch):
     assert any(g.abs().sum() > 0 for g in grads.values())
     for name, want in want_grads.items():
         assert_close(grads[name], want, torch.float32, name, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_packed_rows_in_chunks_match_reference(monkeypatch, dtype):
+    """Packed rows (position_ids restarting: three sequences in row 0, two in row 1) in chunks of 4
+    rows: one context per sequence, the context share of each column gathered from its sequence;
+    loss and gradients equal the reference's."""
+    case = make_case(num_states=3, batch=2, seq=13, hidden=11, dims=(14, 6), positions_per_seq=9, dtype=dtype,
+                     param_dtype=torch.float64 if dtype == torch.float64 else torch.float32, seed=4, padding=False)
+    states, labels, mask, mapping, tail = case
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]])
+    mapping.requires_grad_(True)
+    _chunk_rows(monkeypatch, 4, mapping)
+    loss, grads = _loss_and_grads("torch", *case, shift_labels=True, position_ids=position_ids)
+    ref_loss, ref_grads = _loss_and_grads("reference", *case, shift_labels=True, position_ids=position_ids)
+    assert_close(loss, ref_loss, torch.float64 if dtype == torch.float64 else torch.float32, "loss")
+    for name, ref in ref_grads.items():
+        assert_close(grads[name], ref, ref.dtype, f"{name} (packed, chunks of 4)")
