@@ -202,8 +202,9 @@ def render_train_steps(records: list[dict]) -> str:
     lines = ["#### Training step: one BridgeTrainer step, LoRA on the attention projections",
              "",
              "| config | model | batch x seq | N | autocast | variant | capture, g | median ms | min ms "
-             "| regulariser cost | paired | syncs/step | peak GiB | check |",
-             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| regulariser cost | paired | syncs/step | peak GiB | step peak GiB | step memory | check |",
+             "| --- | --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- |"]
     skipped, targets = [], []
     for r in records:
         if r.get("status") != "ok":
@@ -214,6 +215,8 @@ def render_train_steps(records: list[dict]) -> str:
         cost = f"{100 * r['overhead']:+.1f}%" if r.get("overhead") is not None else "-"
         paired = f"{100 * r['overhead_paired']:+.1f}%" if r.get("overhead_paired") is not None else "-"
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
+        step_peak = f"{r['step_peak_bytes'] / 2**30:.3f}" if r.get("step_peak_bytes") is not None else "-"
+        memory = f"x{r['step_memory_ratio']:.3f}" if r.get("step_memory_ratio") is not None else "-"
         syncs = "-" if r.get("syncs_per_step") is None else str(r["syncs_per_step"])
         chosen = r.get("auto_choice") or r.get("resolved_backend")
         variant = r["variant"] + (f" ({chosen})" if r["variant"] == "auto" and chosen else "")
@@ -225,7 +228,8 @@ def render_train_steps(records: list[dict]) -> str:
             check = f"loss {r.get('loss', float('nan')):.4g}"
         lines.append(f"| {r['config']} | {model} | {r.get('batch')}x{r.get('seq')} | {r.get('num_positions', '-')} | "
                      f"{autocast} | {variant} | {capture} | {_fmt_time(r.get('median_s'))} | "
-                     f"{_fmt_time(r.get('min_s'))} | {cost} | {paired} | {syncs} | {peak} | {check} |")
+                     f"{_fmt_time(r.get('min_s'))} | {cost} | {paired} | {syncs} | {peak} | {step_peak} | {memory} | "
+                     f"{check} |")
         if r.get("target") is not None and r["variant"] != "none" and r.get("overhead") is not None:
             met = "met" if r["overhead"] <= r["target"] else "missed"
             targets.append(f"- {r['config']} {r['variant']}: regulariser <= {r['target']:.0%} of the step: "
@@ -233,7 +237,10 @@ def render_train_steps(records: list[dict]) -> str:
     lines += ["", "Regulariser cost = (step with R - step without R) / step without R, from the medians; "
               "paired: the median over rounds of the same ratio within a round. Syncs/step: host synchronisations "
               "in one warm step (torch.cuda.set_sync_debug_mode warnings, the Trainer's own included: compare with "
-              "none; CUDA only)."]
+              "none; CUDA only). Peak: torch.cuda.max_memory_allocated over one step (weights and optimizer "
+              "included); step peak: that peak less what was allocated before the step; step memory: the step "
+              "peak over the step's without the regulariser (issue 35: <= x1.15 with every token regularised; "
+              "CUDA only, the CPU count is python -m benchmarks.memory)."]
     if targets:
         lines += ["", "Targets (shown, never asserted):", ""] + targets
     if skipped:

@@ -255,10 +255,14 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
             if steps and device.type == "cuda":
                 for v, step in steps.items():  # peak memory of one step (weights and optimizer included)
                     sync(device)
+                    before = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
                     step()
                     sync(device)
                     records[v]["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+                    # What the step itself allocates at its peak (MEMORY.md "On a GPU"): issue 35's ratio.
+                    records[v]["step_peak_bytes"] = records[v]["peak_bytes"] - int(before)
+                _memory_ratios(records)
                 for v, step in steps.items():
                     records[v]["syncs_per_step"] = count_syncs(step, device)
             if steps:
@@ -281,6 +285,15 @@ def run_config(config: TrainConfig, device, *, variants=VARIANTS, warmup: int = 
             model = base = model_prepared = batch = None
             suite.free_device(device)
     return list(records.values())
+
+
+def _memory_ratios(records: dict) -> None:
+    """``step_memory_ratio``: each variant's step peak over the step without the regulariser's
+    (issue 35: <= 1.15 when every token is regularised)."""
+    base = records.get("none", {}).get("step_peak_bytes")
+    for r in records.values():
+        if base and r.get("step_peak_bytes") is not None:
+            r["step_memory_ratio"] = r["step_peak_bytes"] / base
 
 
 def _step_function(trainer, model, batch, device):

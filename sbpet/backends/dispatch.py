@@ -15,6 +15,12 @@ backend module itself. A backend offers three functions with one contract:
 - ``loss(hidden_states, attention_mask, batch_index, seq_index, targets, mapping, tail, mean_coef,
   variance, precision, segments=None)``: R from the whole hidden states (``output_hidden_states=True``).
 
+and optionally a fourth, ``layer_loss(states, attention_mask, batch_index, seq_index, ends, mean_coef_l,
+variance_l, mapping, precision, num_valid, segments=None)``: one layer's unnormalised share of R as one autograd node
+that saves no activation of g (the torch backend's recompute, issue 35). When the capture's backend has
+one (:func:`layer_loss_of`), the hooks call it on each layer instead of ``capture_layer`` and sum the
+shares (each layer's backward then runs when the model's backward reaches the layer).
+
 ``auto`` (the default): on CPU the torch backend. On CUDA, the first call of an operation for a
 new key (operation, device, dtype, precision, shape bucket, which inputs need a gradient) times
 every candidate (torch and each Triton strategy: :data:`TRITON_CANDIDATES` for the losses, kernel
@@ -51,7 +57,7 @@ import torch
 
 __all__ = [
     "ATOMIC_CANDIDATES", "BACKENDS", "ENV_VAR", "TRITON_CANDIDATES", "Backend", "Selector", "get_backend",
-    "resolve_backend", "select", "selector",
+    "layer_loss_of", "resolve_backend", "select", "selector",
     "cuda_event_timer", "runners_for", "shape_key", "fwd_bwd_runner",
 ]
 
@@ -78,6 +84,7 @@ class Backend:
     # it computes anyway: ``sbpet.core.validation.check_finite_contexts``), sparing the caller a
     # read of every state.
     checks_finite: bool = False
+    layer_loss: Callable | None = None
 
 
 def _triton_module():
@@ -95,7 +102,11 @@ def get_backend(name: str) -> Backend:
         return Backend(name, ref.reference_bridge_loss, ref.reference_capture_layer, ref.reference_loss_from_parts)
     if name == "torch":
         from . import torch_backend as tb
+        from . import torch_recompute as tr
 
+        if tr.recompute_enabled():  # g recomputed in the backward (issue 35)
+            return Backend(name, tr.recompute_bridge_loss, tb.capture_layer, tb.bridge_loss_from_parts,
+                           layer_loss=tr.layer_loss)
         return Backend(name, tb.torch_bridge_loss, tb.capture_layer, tb.bridge_loss_from_parts)
     if name == "triton" or name in TRITON_CANDIDATES:
         tr = _triton_module()
@@ -103,6 +114,12 @@ def get_backend(name: str) -> Backend:
         return Backend(name, functools.partial(tr.triton_bridge_loss, strategy=strategy), tr.triton_capture_layer,
                        functools.partial(tr.triton_loss_from_parts, strategy=strategy), checks_finite=True)
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def layer_loss_of(backend: Backend) -> Callable | None:
+    """``backend``'s per-layer loss with the recompute, or None (the parts route): the backend has
+    none, or ``SBPET_TORCH_RECOMPUTE=0`` asked for the save-everything path when it was looked up."""
+    return backend.layer_loss
 
 
 def check_backend_name(backend: str, argument: str = "backend") -> str:

@@ -9,7 +9,10 @@ Same contract as :func:`sbpet.backends.reference.reference_bridge_loss`. What it
 - the rows of all layers go through the mapping in one batched call, with a written-out backward
   whose products run at the user's ``precision`` like the forward's (:mod:`sbpet.core.precision`);
 - one custom backward writes each layer's gradient in one pass: the context share broadcast to
-  every real token plus the token rows, instead of summing separately built gradients.
+  every real token plus the token rows, instead of summing separately built gradients;
+- saves little and recomputes g in the backward, one autograd node per layer
+  (:mod:`.torch_recompute`, issue 35); ``SBPET_TORCH_RECOMPUTE=0`` restores the save-everything
+  path (parts + :class:`_Mapping`), kept as the benchmark's yardstick.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .reference import bridge_loss_from_latents, tail_points, zero_padding
 
 __all__ = [
     "torch_bridge_loss", "bridge_loss_from_parts", "capture_layer", "chain_backward", "chain_forward",
-    "context_and_tokens", "mapping_from_parts",
+    "context_and_tokens", "context_weights", "mapping_from_parts",
 ]
 
 # Largest float32 temporary, in elements, made when upcasting a low-precision layer for the context.
@@ -51,7 +54,8 @@ def layer_context(states: torch.Tensor, mask_weights: torch.Tensor) -> torch.Ten
         if bool(torch.isfinite(total).all()):
             return total
     hidden = states.shape[-1]
-    chunk = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, batch * hidden))
+    # A bounded share of the layer: the hooks run this as the forward ends, beside every activation.
+    chunk = max(1, min(_UPCAST_CHUNK_ELEMENTS, states.numel() // 8) // max(1, batch * hidden))
     total = states.new_zeros((batch, slots, hidden), dtype=acc)
     padded = (mask_weights == 0).all(dim=1)
     for start in range(0, seq, chunk):
@@ -223,7 +227,9 @@ def torch_bridge_loss(
     segments=None,
 ):
     """The bridge regulariser R, fast in PyTorch. Same arguments and result as
-    :func:`sbpet.backends.reference.reference_bridge_loss`."""
+    :func:`sbpet.backends.reference.reference_bridge_loss`. Saves g's activations for the backward:
+    the backend's ``loss`` is :func:`sbpet.backends.torch_recompute.recompute_bridge_loss`, which
+    recomputes them, unless ``SBPET_TORCH_RECOMPUTE=0`` picks this one."""
     # Float32 rows when the states need a gradient: each element of it is then rounded to the
     # states' dtype once (the rows would be widened for g's products anyway).
     wide_rows = any(h.requires_grad for h in hidden_states)
@@ -251,7 +257,16 @@ def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wi
     Called on all L+1 layers at once by :func:`torch_bridge_loss`, or on one layer at a time by
     the forward hooks of :class:`sbpet.hf.BridgeCapture` (so only these small tensors are kept).
     """
-    acc = _accumulation_dtype(hidden_states[0].dtype)
+    weights, index, slot_weights = context_weights(attention_mask, hidden_states[0].dtype, segments)
+    return _ContextAndTokens.apply(weights, index, slot_weights, batch_index, seq_index, wide_rows, *hidden_states)
+
+
+def context_weights(attention_mask, states_dtype, segments=None):
+    """The context step's weights (METHOD.md step 1) for states of ``states_dtype``: ``weights``
+    [B, S] (mask / count of the position's sequence, float32 or float64), ``index`` [B, S] (its
+    context, of :class:`sbpet.core.positions.Segments`; None: one per row) and ``slot_weights``
+    [B, K, S] (the same weights by sequence slot, for :func:`layer_context`)."""
+    acc = _accumulation_dtype(states_dtype)
     batch, seq = attention_mask.shape
     if segments is None:
         segments = Segments.per_row(batch, seq, attention_mask.device)
@@ -262,8 +277,7 @@ def context_and_tokens(hidden_states, attention_mask, batch_index, seq_index, wi
     else:  # [B, K, S]: row b's k-th sequence's weights on its columns
         slot = segments.index - torch.arange(batch, device=weights.device)[:, None] * slots
         slot_weights = weights[:, None, :] * (slot[:, None, :] == torch.arange(slots, device=weights.device)[:, None])
-    return _ContextAndTokens.apply(weights, segments.index, slot_weights, batch_index, seq_index, wide_rows,
-                                   *hidden_states)
+    return weights, segments.index, slot_weights
 
 
 def bridge_loss_from_parts(

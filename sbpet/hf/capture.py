@@ -208,7 +208,10 @@ class BridgeCapture:
     of layers 1..L-1 (``hidden_states[1..L-1]``) and the backbone's ``last_hidden_state``
     (``hidden_states[L]``, after a final norm where the model has one) — the same L+1 states as
     ``output_hidden_states=True``. Each hook keeps only the layer's context [B, H] (float32) and
-    the regularised rows [N, H], with autograd.
+    the regularised rows [N, H], with autograd; with the torch backend (the default on CPU) it
+    keeps less when gradients are on: the layer's share of R, whose autograd node holds a
+    reference to the layer's states and recomputes g in the backward (memory flat when every token
+    is regularised). Under ``torch.no_grad()`` (``fit_mapping``'s frozen PLM) it keeps the parts.
 
     Args:
         model: a ``PreTrainedModel``, ``PeftModel``, DDP wrapper or a module holding one.
@@ -271,8 +274,12 @@ class BridgeCapture:
     # -- arming -------------------------------------------------------------------------------
 
     def _reset(self):
-        self._parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per layer: (context [B, H], rows [N, H]) on the parts route, or the layer's share of R (0-d)
+        # on the recompute route (``self._layer_loss``, chosen by the forward's first layer).
+        self._parts: dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
         self._positions = None
+        self._layer_loss = None
+        self._ends = None
 
     @contextlib.contextmanager
     def armed(self, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -367,9 +374,32 @@ class BridgeCapture:
                                        [states])
         # The model may run under autocast; the context is accumulated in float32 regardless.
         with autocast_off(device):
-            backend = dispatch.select("capture", self.backend, device, key, runners, atomics=False,
-                                      padded=positions.padded)
-            self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index, **extra)
+            if not self._layer_loss:
+                backend = dispatch.select("capture", self.backend, device, key, runners, atomics=False,
+                                          padded=positions.padded)
+                if self._layer_loss is None:  # the forward's first layer picks the route for all
+                    # Under no_grad (fit_mapping's frozen PLM) the model keeps no state: references
+                    # would keep whole layers alive where the parts keep [N, H] rows.
+                    grad = torch.is_grad_enabled()
+                    self._layer_loss = (dispatch.layer_loss_of(backend) if grad else None) or False
+            if self._layer_loss:
+                self._parts[index] = self._layer_share(index, states, mask, batch_index, seq_index, positions,
+                                                       extra.get("segments"))
+            else:
+                self._parts[index] = backend.capture_layer(states, mask, batch_index, seq_index, **extra)
+
+    def _layer_share(self, index, states, mask, batch_index, seq_index, positions, segments) -> torch.Tensor:
+        """Layer ``index``'s unnormalised share of R as one autograd node that keeps a reference to
+        the states (the model's own storage) and recomputes g in its backward (the backend's
+        ``layer_loss``): nothing of g's activations and no copy of the rows is kept per layer."""
+        reg, device = self.regularizer, states.device
+        if self._ends is None:  # once per forward: the rows' tail ends (METHOD.md step 4), the marginals
+            ends = reg.tail[to_device(positions.targets, device)]
+            self._ends = (ends, *marginals_on(reg.bridge, reg.num_layers + 1, device))  # cached there
+        ends, mean_coef, variance = self._ends
+        num_valid = None if positions.num_valid is None else to_device(positions.num_valid, device)
+        return self._layer_loss(states, mask, batch_index, seq_index, ends, mean_coef[index], variance[index],
+                                reg.mapping, self.precision, num_valid, segments)
 
     def _first_layer_hook(self, module, args, kwargs):
         states = args[0] if args else kwargs.get("hidden_states")
@@ -397,6 +427,34 @@ class BridgeCapture:
             )
         reg = self.regularizer
         _, _, positions, mode, _ = self._positions
+        if self._layer_loss:
+            loss = self._sum_of_shares(num_states, positions)
+        else:
+            loss = self._loss_from_parts(num_states, positions)
+        if mode == "eager" and not bool(torch.isfinite(loss)):
+            raise ValueError("R is not finite: a NaN or inf in the hidden states of a real token (attention_mask "
+                             "nonzero), or g overflowed")
+        if mode == "deferred":
+            checks.defer("nonfinite", (~torch.isfinite(loss)).long())
+        if reg.full_nll:
+            num_valid = positions.num_valid
+            num_valid = None if num_valid is None else to_device(num_valid, loss.device)
+            loss = add_normalising_terms(loss, reg.bridge, num_states, reg.mapping.latent_size,
+                                         positions.targets.numel(), num_valid)
+        return loss
+
+    def _sum_of_shares(self, num_states: int, positions) -> torch.Tensor:
+        """R from the layers' shares (recompute route): their sum over the (L+1) * N pairs."""
+        total = torch.stack([self._parts[i] for i in range(num_states)]).sum()
+        self._reset()
+        num_valid = positions.num_valid
+        if num_valid is None:
+            return total / max(num_states * positions.targets.numel(), 1)
+        return total / (to_device(num_valid, total.device).clamp(min=1) * num_states).to(total.dtype)
+
+    def _loss_from_parts(self, num_states: int, positions) -> torch.Tensor:
+        """R from the layers' (context, rows) parts with the backend the dispatcher picks."""
+        reg = self.regularizer
         contexts = [self._parts[i][0] for i in range(num_states)]
         tokens = [self._parts[i][1] for i in range(num_states)]
         self._reset()
@@ -423,16 +481,7 @@ class BridgeCapture:
             # training g or the tail makes the fused strategy use atomics (not a deterministic candidate)
             backend = dispatch.select("parts", self.backend, device, key, runners, atomics=any(trains),
                                       padded=positions.padded)
-            loss = backend.loss_from_parts(contexts, tokens, *args, **extra)
-        if mode == "eager" and not bool(torch.isfinite(loss)):
-            raise ValueError("R is not finite: a NaN or inf in the hidden states of a real token (attention_mask "
-                             "nonzero), or g overflowed")
-        if mode == "deferred":
-            checks.defer("nonfinite", (~torch.isfinite(loss)).long())
-        if reg.full_nll:
-            loss = add_normalising_terms(loss, reg.bridge, num_states, reg.mapping.latent_size, targets.numel(),
-                                         extra.get("num_valid"))
-        return loss
+            return backend.loss_from_parts(contexts, tokens, *args, **extra)
 
     def remove(self) -> None:
         """Remove the hooks."""

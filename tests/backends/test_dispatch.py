@@ -247,11 +247,16 @@ def test_capture_auto_times_capture_and_parts(fake_auto):
     capture.remove()
 
 
+@pytest.mark.parametrize("recompute", ["1", "0"])
 @pytest.mark.parametrize("train_g", [False, True])
-def test_every_route_says_whether_its_backward_uses_atomics(train_g, monkeypatch):
+def test_every_route_says_whether_its_backward_uses_atomics(train_g, recompute, monkeypatch):
     """The hooks (capture and parts) and bridge_loss tell the dispatcher whether the call trains g
-    or the tail, which decides Triton's candidacy under deterministic algorithms."""
+    or the tail, which decides Triton's candidacy under deterministic algorithms. With the torch
+    backend's recompute the hooks compute each layer's share of R themselves: no parts step."""
     pytest.importorskip("transformers")
+    from sbpet.backends.torch_recompute import RECOMPUTE_ENV
+
+    monkeypatch.setenv(RECOMPUTE_ENV, recompute)
     from transformers import BertForSequenceClassification
 
     from hf_helpers import LABEL_WORDS, MASK_ID, classification_batch, tiny_bert_config, tiny_regularizer
@@ -277,6 +282,6 @@ def test_every_route_says_whether_its_backward_uses_atomics(train_g, monkeypatch
     capture.loss()
     reg(out.hidden_states, labels, mask, backend="torch")
     capture.remove()
-    assert {op for op, _ in seen} == {"capture", "parts", "loss"}
+    assert {op for op, _ in seen} == ({"capture", "loss"} if recompute == "1" else {"capture", "parts", "loss"})
     assert all(atomics is False for op, atomics in seen if op == "capture")
     assert all(atomics is train_g for op, atomics in seen if op != "capture")
