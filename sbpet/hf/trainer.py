@@ -114,11 +114,9 @@ class BridgeTrainerMixin:
         self._step_share = None
 
     def _prepare_inputs(self, inputs):
-        """``Trainer._prepare_inputs``, keeping the batch's host copies of the bridge labels, the
-        attention mask and the packed-sequence boundaries: the regulariser finds its positions
-        there (no device read) and hands them over in one non-blocking copy
-        (:mod:`sbpet.core.positions`). The copies come from the collator (:class:`HostCopies`, which
-        the dataloader's move to the device leaves on the host), else from the batch as given."""
+        """``Trainer._prepare_inputs``, keeping the host copies of the labels, mask and packed
+        boundaries that the collator made (:class:`HostCopies`; else the batch's own CPU tensors):
+        positions are found there, with no device read (:mod:`sbpet.core.positions`)."""
         copies = inputs.pop(HOST_KEY, None) if isinstance(inputs, Mapping) else None
         host = copies.tensors if isinstance(copies, HostCopies) else HostCopies.of(inputs).tensors
         prepared = super()._prepare_inputs(inputs)
