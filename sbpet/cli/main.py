@@ -12,11 +12,9 @@ bit-identical losses and accuracy on the CPU. A different thread count
 (``torch.get_num_threads()``, ``OMP_NUM_THREADS``) may change the last bits (see
 :mod:`sbpet.cli.experiment`).
 
-Nothing is replaced unasked: ``sbpet train`` saves a run to a folder named by its whole
-configuration (:mod:`sbpet.cli.runs`); the same configuration again prints the stored run and
-exits 0 (runs are deterministic), ``--overwrite`` trains it again, and a folder holding another run
-is refused without ``--overwrite``, as ``sbpet fit --out``, ``sbpet plot --out`` and ``sbpet study
---out`` refuse to replace what they hold (docs/safety.md). Commands run with the hub off
+Nothing is replaced unasked: a stored result of the same configuration is the answer (``sbpet
+train``'s run, ``sbpet fit --out``'s g; exit 0), ``--overwrite`` computes it again, and any other
+``--out`` content is refused without it (docs/safety.md). Commands run with the hub off
 (``HF_HUB_OFFLINE``, for the command only). Bad input stops a command with exit
 status 2 and a message naming the option, before a model is loaded or g fitted.
 """
@@ -347,16 +345,20 @@ def cmd_fit(args) -> int:
     from .experiment import Setup, deterministic_algorithms
 
     _resolve_bridge(args)
+    held = False
     if args.out:  # checked before the slow part, so a refusal costs nothing
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out: {args.out} exists and is not a folder")
-        if os.path.isfile(os.path.join(args.out, "sbpet_config.json")) and not args.overwrite:
+        held = os.path.isfile(os.path.join(args.out, "sbpet_config.json")) and not args.overwrite
+        if held and (args.text_files or args.force):
             raise ValueError(f"--out: {args.out} already holds a g; pass --overwrite to replace it")
     if args.text_files:
         from .corpus import fit_on_text_files
 
         return fit_on_text_files(args)
     setup = Setup(args)
+    if held:  # the stored result is the answer when it is this very g (the cached one: fits are seeded)
+        return _stored_g(args.out, setup.g_dir(args.bridge, args.regularizer))
     with deterministic_algorithms():
         reg = setup.regularizer(args.bridge, kind=args.regularizer, force=args.force)
     if args.out:
@@ -364,6 +366,20 @@ def cmd_fit(args) -> int:
         print(f"saved g to {args.out}")
     print(f"g: {setup.g_dir(args.bridge, args.regularizer)}")
     return 0
+
+
+def _stored_g(out: str, cached: str) -> int:
+    """``sbpet fit --out OUT`` where OUT already holds a g: exit 0 saying so when it is the cached
+    g of this configuration (the same weights), else the refusal (ValueError)."""
+    from ..core.files import file_digest
+    from ..modules.regularizer import WEIGHTS_NAME
+
+    mine, theirs = os.path.join(out, WEIGHTS_NAME), os.path.join(cached, WEIGHTS_NAME)
+    if os.path.isfile(mine) and os.path.isfile(theirs) and file_digest(mine) == file_digest(theirs):
+        print(f"{out} already holds this g (the one cached in {cached}; stored, not refitted: fits are "
+              "seeded); pass --overwrite to fit it again")
+        return 0
+    raise ValueError(f"--out: {out} already holds another g; pass --overwrite to replace it")
 
 
 def cmd_train(args) -> int:

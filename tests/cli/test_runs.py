@@ -137,7 +137,12 @@ def test_fit_out_is_not_replaced_unasked(tiny, tmp_path, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         _no_slow_work(patch)
         assert main(["fit", *tiny, "--bridge", "ou", "--out", str(g)]) == 2
-    assert f"--out: {g} already holds a g; pass --overwrite" in capsys.readouterr().err
+    assert f"--out: {g} already holds another g; pass --overwrite" in capsys.readouterr().err
+    assert (g / "sbpet_model.safetensors").read_bytes() == saved
+    with monkeypatch.context() as patch:  # the same g again: the stored one is the answer (exit 0)
+        _no_slow_work(patch)
+        assert main(["fit", *tiny, "--out", str(g)]) == 0
+    assert f"{g} already holds this g" in capsys.readouterr().out
     assert (g / "sbpet_model.safetensors").read_bytes() == saved
     assert main(["fit", *tiny, "--bridge", "ou", "--out", str(g), "--overwrite"]) == 0
     assert '"ou"' in (g / "sbpet_config.json").read_text()
