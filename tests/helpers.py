@@ -141,3 +141,19 @@ def float64_bridge_loss(states, labels, mask, mapping, tail, bridge, ignore_inde
                     total = total + 0.5 * r.numel() * math.log(2 * math.pi * var)
                 pairs += 1
     return total / max(pairs, 1)
+
+
+def loss_and_grads(backend, states, labels, mask, mapping, tail, bridge="brownian", **kw):
+    """R by ``backend`` (:func:`sbpet.bridge_loss`, keywords passed on) and its gradients of every
+    hidden state, the tail and g's parameters, on fresh leaf copies: (R, {name: gradient})."""
+    import sbpet
+
+    states = [h.detach().clone().requires_grad_(True) for h in states]
+    tail = tail.detach().clone().requires_grad_(True)
+    mapping.zero_grad(set_to_none=True)
+    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, bridge, backend=backend, **kw)
+    loss.backward()
+    grads = {f"hidden_states[{i}]": h.grad for i, h in enumerate(states)}
+    grads["tail"] = tail.grad
+    grads.update({name: p.grad.clone() for name, p in mapping.named_parameters()})
+    return loss.detach(), grads

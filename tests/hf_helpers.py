@@ -369,3 +369,14 @@ def in_order(trainer):
     """Train on the dataset in its order (no shuffling)."""
     trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
     return trainer
+
+
+def assert_same_step(whole, whole_log, accumulated, acc_log):
+    """An accumulated optimizer step (gradients of the LoRA parameters and its logged R and task
+    loss) equals one step on the whole batch (q and v, A and B, 2 layers: 8 tensors)."""
+    assert whole.keys() == accumulated.keys() and len(whole) == 8
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{name}: {m}")
+    assert acc_log["bridge_loss"] == pytest.approx(whole_log["bridge_loss"], rel=1e-5)
+    assert acc_log["task_loss"] == pytest.approx(whole_log["task_loss"], rel=1e-5)

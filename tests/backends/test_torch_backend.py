@@ -5,28 +5,15 @@ import torch
 from torch import nn
 
 import sbpet
-from helpers import assert_close, float64_bridge_loss, make_case
-
-
-def _loss_and_grads(backend, states, labels, mask, mapping, tail, bridge="brownian", **kw):
-    states = [h.detach().clone().requires_grad_(True) for h in states]
-    tail = tail.detach().clone().requires_grad_(True)
-    mapping.zero_grad(set_to_none=True)
-    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, bridge, backend=backend, **kw)
-    loss.backward()
-    grads = {f"hidden_states[{i}]": h.grad for i, h in enumerate(states)}
-    grads["tail"] = tail.grad
-    for name, p in mapping.named_parameters():
-        grads[name] = p.grad.clone()
-    return loss.detach(), grads
+from helpers import assert_close, float64_bridge_loss, loss_and_grads, make_case
 
 
 @pytest.mark.parametrize("bridge", ["brownian", "ou"])
 @pytest.mark.parametrize("dims", [(24, 7), (16,), (20, 9, 5), (12, 10, 8, 6)])
 def test_torch_matches_reference_float32(bridge, dims):
     case = make_case(dims=dims, seed=3)
-    ref_loss, ref_grads = _loss_and_grads("reference", *case, bridge=bridge)
-    loss, grads = _loss_and_grads("torch", *case, bridge=bridge)
+    ref_loss, ref_grads = loss_and_grads("reference", *case, bridge=bridge)
+    loss, grads = loss_and_grads("torch", *case, bridge=bridge)
     assert_close(loss, ref_loss, torch.float32, "loss")
     for name, ref in ref_grads.items():
         assert_close(grads[name], ref, torch.float32, name)
@@ -36,8 +23,8 @@ def test_torch_matches_reference_float32(bridge, dims):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_matches_reference_low_precision(dtype):
     case = make_case(num_states=4, batch=3, seq=29, hidden=48, dims=(32, 8), dtype=dtype, seed=5)
-    ref_loss, ref_grads = _loss_and_grads("reference", *case, bridge="ou")
-    loss, grads = _loss_and_grads("torch", *case, bridge="ou")
+    ref_loss, ref_grads = loss_and_grads("reference", *case, bridge="ou")
+    loss, grads = loss_and_grads("torch", *case, bridge="ou")
     assert loss.dtype == torch.float32
     assert_close(loss, ref_loss, dtype, "loss")
     for name, ref in ref_grads.items():
@@ -59,8 +46,8 @@ def test_torch_low_precision_context_is_accumulated_in_float32(monkeypatch):
 
 def test_torch_larger_shape_gradients_match_reference():
     case = make_case(num_states=7, batch=4, seq=64, hidden=96, dims=(128, 32, 16), positions_per_seq=9, seed=7)
-    ref_loss, ref_grads = _loss_and_grads("reference", *case, bridge="ou")
-    loss, grads = _loss_and_grads("torch", *case, bridge="ou")
+    ref_loss, ref_grads = loss_and_grads("reference", *case, bridge="ou")
+    loss, grads = loss_and_grads("torch", *case, bridge="ou")
     assert_close(loss, ref_loss, torch.float32, "loss")
     for name, ref in ref_grads.items():
         assert_close(grads[name], ref, torch.float32, name, rtol=1e-4, atol=1e-6)
@@ -98,8 +85,8 @@ def test_single_position_odd_sizes():
     case = make_case(num_states=5, batch=3, seq=13, hidden=40, dims=(24, 7), positions_per_seq=0)
     states, labels, mask, mapping, tail = case
     labels[1, 4] = 17  # N = 1
-    ref_loss, ref_grads = _loss_and_grads("reference", *case)
-    loss, grads = _loss_and_grads("torch", *case)
+    ref_loss, ref_grads = loss_and_grads("reference", *case)
+    loss, grads = loss_and_grads("torch", *case)
     assert_close(loss, ref_loss, torch.float32, "loss")
     for name, ref in ref_grads.items():
         assert_close(grads[name], ref, torch.float32, name)
@@ -113,7 +100,7 @@ def test_single_position_odd_sizes():
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_no_regularised_position_gives_exact_zero(backend):
     case = make_case(positions_per_seq=0)
-    loss, grads = _loss_and_grads(backend, *case)
+    loss, grads = loss_and_grads(backend, *case)
     assert loss.item() == 0.0 and not torch.isnan(loss)
     for name, g in grads.items():
         assert g is not None and torch.count_nonzero(g) == 0, name
@@ -154,14 +141,14 @@ def test_padded_values_never_reach_r(backend, dtype):
     states, labels, mask, mapping, tail = make_case(num_states=3, batch=3, seq=9, hidden=16, dims=(12, 5),
                                                     dtype=dtype)
     assert (mask == 0).any()
-    want, want_grads = _loss_and_grads(backend, states, labels, mask, mapping, tail)
+    want, want_grads = loss_and_grads(backend, states, labels, mask, mapping, tail)
     poisoned = []
     for i, h in enumerate(states):
         h = h.clone()
         h[mask == 0] = float("nan") if i % 2 == 0 else float("inf")
         poisoned.append(h)
     mixed = mask * (1 + torch.arange(mask.shape[1]) % 2)  # real tokens marked 1 or 2
-    loss, grads = _loss_and_grads(backend, poisoned, labels, mixed, mapping, tail)
+    loss, grads = loss_and_grads(backend, poisoned, labels, mixed, mapping, tail)
     assert torch.isfinite(loss)
     assert_close(loss, want, name="loss")
     for name, g in grads.items():

@@ -6,21 +6,9 @@ import pytest
 import torch
 
 import sbpet
-from helpers import assert_close, float64_bridge_loss, make_case
+from helpers import assert_close, float64_bridge_loss, loss_and_grads, make_case
 from sbpet.backends import torch_recompute
 from sbpet.backends.torch_recompute import RECOMPUTE_ENV, row_chunk
-
-
-def _loss_and_grads(backend, states, labels, mask, mapping, tail, bridge="ou", **kw):
-    states = [h.detach().clone().requires_grad_(True) for h in states]
-    tail = tail.detach().clone().requires_grad_(True)
-    mapping.zero_grad(set_to_none=True)
-    loss = sbpet.bridge_loss(states, labels, mask, mapping, tail, bridge, backend=backend, **kw)
-    loss.backward()
-    grads = {f"hidden_states[{i}]": h.grad for i, h in enumerate(states)}
-    grads["tail"] = tail.grad
-    grads.update({name: p.grad.clone() for name, p in mapping.named_parameters()})
-    return loss.detach(), grads
 
 
 def _chunk_rows(monkeypatch, rows: int, mapping):
@@ -43,8 +31,8 @@ def test_chunked_recompute_matches_reference_and_float64(monkeypatch, rows):
     assert num_rows % 5 and num_rows % 7 and num_rows > 7, num_rows
     mapping.requires_grad_(True)
     _chunk_rows(monkeypatch, rows, mapping)
-    loss, grads = _loss_and_grads("torch", *case)
-    ref_loss, ref_grads = _loss_and_grads("reference", *case)
+    loss, grads = loss_and_grads("torch", *case, bridge="ou")
+    ref_loss, ref_grads = loss_and_grads("reference", *case, bridge="ou")
     assert_close(loss, ref_loss, torch.float64, "loss")
     for name, ref in ref_grads.items():
         assert_close(grads[name], ref, torch.float64, f"{name} (chunks of {rows})")
@@ -67,9 +55,9 @@ def test_recompute_equals_the_save_everything_path(monkeypatch, dtype):
     mapping = case[3]
     mapping.requires_grad_(True)
     _chunk_rows(monkeypatch, 5, mapping)
-    loss, grads = _loss_and_grads("torch", *case)
+    loss, grads = loss_and_grads("torch", *case, bridge="ou")
     monkeypatch.setenv(RECOMPUTE_ENV, "0")
-    saved_loss, saved_grads = _loss_and_grads("torch", *case)
+    saved_loss, saved_grads = loss_and_grads("torch", *case, bridge="ou")
     tight = dict(rtol=1e-5, atol=1e-6)
     assert_close(loss, saved_loss, torch.float32, "loss", **tight)
     for name, want in saved_grads.items():
@@ -91,8 +79,8 @@ def test_fixed_capacity_padding_rows_in_chunks(monkeypatch, max_positions):
     mapping.requires_grad_(True)
     _chunk_rows(monkeypatch, 4, mapping)
     case = (states, labels, mask, mapping, tail)
-    loss, grads = _loss_and_grads("torch", *case, max_positions=max_positions)
-    ref_loss, ref_grads = _loss_and_grads("reference", *case, max_positions=max_positions)
+    loss, grads = loss_and_grads("torch", *case, bridge="ou", max_positions=max_positions)
+    ref_loss, ref_grads = loss_and_grads("reference", *case, bridge="ou", max_positions=max_positions)
     assert torch.isfinite(loss)
     assert_close(loss, ref_loss, torch.float32, "loss")
     for name, ref in ref_grads.items():
@@ -106,7 +94,7 @@ def test_fixed_capacity_padding_rows_in_chunks(monkeypatch, max_positions):
 def test_no_rows_gives_zero_and_zero_gradients():
     case = make_case(num_states=2, batch=2, seq=5, hidden=8, dims=(6, 3), positions_per_seq=0, seed=1)
     case[3].requires_grad_(True)
-    loss, grads = _loss_and_grads("torch", *case)
+    loss, grads = loss_and_grads("torch", *case, bridge="ou")
     assert loss.item() == 0.0
     for name, g in grads.items():
         assert g is not None and not g.any(), name
@@ -182,8 +170,8 @@ def test_packed_rows_in_chunks_match_reference(monkeypatch, dtype):
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]])
     mapping.requires_grad_(True)
     _chunk_rows(monkeypatch, 4, mapping)
-    loss, grads = _loss_and_grads("torch", *case, shift_labels=True, position_ids=position_ids)
-    ref_loss, ref_grads = _loss_and_grads("reference", *case, shift_labels=True, position_ids=position_ids)
+    loss, grads = loss_and_grads("torch", *case, bridge="ou", shift_labels=True, position_ids=position_ids)
+    ref_loss, ref_grads = loss_and_grads("reference", *case, bridge="ou", shift_labels=True, position_ids=position_ids)
     assert_close(loss, ref_loss, torch.float64 if dtype == torch.float64 else torch.float32, "loss")
     for name, ref in ref_grads.items():
         assert_close(grads[name], ref, ref.dtype, f"{name} (packed, chunks of 4)")

@@ -11,6 +11,7 @@ from hf_helpers import (
     ACCUMULATION_KINDS,
     LABEL_WORDS,
     accumulation_setup,
+    assert_same_step,
     classification_batch,
     classification_data,
     collate,
@@ -188,21 +189,38 @@ def test_checkpoints_hold_the_regulariser_and_resume(tmp_path, caplog):
         trainer_for(model, wrong, max_steps=4).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
 
 
+def _collate_and_tag(rows):
+    """``collate``, with the bridge labels tagged as the host's copy (storage addresses are reused,
+    so a tag, not an address, tells a copy from the original)."""
+    batch = collate(rows)
+    batch["bridge_labels"].sbpet_test_copy = "host"
+    return batch
+
+
+def _spy_on_positions(monkeypatch) -> list:
+    """The tag of every labels tensor the positions are found on (capture and whole-states routes)."""
+    import sbpet.core.validation
+    import sbpet.hf.capture
+
+    seen = []
+    for module in (sbpet.hf.capture, sbpet.core.validation):
+        found = module.find_positions
+
+        def spy(labels, real, *args, _found=found, **kwargs):
+            seen.append(getattr(labels, "sbpet_test_copy", None))
+            return _found(labels, real, *args, **kwargs)
+
+        monkeypatch.setattr(module, "find_positions", spy)
+    return seen
+
+
 @pytest.mark.parametrize("capture", ["hooks", "hidden_states"])
 def test_the_regulariser_gets_the_host_labels_and_mask(capture, tmp_path, monkeypatch):
     """BridgeTrainer finds the positions on the batch's host copy of the labels (no device read), not
     on the copy the Trainer moves to the device: the move is simulated by a clone, and each tensor is
     tagged (storage addresses are reused, so they cannot tell the two apart)."""
-    import sbpet.core.validation
-    import sbpet.hf.capture
     from transformers import Trainer
 
-    seen = []
-
-    def collate_and_tag(rows):
-        batch = collate(rows)
-        batch["bridge_labels"].sbpet_test_copy = "host"
-        return batch
 
     def move(self, data):
         if isinstance(data, torch.Tensor):
@@ -213,17 +231,10 @@ def test_the_regulariser_gets_the_host_labels_and_mask(capture, tmp_path, monkey
 
     original = Trainer._prepare_input
     monkeypatch.setattr(Trainer, "_prepare_input", move)
-    for module in (sbpet.hf.capture, sbpet.core.validation):
-        found = module.find_positions
-
-        def spy(labels, real, *args, _found=found, **kwargs):
-            seen.append(getattr(labels, "sbpet_test_copy", None))
-            return _found(labels, real, *args, **kwargs)
-
-        monkeypatch.setattr(module, "find_positions", spy)
+    seen = _spy_on_positions(monkeypatch)
     model, base = pet_model("lora")
     trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, max_steps=2), train_dataset=classification_data(),
-                            data_collator=collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
+                            data_collator=_collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
     trainer.train()
     assert seen == ["host", "host"]
 
@@ -235,16 +246,8 @@ def test_host_copies_pass_the_dataloaders_move_to_the_device(capture, tmp_path, 
     collator's host copies (HostCopies, which the move passes as it is). The move is simulated by
     a clone, each tensor tagged as in the test above."""
     import accelerate.data_loader
-    import sbpet.core.validation
-    import sbpet.hf.capture
     from sbpet.hf.batches import HOST_KEY, HostCopies
 
-    seen = []
-
-    def collate_and_tag(rows):
-        batch = collate(rows)
-        batch["bridge_labels"].sbpet_test_copy = "host"
-        return batch
 
     def move(data, *args, **kwargs):
         if isinstance(data, torch.Tensor):
@@ -256,17 +259,10 @@ def test_host_copies_pass_the_dataloaders_move_to_the_device(capture, tmp_path, 
         return data
 
     monkeypatch.setattr(accelerate.data_loader, "send_to_device", move)
-    for module in (sbpet.hf.capture, sbpet.core.validation):
-        found = module.find_positions
-
-        def spy(labels, real, *args, _found=found, **kwargs):
-            seen.append(getattr(labels, "sbpet_test_copy", None))
-            return _found(labels, real, *args, **kwargs)
-
-        monkeypatch.setattr(module, "find_positions", spy)
+    seen = _spy_on_positions(monkeypatch)
     model, base = pet_model("lora")
     trainer = BridgeTrainer(model=model, args=trainer_args(tmp_path, max_steps=2), train_dataset=classification_data(),
-                            data_collator=collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
+                            data_collator=_collate_and_tag, bridge=tiny_regularizer(base), capture=capture)
     batch = next(iter(trainer.get_train_dataloader()))
     assert getattr(batch["bridge_labels"], "sbpet_test_copy", None) == "moved"  # the simulated move ran
     assert isinstance(batch[HOST_KEY], HostCopies)
@@ -316,12 +312,7 @@ def test_gradient_accumulation_with_unequal_counts(capture, route, tmp_path):
     batch's R and task loss."""
     whole, whole_log = _unequal_step(tmp_path / "a", 2, 1, capture, route)
     accumulated, acc_log = _unequal_step(tmp_path / "b", 1, 2, capture, route)
-    assert whole.keys() == accumulated.keys() and len(whole) == 8  # q and v, A and B, 2 layers
-    for name in whole:
-        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7,
-                                   msg=lambda m: f"{name}: {m}")
-    assert acc_log["bridge_loss"] == pytest.approx(whole_log["bridge_loss"], rel=1e-5)
-    assert acc_log["task_loss"] == pytest.approx(whole_log["task_loss"], rel=1e-5)
+    assert_same_step(whole, whole_log, accumulated, acc_log)
 
 
 def test_the_unequal_counts_tell_the_means_apart():
